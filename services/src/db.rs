@@ -1,0 +1,71 @@
+//! The SQL connection: SQLite file (default) or PostgreSQL, through sqlx's `Any` driver so that one
+//! repository layer, one set of migrations and one test suite serve both engines.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::AnyPool;
+
+/// Migrations under `/migrations`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Which engine a URL points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// A SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+impl Engine {
+    /// The engine named by a database URL's scheme, if we support it.
+    pub fn of(url: &str) -> Option<Self> {
+        if url.starts_with("sqlite:") {
+            Some(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Self::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// Errors opening the database.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL is neither `sqlite:` nor `postgres://`.
+    #[error("unsupported DATABASE_URL scheme (expected sqlite: or postgres://)")]
+    UnsupportedUrl,
+    /// Connecting or configuring failed.
+    #[error("database: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Connects, switches SQLite to WAL, and applies pending migrations.
+pub async fn connect(url: &str) -> Result<AnyPool, DbError> {
+    sqlx::any::install_default_drivers();
+    let engine = Engine::of(url).ok_or(DbError::UnsupportedUrl)?;
+    let options = AnyConnectOptions::from_str(url)?;
+    let pool = AnyPoolOptions::new()
+        // SQLite serialises writers anyway; a few connections let readers run beside the writer under WAL.
+        .max_connections(if engine == Engine::Sqlite { 4 } else { 16 })
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
+    if engine == Engine::Sqlite {
+        // WAL is a property of the database file: set once, every later connection uses it.
+        sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+    }
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+/// A SQLite URL for a file, created when missing.
+pub fn sqlite_url(path: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}

@@ -1,0 +1,228 @@
+//! The one HTTP error type and its table of stable error codes.
+//!
+//! Domain errors know nothing of HTTP; this module alone maps them to a status and a `code` that clients can
+//! match on. Codes never change meaning once published; new ones are added at the end.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::access::AccessError;
+use crate::provisioning::ProvisioningError;
+use crate::registry::RegistryError;
+
+/// Stable error codes, each with its HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// 400: the body is not valid JSON.
+    InvalidJson,
+    /// 400: valid JSON, but a field is missing, unknown, of the wrong type or out of range.
+    InvalidRequest,
+    /// 400: a device id breaks the id rules (1–128 of `A-Z a-z 0-9 - _ . :`).
+    InvalidDeviceId,
+    /// 400: the CSR is not a PEM PKCS#10 request, or its signature does not verify.
+    InvalidCsr,
+    /// 400: the CSR's subject CN is not the device id.
+    CsrSubjectMismatch,
+    /// 400: the CSR's key is of a refused type or too small.
+    WeakKey,
+    /// 401: no API key, or not a valid one.
+    Unauthorized,
+    /// 403: the API key's scope does not allow this.
+    Forbidden,
+    /// 404: no device with that id.
+    DeviceNotFound,
+    /// 404: no such certificate for that device.
+    CertificateNotFound,
+    /// 404: no API key with that id.
+    ApiKeyNotFound,
+    /// 404: no such route.
+    NotFound,
+    /// 405: the route exists but not with this method.
+    MethodNotAllowed,
+    /// 409: a device with that id exists.
+    DeviceAlreadyExists,
+    /// 409: the certificate is revoked already.
+    CertificateAlreadyRevoked,
+    /// 409: the device has no active certificate (to rotate or download).
+    NoActiveCertificate,
+    /// 409: the API key is revoked already.
+    ApiKeyAlreadyRevoked,
+    /// 413: the body is larger than the configured limit.
+    PayloadTooLarge,
+    /// 415: the body is not `application/json`.
+    UnsupportedMediaType,
+    /// 500: an unexpected failure; details are in the server log.
+    Internal,
+    /// 503: the database does not answer; retry later.
+    DatabaseUnavailable,
+}
+
+impl ErrorCode {
+    /// The HTTP status of this code.
+    pub fn status(self) -> StatusCode {
+        use ErrorCode::*;
+        match self {
+            InvalidJson | InvalidRequest | InvalidDeviceId | InvalidCsr | CsrSubjectMismatch | WeakKey => {
+                StatusCode::BAD_REQUEST
+            }
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            Forbidden => StatusCode::FORBIDDEN,
+            DeviceNotFound | CertificateNotFound | ApiKeyNotFound | NotFound => StatusCode::NOT_FOUND,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            DeviceAlreadyExists | CertificateAlreadyRevoked | NoActiveCertificate | ApiKeyAlreadyRevoked => {
+                StatusCode::CONFLICT
+            }
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(example = json!({"code": "device_not_found", "message": "device shelf-1 not found"}))]
+pub struct ErrorBody {
+    /// Stable, machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// An error answered over HTTP.
+#[derive(Debug, Clone)]
+pub struct ApiError(pub ErrorBody);
+
+impl ApiError {
+    /// An error with a code and a message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self(ErrorBody {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.0.code, self.0.message)
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.0.code.status()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        if self.0.code == ErrorCode::Unauthorized {
+            response.insert_header(("WWW-Authenticate", "Bearer realm=\"antumbra\""));
+        }
+        response.json(&self.0)
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Sql(
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::Io(_)
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_),
+            ) => {
+                tracing::warn!(error = %e, "database unavailable");
+                Self::new(
+                    ErrorCode::DatabaseUnavailable,
+                    "the database does not answer; retry later",
+                )
+            }
+            e => internal(e),
+        }
+    }
+}
+
+impl From<ProvisioningError> for ApiError {
+    fn from(e: ProvisioningError) -> Self {
+        use crate::pki::CsrError;
+        use ProvisioningError as P;
+        let code = match &e {
+            P::DeviceNotFound(_) => ErrorCode::DeviceNotFound,
+            P::DeviceExists(_) => ErrorCode::DeviceAlreadyExists,
+            P::CertificateNotFound { .. } => ErrorCode::CertificateNotFound,
+            P::AlreadyRevoked(_) => ErrorCode::CertificateAlreadyRevoked,
+            P::NoActiveCertificate(_) => ErrorCode::NoActiveCertificate,
+            P::Invalid(_) => ErrorCode::InvalidRequest,
+            P::Csr(CsrError::SubjectMismatch { .. }) => ErrorCode::CsrSubjectMismatch,
+            P::Csr(CsrError::WeakKey(_)) => ErrorCode::WeakKey,
+            P::Csr(_) => ErrorCode::InvalidCsr,
+            P::Issuance(_) => return internal(e),
+            P::Registry(_) => {
+                let P::Registry(e) = e else { unreachable!() };
+                return e.into();
+            }
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl From<AccessError> for ApiError {
+    fn from(e: AccessError) -> Self {
+        match e {
+            AccessError::NotFound(_) => Self::new(ErrorCode::ApiKeyNotFound, e.to_string()),
+            AccessError::AlreadyRevoked(_) => Self::new(ErrorCode::ApiKeyAlreadyRevoked, e.to_string()),
+            AccessError::Invalid(_) => Self::new(ErrorCode::InvalidRequest, e.to_string()),
+            AccessError::Registry(e) => e.into(),
+        }
+    }
+}
+
+/// Logs the cause and answers 500 without leaking it.
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "internal error");
+    ApiError::new(ErrorCode::Internal, "internal error; see the server log")
+}
+
+/// Maps actix's JSON extractor errors: syntax → `invalid_json`, shape → `invalid_request`, size → 413.
+pub fn json_error(
+    err: actix_web::error::JsonPayloadError,
+    _req: &actix_web::HttpRequest,
+) -> actix_web::Error {
+    use actix_web::error::JsonPayloadError as J;
+    let api = match &err {
+        J::OverflowKnownLength { length, limit } => ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("body of {length} bytes exceeds the limit of {limit}"),
+        ),
+        J::Overflow { limit } => ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("body exceeds the limit of {limit} bytes"),
+        ),
+        J::ContentType => ApiError::new(
+            ErrorCode::UnsupportedMediaType,
+            "send the body as application/json",
+        ),
+        J::Deserialize(e) if e.is_data() => ApiError::new(ErrorCode::InvalidRequest, e.to_string()),
+        J::Deserialize(e) => ApiError::new(ErrorCode::InvalidJson, format!("body is not valid JSON: {e}")),
+        other => ApiError::new(ErrorCode::InvalidJson, other.to_string()),
+    };
+    api.into()
+}
+
+/// Maps query-string errors to `invalid_request`.
+pub fn query_error(
+    err: actix_web::error::QueryPayloadError,
+    _req: &actix_web::HttpRequest,
+) -> actix_web::Error {
+    ApiError::new(ErrorCode::InvalidRequest, format!("invalid query string: {err}")).into()
+}
+
+/// Maps path errors to `invalid_request`.
+pub fn path_error(err: actix_web::error::PathError, _req: &actix_web::HttpRequest) -> actix_web::Error {
+    ApiError::new(ErrorCode::InvalidRequest, format!("invalid path: {err}")).into()
+}

@@ -1,0 +1,54 @@
+//! Operations endpoints: liveness and readiness.
+
+use actix_web::{web, HttpResponse};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::AppState;
+
+pub(super) fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz));
+}
+
+/// Health or readiness status.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"status": "ok"}))]
+pub struct StatusBody {
+    /// `ok` or `ready`.
+    pub status: &'static str,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive", body = StatusBody)), security(()))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(StatusBody { status: "ok" })
+}
+
+/// Readiness: the database answers.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = StatusBody, example = json!({"status": "ready"})),
+        (status = 503, description = "The database does not answer", body = ErrorBody,
+            example = json!({"code": "database_unavailable", "message": "the database does not answer; retry later"})),
+    ),
+    security(()))]
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let check = tokio::time::timeout(std::time::Duration::from_secs(2), state.registry.ping()).await;
+    match check {
+        Ok(Ok(())) => Ok(HttpResponse::Ok().json(StatusBody { status: "ready" })),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            Err(ApiError::new(
+                super::error::ErrorCode::DatabaseUnavailable,
+                "the database does not answer; retry later",
+            ))
+        }
+        Err(_) => Err(ApiError::new(
+            super::error::ErrorCode::DatabaseUnavailable,
+            "the database did not answer within 2 s",
+        )),
+    }
+}

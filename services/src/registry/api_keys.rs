@@ -1,0 +1,148 @@
+//! API keys, stored as SHA-256 hashes of their secret.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use super::{from_millis, to_millis, Registry, RegistryError};
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    /// Read anything, change nothing.
+    Read,
+    /// Everything, including managing keys.
+    Admin,
+}
+
+impl Scope {
+    /// The stored and wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Admin => "admin",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, RegistryError> {
+        match s {
+            "read" => Ok(Self::Read),
+            "admin" => Ok(Self::Admin),
+            other => Err(RegistryError::Corrupt(format!("api key scope {other:?}"))),
+        }
+    }
+}
+
+/// An API key on record (never its secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyRecord {
+    /// Public identifier.
+    pub id: String,
+    /// Operator-chosen name.
+    pub name: String,
+    /// What it may do.
+    pub scope: Scope,
+    /// When it was created.
+    pub created_at: OffsetDateTime,
+    /// When it was revoked.
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+const COLUMNS: &str = "id, name, scope, created_at, revoked_at";
+
+impl Registry {
+    /// Stores a key by the hash of its secret.
+    pub async fn insert_api_key(&self, key: &ApiKeyRecord, secret_hash: &str) -> Result<(), RegistryError> {
+        sqlx::query(&format!(
+            "INSERT INTO api_keys ({COLUMNS}, secret_hash) VALUES ($1, $2, $3, $4, NULL, $5)"
+        ))
+        .bind(key.id.clone())
+        .bind(key.name.clone())
+        .bind(key.scope.as_str())
+        .bind(to_millis(key.created_at))
+        .bind(secret_hash.to_owned())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Inserts the key or, when its id exists, replaces its secret and un-revokes it (the configured admin key).
+    pub async fn upsert_api_key(&self, key: &ApiKeyRecord, secret_hash: &str) -> Result<(), RegistryError> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM api_keys WHERE id = $1")
+            .bind(key.id.clone())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(&format!(
+            "INSERT INTO api_keys ({COLUMNS}, secret_hash) VALUES ($1, $2, $3, $4, NULL, $5)"
+        ))
+        .bind(key.id.clone())
+        .bind(key.name.clone())
+        .bind(key.scope.as_str())
+        .bind(to_millis(key.created_at))
+        .bind(secret_hash.to_owned())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The active key whose secret hashes to `secret_hash`.
+    pub async fn active_api_key_by_hash(
+        &self,
+        secret_hash: &str,
+    ) -> Result<Option<ApiKeyRecord>, RegistryError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM api_keys WHERE secret_hash = $1 AND revoked_at IS NULL"
+        ))
+        .bind(secret_hash.to_owned())
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    /// One key by id.
+    pub async fn api_key(&self, id: &str) -> Result<ApiKeyRecord, RegistryError> {
+        let row = sqlx::query(&format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1"))
+            .bind(id.to_owned())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(RegistryError::NotFound)?;
+        key_from_row(&row)
+    }
+
+    /// Every key, oldest first.
+    pub async fn api_keys(&self) -> Result<Vec<ApiKeyRecord>, RegistryError> {
+        let rows = sqlx::query(&format!("SELECT {COLUMNS} FROM api_keys ORDER BY created_at, id"))
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    /// Revokes a key; [`RegistryError::NotFound`] when it does not exist, `Conflict` when already revoked.
+    pub async fn revoke_api_key(&self, id: &str, at: OffsetDateTime) -> Result<ApiKeyRecord, RegistryError> {
+        self.api_key(id).await?;
+        let done = sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+            .bind(id.to_owned())
+            .bind(to_millis(at))
+            .execute(self.pool())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(RegistryError::Conflict);
+        }
+        self.api_key(id).await
+    }
+}
+
+fn key_from_row(row: &AnyRow) -> Result<ApiKeyRecord, RegistryError> {
+    Ok(ApiKeyRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        scope: Scope::parse(&row.try_get::<String, _>("scope")?)?,
+        created_at: from_millis(row.try_get("created_at")?)?,
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(from_millis)
+            .transpose()?,
+    })
+}

@@ -1,0 +1,90 @@
+//! The device registry in SQL: devices and their tags, certificates, API keys.
+//!
+//! Repository code only: it stores and finds records and knows nothing of HTTP or of how certificates are
+//! made. Writes that belong together take a [`Tx`] so the caller decides where the transaction ends.
+
+mod api_keys;
+mod certificates;
+mod devices;
+
+pub use api_keys::{ApiKeyRecord, Scope};
+pub use certificates::{CertificateRecord, CertificateStatus, KeyOrigin, NewCertificate};
+pub use devices::{Device, DeviceChanges, DeviceQuery, NewDevice};
+
+use sqlx::AnyPool;
+use time::OffsetDateTime;
+
+/// An open transaction on the registry database.
+pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The record does not exist.
+    #[error("not found")]
+    NotFound,
+    /// A record with the same key exists.
+    #[error("already exists")]
+    Conflict,
+    /// A stored value could not be read back (corrupt or hand-edited row).
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The database failed or is unreachable.
+    #[error("database: {0}")]
+    Sql(sqlx::Error),
+}
+
+impl From<sqlx::Error> for RegistryError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::RowNotFound => Self::NotFound,
+            sqlx::Error::Database(db) if db.is_unique_violation() => Self::Conflict,
+            _ => Self::Sql(e),
+        }
+    }
+}
+
+/// The registry database.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pool: AnyPool,
+}
+
+impl Registry {
+    /// Wraps a connected, migrated pool.
+    pub fn new(pool: AnyPool) -> Self {
+        Self { pool }
+    }
+
+    /// Starts a transaction.
+    pub async fn begin(&self) -> Result<Tx, RegistryError> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// Checks the database answers.
+    pub async fn ping(&self) -> Result<(), RegistryError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The pool, for repository functions.
+    fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+}
+
+/// Milliseconds since the Unix epoch, as stored.
+pub(crate) fn to_millis(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// The inverse of [`to_millis`].
+pub(crate) fn from_millis(ms: i64) -> Result<OffsetDateTime, RegistryError> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .map_err(|e| RegistryError::Corrupt(format!("timestamp {ms}: {e}")))
+}
+
+/// Now, at the millisecond precision the database keeps.
+pub(crate) fn now() -> OffsetDateTime {
+    from_millis(to_millis(OffsetDateTime::now_utc())).expect("the current time is representable")
+}
