@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the platform: REST API, MQTT broker, everything.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the OpenAPI document (or write it to a file).
     Openapi {
         /// Write here instead of standard output.
@@ -313,7 +313,7 @@ mod tests {
         let Some(Command::Serve(args)) = cli.command else {
             panic!("serve expected")
         };
-        let s = Settings::layer(args, FileConfig::default()).unwrap();
+        let s = Settings::layer(*args, FileConfig::default()).unwrap();
         assert_eq!(s.http_addr.port(), 0);
         assert_eq!(s.mqtt_dns_names, vec!["a", "b"]);
     }

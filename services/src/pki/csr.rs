@@ -53,9 +53,16 @@ pub(super) fn parse(pem: &str, device: &DeviceId) -> Result<CsrPublicKey, CsrErr
     }
     let (_, csr) = X509CertificationRequest::from_der(&block.contents)
         .map_err(|e| CsrError::Malformed(e.to_string()))?;
+    let info = &csr.certification_request_info;
+    // Key strength first: ring refuses to verify signatures of weak RSA keys, and "weak key" is the truer answer.
+    let spki = &info.subject_pki;
+    let alg = key_algorithm(
+        &spki.algorithm.algorithm,
+        spki.algorithm.parameters.as_ref(),
+        || spki.parsed().map(|k| k.key_size()).unwrap_or(0),
+    )?;
     csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
 
-    let info = &csr.certification_request_info;
     let mut cns = info.subject.iter_common_name();
     let cn = cns
         .next()
@@ -67,12 +74,6 @@ pub(super) fn parse(pem: &str, device: &DeviceId) -> Result<CsrPublicKey, CsrErr
         });
     }
 
-    let spki = &info.subject_pki;
-    let alg = key_algorithm(
-        &spki.algorithm.algorithm,
-        spki.algorithm.parameters.as_ref(),
-        || spki.parsed().map(|k| k.key_size()).unwrap_or(0),
-    )?;
     Ok(CsrPublicKey {
         alg,
         raw: spki.subject_public_key.data.to_vec(),
