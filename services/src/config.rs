@@ -87,6 +87,15 @@ pub struct ServeArgs {
     /// Seconds to let in-flight requests finish after SIGINT/SIGTERM [default: 30].
     #[arg(long, env = "ANTUMBRA_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
+    /// Development only: also serve MQTT without TLS here (loopback addresses only; the client id is trusted).
+    #[arg(long = "mqtt-plain", env = "ANTUMBRA_MQTT_PLAIN_ADDR")]
+    pub mqtt_plain_addr: Option<SocketAddr>,
+    /// Most MQTT device sessions at once [default: 50000].
+    #[arg(long, env = "ANTUMBRA_MQTT_MAX_CONNECTIONS")]
+    pub mqtt_max_connections: Option<usize>,
+    /// Largest MQTT packet accepted, in bytes [default: 262144].
+    #[arg(long, env = "ANTUMBRA_MQTT_MAX_PACKET_BYTES")]
+    pub mqtt_max_packet_bytes: Option<usize>,
 }
 
 /// The config file: the same settings, snake_case, all optional. Unknown keys are an error, so a typo is
@@ -107,6 +116,9 @@ pub struct FileConfig {
     max_body_bytes: Option<usize>,
     log_format: Option<LogFormat>,
     shutdown_timeout_secs: Option<u64>,
+    mqtt_plain_addr: Option<SocketAddr>,
+    mqtt_max_connections: Option<usize>,
+    mqtt_max_packet_bytes: Option<usize>,
 }
 
 /// Configuration errors.
@@ -150,6 +162,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Graceful shutdown budget, in seconds.
     pub shutdown_timeout_secs: u64,
+    /// Development plain-MQTT listener (loopback only).
+    pub mqtt_plain_addr: Option<SocketAddr>,
+    /// Broker limits.
+    pub mqtt: crate::mqtt::MqttSettings,
 }
 
 impl Settings {
@@ -211,7 +227,25 @@ impl Settings {
                 "max_body_bytes must be at least 1024".into(),
             ));
         }
+        let mqtt_plain_addr = args.mqtt_plain_addr.or(file.mqtt_plain_addr);
+        if mqtt_plain_addr.is_some_and(|a| !a.ip().is_loopback()) {
+            return Err(ConfigError::Invalid(
+                "mqtt_plain_addr must be a loopback address: plain MQTT is for development only".into(),
+            ));
+        }
+        let mut mqtt = crate::mqtt::MqttSettings::default();
+        if let Some(n) = args.mqtt_max_connections.or(file.mqtt_max_connections) {
+            mqtt.max_connections = n.max(1);
+        }
+        if let Some(n) = args.mqtt_max_packet_bytes.or(file.mqtt_max_packet_bytes) {
+            if !(128..=256 * 1024 * 1024).contains(&n) {
+                return Err(ConfigError::Invalid("mqtt_max_packet_bytes must be between 128 and 268435456".into()));
+            }
+            mqtt.max_packet_bytes = n;
+        }
         Ok(Self {
+            mqtt_plain_addr,
+            mqtt,
             data_dir,
             http_addr: args
                 .http_addr
@@ -296,6 +330,8 @@ mod tests {
         assert!(Settings::layer(bad_db, FileConfig::default()).is_err());
         let half_ca = file("ca_cert = \"/a.crt\"");
         assert!(Settings::layer(ServeArgs::default(), half_ca).is_err());
+        let public_plain = file("mqtt_plain_addr = \"0.0.0.0:1883\"");
+        assert!(Settings::layer(ServeArgs::default(), public_plain).is_err(), "plain MQTT binds loopback only");
     }
 
     #[test]

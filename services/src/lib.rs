@@ -14,7 +14,10 @@
 pub mod access;
 pub mod config;
 pub mod db;
+pub mod events;
 pub mod http;
+pub mod mqtt;
+pub mod presence;
 pub mod pki;
 pub mod provisioning;
 pub mod registry;

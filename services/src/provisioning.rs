@@ -9,6 +9,7 @@ use std::sync::Arc;
 use antumbra_wire::DeviceId;
 use serde::{Deserialize, Serialize};
 
+use crate::events::{EventBus, PlatformEvent};
 use crate::pki::{CertificateAuthority, CsrError, IssuedCertificate, PkiError};
 use crate::registry::{
     self, CertificateRecord, Device, DeviceChanges, DeviceQuery, KeyOrigin, NewCertificate, NewDevice,
@@ -135,12 +136,13 @@ pub struct Issued {
 pub struct Provisioning {
     registry: Registry,
     ca: Arc<CertificateAuthority>,
+    events: EventBus,
 }
 
 impl Provisioning {
     /// Builds the service.
-    pub fn new(registry: Registry, ca: Arc<CertificateAuthority>) -> Self {
-        Self { registry, ca }
+    pub fn new(registry: Registry, ca: Arc<CertificateAuthority>, events: EventBus) -> Self {
+        Self { registry, ca, events }
     }
 
     /// The CA certificate, PEM.
@@ -260,6 +262,7 @@ impl Provisioning {
             .map_err(|e| not_found_as(e, id))?;
         tx.commit().await.map_err(RegistryError::from)?;
         tracing::info!(revoked, "device deleted");
+        self.events.publish(PlatformEvent::DeviceDeleted { device_id: id.to_string(), at });
         Ok(revoked)
     }
 
@@ -350,6 +353,11 @@ impl Provisioning {
         {
             Ok(cert) => {
                 tracing::info!(reason = reason.as_str(), "certificate revoked");
+                self.events.publish(PlatformEvent::CertificateRevoked {
+                    device_id: id.to_string(),
+                    serial: cert.serial.clone(),
+                    at: registry::now(),
+                });
                 Ok(cert)
             }
             Err(RegistryError::NotFound) => Err(ProvisioningError::CertificateNotFound {

@@ -4,58 +4,81 @@
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::time::Duration;
 
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 
 use crate::access::{self, AdminBootstrap};
 use crate::config::Settings;
+use crate::events::EventBus;
 use crate::http::{self, AppState};
+use crate::mqtt::{self, FrontDoor, Metrics};
 use crate::pki::{CaSource, CertificateAuthority};
+use crate::presence::Presence;
 use crate::provisioning::Provisioning;
 use crate::registry::Registry;
 
-/// A built application: listeners bound, database migrated, CA loaded. Nothing runs until
-/// [`Application::run_until_stopped`].
+/// A built application: listeners bound, database migrated, CA loaded, MQTT router running. Nothing is served
+/// until [`Application::run_until_stopped`].
 pub struct Application {
     settings: Settings,
     http_listener: TcpListener,
+    mqtts_listener: TcpListener,
+    plain_listener: Option<TcpListener>,
+    tls: tokio_rustls::TlsAcceptor,
+    door: Arc<FrontDoor>,
     state: AppState,
     admin: AdminBootstrap,
 }
 
+fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding the {what} listener on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
 impl Application {
-    /// Opens the data directory, database and CA, applies migrations, ensures an admin key, binds the REST
-    /// listener (port 0 picks a free one).
+    /// Opens the data directory, database and CA, applies migrations, ensures an admin key, starts the MQTT
+    /// router and binds every listener (port 0 picks a free one).
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
-        let pool = crate::db::connect(&settings.database_url)
-            .await
-            .context("opening the registry database")?;
+        let pool = crate::db::connect(&settings.database_url).await.context("opening the registry database")?;
         let registry = Registry::new(pool);
 
         let pki_dir = settings.data_dir.join("pki");
-        let source = CaSource {
-            dir: pki_dir.clone(),
-            provided: settings.ca.clone(),
-        };
+        let source = CaSource { dir: pki_dir.clone(), provided: settings.ca.clone() };
         let validity = time::Duration::days(i64::from(settings.cert_validity_days));
         let ca = Arc::new(CertificateAuthority::load_or_create(&source, validity).context("loading the CA")?);
-        ca.write_server_identity(&pki_dir, &settings.mqtt_dns_names)
+        let server = ca
+            .write_server_identity(&pki_dir, &settings.mqtt_dns_names)
             .context("issuing the MQTT server certificate")?;
+        let tls = mqtt::tls::server_config(ca.ca_pem(), &server.chain_pem, &server.key_pem)?;
 
         let admin = access::bootstrap_admin(&registry, settings.admin_token.as_deref()).await?;
-        let http_listener = TcpListener::bind(settings.http_addr)
-            .with_context(|| format!("binding the REST listener on {}", settings.http_addr))?;
+        let http_listener = bind(settings.http_addr, "REST")?;
+        let mqtts_listener = bind(settings.mqtts_addr, "MQTT/TLS")?;
+        let plain_listener = settings.mqtt_plain_addr.map(|a| bind(a, "plain MQTT (development)")).transpose()?;
+
+        let events = EventBus::new();
+        let presence = Presence::load(&registry, events.clone()).await.context("loading presence")?;
+        let mqtt_metrics = Arc::new(Metrics::default());
+        let door = FrontDoor::start(settings.mqtt.clone(), registry.clone(), presence.clone(), events.clone(), mqtt_metrics.clone())
+            .await?;
         let state = AppState {
-            provisioning: Provisioning::new(registry.clone(), ca),
+            provisioning: Provisioning::new(registry.clone(), ca, events.clone()),
             registry,
+            presence,
+            events,
+            mqtt_metrics,
         };
         Ok(Self {
             settings,
             http_listener,
+            mqtts_listener,
+            plain_listener,
+            tls: tokio_rustls::TlsAcceptor::from(tls),
+            door,
             state,
             admin,
         })
@@ -63,9 +86,17 @@ impl Application {
 
     /// The address the REST API listens on.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.http_listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The address the MQTT/TLS listener listens on.
+    pub fn mqtts_addr(&self) -> SocketAddr {
+        self.mqtts_listener.local_addr().expect("a bound listener has an address")
+    }
+
+    /// The development plain-MQTT address, when enabled.
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain_listener.as_ref().map(|l| l.local_addr().expect("a bound listener has an address"))
     }
 
     /// The admin token generated on this start, if one was (shown once).
@@ -78,15 +109,15 @@ impl Application {
 
     /// Logs where everything listens and, on first start, the generated admin token.
     fn announce(&self) {
-        let http = self.http_addr();
-        tracing::info!(%http, data_dir = %self.settings.data_dir.display(), "antumbra is up");
+        let (http, mqtts) = (self.http_addr(), self.mqtts_addr());
+        tracing::info!(%http, %mqtts, plain = ?self.plain_addr(), data_dir = %self.settings.data_dir.display(), "antumbra is up");
         println!("Antumbra is running.");
         println!("  REST API : http://{http}/v1");
         println!("  API docs : http://{http}/docs   (OpenAPI: http://{http}/openapi.json)");
-        println!(
-            "  MQTT     : mqtts://{} (mutual TLS; broker lands with the MQTT issue)",
-            self.settings.mqtts_addr
-        );
+        println!("  MQTT     : mqtts://{mqtts} (mutual TLS: device certificate, client id = device id)");
+        if let Some(plain) = self.plain_addr() {
+            println!("  MQTT dev : mqtt://{plain} (plain TCP, development only)");
+        }
         println!("  CA cert  : http://{http}/v1/ca");
         println!("  Data dir : {}", self.settings.data_dir.display());
         match &self.admin {
@@ -97,7 +128,10 @@ impl Application {
                         "  Admin API key (generated now, shown once; also in {} — delete that file once saved):\n    {token}",
                         path.display()
                     ),
-                    Err(e) => println!("  Admin API key (generated now, shown once; could not write {}: {e}):\n    {token}", path.display()),
+                    Err(e) => println!(
+                        "  Admin API key (generated now, shown once; could not write {}: {e}):\n    {token}",
+                        path.display()
+                    ),
                 }
             }
             AdminBootstrap::FromEnvironment => println!("  Admin API key: from ANTUMBRA_ADMIN_TOKEN"),
@@ -105,15 +139,15 @@ impl Application {
         }
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish (up to the
-    /// configured timeout).
+    /// Serves until `shutdown` resolves; then stops accepting, closes MQTT sessions (`server_shutdown`) and lets
+    /// in-flight requests finish (up to the configured timeout).
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         self.announce();
         let state = self.state.clone();
         let max_body = self.settings.max_body_bytes;
         let server = HttpServer::new(move || {
             App::new()
-                .wrap(tracing_actix())
+                .wrap(actix_web::middleware::Logger::new("%a \"%r\" %s %b %Dms").log_target("antumbra::http"))
                 .configure(|cfg| http::configure(cfg, state.clone(), max_body))
                 .default_service(web::to(http::not_found))
         })
@@ -123,17 +157,29 @@ impl Application {
         .run();
         let handle = server.handle();
         let server = tokio::spawn(server);
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let mqtts = tokio::net::TcpListener::from_std(self.mqtts_listener)?;
+        let mut listeners = vec![tokio::spawn(mqtt::serve_tls(self.door.clone(), mqtts, self.tls, stopped(stop_rx.clone())))];
+        if let Some(plain) = self.plain_listener {
+            let plain = tokio::net::TcpListener::from_std(plain)?;
+            listeners.push(tokio::spawn(mqtt::serve_plain(self.door.clone(), plain, stopped(stop_rx.clone()))));
+        }
+
         shutdown.await;
-        tracing::info!("shutdown requested; finishing in-flight requests");
-        handle.stop(true).await;
+        tracing::info!("shutdown requested; finishing in-flight requests and closing MQTT sessions");
+        let _ = stop_tx.send(true);
+        for listener in listeners {
+            let _ = listener.await;
+        }
+        let (_, ()) = tokio::join!(handle.stop(true), self.door.shutdown());
         server.await.context("REST server task")??;
-        tracing::info!("REST server stopped");
+        tracing::info!("stopped");
         Ok(())
     }
-}
-
-fn tracing_actix() -> actix_web::middleware::Logger {
-    actix_web::middleware::Logger::new("%a \"%r\" %s %b %Dms").log_target("antumbra::http")
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -157,6 +203,3 @@ pub async fn shutdown_signal() {
         _ = term => tracing::info!("SIGTERM received"),
     }
 }
-
-/// Keeps `Duration` in scope for callers that build shutdown deadlines.
-pub const DEFAULT_SHUTDOWN: Duration = Duration::from_secs(30);

@@ -25,7 +25,8 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::patch().to(update))
             .route(web::delete().to(delete))
             .default_service(web::to(method_not_allowed)),
-    );
+    )
+    .service(web::resource("/devices/{id}/status").route(web::get().to(status)).default_service(web::to(method_not_allowed)));
 }
 
 /// 405 as JSON.
@@ -132,6 +133,9 @@ pub struct ListQuery {
     /// Only devices with this tag.
     #[param(example = "esl")]
     pub tag: Option<String>,
+    /// Only devices that are (`true`) or are not (`false`) connected over MQTT now.
+    #[param(example = true)]
+    pub online: Option<bool>,
 }
 
 /// Changes to a device. Absent fields stay; `name: null` clears the name; `attributes` and `tags` replace
@@ -215,6 +219,7 @@ pub async fn list(
         .provisioning
         .devices(DeviceQuery {
             tag: query.tag,
+            online: query.online,
             after: query.after,
             limit: query.limit.unwrap_or(100),
         })
@@ -295,4 +300,63 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     state.provisioning.delete(&device_id(&id)?).await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// A device's MQTT presence.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({
+    "device_id": "shelf-0042", "online": true, "session": 7, "connected_at": "2026-11-22T10:00:00Z",
+    "last_seen_at": "2026-11-22T10:04:10Z", "disconnected_at": "2026-11-22T09:59:58Z",
+    "last_disconnect_reason": "keep_alive_timeout", "remote_addr": "127.0.0.1:50412"
+}))]
+pub struct StatusBody {
+    /// The device.
+    pub device_id: String,
+    /// Whether an MQTT session holds the device now.
+    pub online: bool,
+    /// Number of the latest session; only ever increases (0: never connected).
+    pub session: u64,
+    /// Start of the latest session.
+    #[serde(with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none", default)]
+    pub connected_at: Option<OffsetDateTime>,
+    /// End of the last session that ended.
+    #[serde(with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none", default)]
+    pub disconnected_at: Option<OffsetDateTime>,
+    /// Last time the device sent anything.
+    #[serde(with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none", default)]
+    pub last_seen_at: Option<OffsetDateTime>,
+    /// Why the last session ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_disconnect_reason: Option<crate::events::DisconnectReason>,
+    /// Remote address of the latest session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote_addr: Option<String>,
+}
+
+/// Get a device's online status: connected since when, last seen, why its last session ended.
+#[utoipa::path(
+    get, path = "/v1/devices/{id}/status", tag = "devices",
+    params(("id" = String, Path, description = "Device id", example = "shelf-0042")),
+    responses(
+        (status = 200, description = "Presence", body = StatusBody),
+        (status = 400, description = "Invalid device id", body = ErrorBody, example = json!({"code": "invalid_device_id", "message": "device id must not be empty"})),
+        (status = 401, description = "No valid API key", body = ErrorBody, example = json!({"code": "unauthorized", "message": "the API key is unknown or revoked"})),
+        (status = 404, description = "Unknown device", body = ErrorBody, example = json!({"code": "device_not_found", "message": "device shelf-0042 not found"})),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn status(_key: ReadKey, state: web::Data<AppState>, id: web::Path<String>) -> Result<web::Json<StatusBody>, ApiError> {
+    let id = device_id(&id)?;
+    state.provisioning.device(&id).await?;
+    let s = state.presence.status(&id);
+    Ok(web::Json(StatusBody {
+        device_id: id.to_string(),
+        online: s.online,
+        session: s.session,
+        connected_at: s.connected_at,
+        disconnected_at: s.disconnected_at,
+        last_seen_at: s.last_seen_at,
+        last_disconnect_reason: s.last_disconnect_reason,
+        remote_addr: s.remote_addr,
+    }))
 }

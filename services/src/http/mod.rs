@@ -5,11 +5,17 @@ pub mod auth;
 pub mod certificates;
 pub mod devices;
 pub mod error;
+pub mod events;
 pub mod openapi;
 pub mod ops;
 
 use actix_web::web;
 
+use std::sync::Arc;
+
+use crate::events::EventBus;
+use crate::mqtt::Metrics;
+use crate::presence::Presence;
 use crate::provisioning::Provisioning;
 use crate::registry::Registry;
 use error::{ApiError, ErrorCode};
@@ -21,6 +27,12 @@ pub struct AppState {
     pub registry: Registry,
     /// Devices and certificates.
     pub provisioning: Provisioning,
+    /// Online status.
+    pub presence: Arc<Presence>,
+    /// The event bus, for `/v1/events`.
+    pub events: EventBus,
+    /// Broker counters, for `/metrics`.
+    pub mqtt_metrics: Arc<Metrics>,
 }
 
 /// Registers every route, the extractor error mappings and the body limit.
@@ -39,7 +51,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: AppState, max_body_bytes: 
             web::scope("/v1")
                 .configure(devices::configure)
                 .configure(certificates::configure)
-                .configure(api_keys::configure),
+                .configure(api_keys::configure)
+                .configure(events::configure),
         );
 }
 

@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_scalar::{Scalar, Servable};
 
-use super::{api_keys, certificates, devices, error, ops};
+use super::{api_keys, certificates, devices, error, events, ops};
 
 /// The API description.
 #[derive(OpenApi)]
@@ -24,14 +24,16 @@ use super::{api_keys, certificates, devices, error, ops};
         certificates::ca, certificates::current, certificates::list, certificates::get, certificates::issue,
         certificates::rotate, certificates::revoke,
         api_keys::create, api_keys::list, api_keys::revoke,
-        ops::healthz, ops::readyz,
+        devices::status, events::stream,
+        ops::healthz, ops::readyz, ops::metrics,
     ),
-    components(schemas(error::ErrorCode, error::ErrorBody, crate::provisioning::RevocationReason)),
+    components(schemas(error::ErrorCode, error::ErrorBody, crate::provisioning::RevocationReason, crate::events::DisconnectReason)),
     modifiers(&BearerAuth),
     tags(
         (name = "devices", description = "Device registry"),
         (name = "certificates", description = "Device certificates and the platform CA"),
         (name = "api-keys", description = "API keys for this REST API"),
+        (name = "events", description = "Live platform events (server-sent events)"),
         (name = "operations", description = "Health and readiness"),
     )
 )]

@@ -9,7 +9,8 @@ use super::AppState;
 
 pub(super) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
 }
 
 /// Health or readiness status.
@@ -51,4 +52,14 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
             "the database did not answer within 2 s",
         )),
     }
+}
+
+/// Prometheus metrics (text exposition format): MQTT connections, connects and disconnects by reason, messages
+/// and bytes in and out, authentication failures by reason, ACL violations.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text", content_type = "text/plain; version=0.0.4", body = String,
+        example = "# TYPE antumbra_mqtt_connections gauge\nantumbra_mqtt_connections 3\n")),
+    security(()))]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.mqtt_metrics.render())
 }

@@ -167,11 +167,13 @@ impl CertificateAuthority {
         })
     }
 
-    /// Issues a server certificate and writes it with its key into `dir` (`server.crt`, `server.key`, 0600).
-    pub fn write_server_identity(&self, dir: &Path, dns_names: &[String]) -> Result<(), PkiError> {
+    /// Issues a server certificate, writes it with its key into `dir` (`server.crt`, `server.key`, 0600) for
+    /// operators to inspect, and returns it.
+    pub fn write_server_identity(&self, dir: &Path, dns_names: &[String]) -> Result<ServerIdentity, PkiError> {
         let identity = self.issue_server(dns_names)?;
         files::write_public(&dir.join("server.crt"), &identity.chain_pem)?;
-        files::write_secret(&dir.join("server.key"), &identity.key_pem)
+        files::write_secret(&dir.join("server.key"), &identity.key_pem)?;
+        Ok(identity)
     }
 }
 

@@ -53,6 +53,8 @@ pub struct DeviceChanges {
 pub struct DeviceQuery {
     /// Only devices carrying this tag.
     pub tag: Option<String>,
+    /// Only devices that are (or are not) online, per the stored presence.
+    pub online: Option<bool>,
     /// Only ids after this one (the previous page's cursor).
     pub after: Option<String>,
     /// Page size.
@@ -114,28 +116,20 @@ impl Registry {
     pub async fn devices(&self, query: &DeviceQuery) -> Result<Vec<Device>, RegistryError> {
         let after = query.after.clone().unwrap_or_default();
         let limit = i64::from(query.limit) + 1;
-        let rows = match &query.tag {
-            Some(tag) => {
-                sqlx::query(&format!(
-                    "SELECT {COLUMNS} FROM devices d JOIN device_tags t ON t.device_id = d.id \
-                     WHERE t.tag = $1 AND d.id > $2 ORDER BY d.id LIMIT $3"
-                ))
-                .bind(tag.clone())
-                .bind(after)
-                .bind(limit)
-                .fetch_all(self.pool())
-                .await?
-            }
-            None => {
-                sqlx::query(&format!(
-                    "SELECT {COLUMNS} FROM devices d WHERE d.id > $1 ORDER BY d.id LIMIT $2"
-                ))
-                .bind(after)
-                .bind(limit)
-                .fetch_all(self.pool())
-                .await?
-            }
-        };
+        // One statement for every filter combination: an absent filter is bound as NULL and matches all.
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM devices d LEFT JOIN device_presence p ON p.device_id = d.id \
+             WHERE d.id > $1 \
+             AND ($2 IS NULL OR EXISTS (SELECT 1 FROM device_tags t WHERE t.device_id = d.id AND t.tag = $2)) \
+             AND ($3 IS NULL OR COALESCE(p.online, 0) = $3) \
+             ORDER BY d.id LIMIT $4"
+        ))
+        .bind(after)
+        .bind(query.tag.clone())
+        .bind(query.online.map(i64::from))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
         let mut devices = rows
             .iter()
             .map(|row| device_from_row(row, Vec::new()))

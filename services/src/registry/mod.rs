@@ -68,7 +68,7 @@ impl Registry {
     }
 
     /// The pool, for repository functions.
-    fn pool(&self) -> &AnyPool {
+    pub(crate) fn pool(&self) -> &AnyPool {
         &self.pool
     }
 }

@@ -66,6 +66,8 @@ pub fn settings(dir: &Path, database_url: String) -> Settings {
         max_body_bytes: 64 * 1024,
         log_format: LogFormat::Text,
         shutdown_timeout_secs: 5,
+        mqtt_plain_addr: None,
+        mqtt: antumbra::mqtt::MqttSettings::default(),
     }
 }
 

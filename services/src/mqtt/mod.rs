@@ -1,0 +1,268 @@
+//! The embedded MQTT broker: our front door in front of rumqttd's router.
+//!
+//! rumqttd 0.20's own listener lacks what a device platform needs (topic ACL, certificate identity, presence,
+//! a handshake timeout, a correct will on takeover; see `shared/RUMQTTD.md`), and its connection types are
+//! private. So this module owns everything up to the router:
+//!
+//! - [`serve_tls`] accepts TCP, runs the TLS handshake (client certificate required, chained to the platform
+//!   CA) in its own task under a timeout, so a silent socket never delays anyone else;
+//! - `session` reads the CONNECT itself (MQTT 3.1.1 and 5 on one port), checks the client id against the
+//!   certificate and the certificate against the registry (revocation), serialises takeovers, enforces the
+//!   per-device topic ACL on every PUBLISH and SUBSCRIBE, keeps its own keep-alive deadline, publishes wills,
+//!   and reports presence;
+//! - the router (one `rumqttd::Router`, reached through a local link per session) does routing, QoS 0/1/2,
+//!   retained messages and persistent sessions.
+
+mod acl;
+mod codec;
+pub mod metrics;
+mod session;
+mod sessions;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::Packet;
+use rumqttd::{Notification, Router, RouterConfig};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+
+use crate::events::{DisconnectReason, EventBus, PlatformEvent};
+use crate::presence::Presence;
+use crate::registry::Registry;
+pub use metrics::Metrics;
+use sessions::Sessions;
+
+/// Broker limits and timeouts.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    /// Most device sessions at once; more are refused at CONNECT.
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted, in bytes.
+    pub max_packet_bytes: usize,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// How long after the handshake the CONNECT may take.
+    pub connect_timeout: Duration,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 50_000,
+            max_packet_bytes: 256 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Attaches a session to the router: client id, clean session → the link and the router's CONNACK.
+type Attach = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+
+/// Everything the sessions share.
+pub struct FrontDoor {
+    settings: MqttSettings,
+    attach: Attach,
+    platform: mpsc::UnboundedSender<Packet>,
+    sessions: Sessions,
+    presence: Arc<Presence>,
+    registry: Registry,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for FrontDoor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrontDoor").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// Errors starting the broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The router's platform link could not be attached.
+    #[error("router: {0}")]
+    Router(String),
+}
+
+impl FrontDoor {
+    /// Starts the router (its own thread) and the platform link used for wills, and listens for revocations.
+    pub async fn start(
+        settings: MqttSettings,
+        registry: Registry,
+        presence: Arc<Presence>,
+        events: EventBus,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let router_tx = Router::new(0, router_config(&settings)).spawn();
+        // The router's channel type names a private rumqttd type, so it lives only inside this closure.
+        let attach: Attach = Arc::new(move |client_id: &str, clean: bool| {
+            LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).build()
+        });
+        let platform = {
+            let attach = attach.clone();
+            let (tx, rx, _) = tokio::task::spawn_blocking(move || attach("antumbra-platform", true))
+                .await
+                .map_err(|e| BrokerError::Router(e.to_string()))?
+                .map_err(|e| BrokerError::Router(e.to_string()))?;
+            let (sender, queue) = mpsc::unbounded_channel();
+            tokio::spawn(platform_link(tx, rx, queue));
+            sender
+        };
+        let door = Arc::new(Self { settings, attach, platform, sessions: Sessions::default(), presence, registry, metrics });
+        tokio::spawn(drop_revoked(door.clone(), events.subscribe()));
+        Ok(door)
+    }
+
+    /// Ends every session (`server_shutdown`) and waits, bounded, until they are gone.
+    pub async fn shutdown(&self) {
+        let asked = self.sessions.kick_all(DisconnectReason::ServerShutdown);
+        tracing::info!(sessions = asked, "closing MQTT sessions");
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while !self.sessions.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    /// The broker's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+/// A router sized for a fleet, not the sample config: every device filter gets a small log (one segment of
+/// 1 MiB, at most two), and connections are capped a little above the session limit (platform links count).
+fn router_config(settings: &MqttSettings) -> RouterConfig {
+    RouterConfig {
+        max_connections: settings.max_connections + 16,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 1024 * 1024,
+        max_segment_count: 2,
+        custom_segment: Some(HashMap::new()),
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+/// Feeds platform publishes (wills) to the router and drains the link's replies.
+async fn platform_link(mut tx: LinkTx, mut rx: LinkRx, mut queue: mpsc::UnboundedReceiver<Packet>) {
+    loop {
+        tokio::select! {
+            packet = queue.recv() => match packet {
+                Some(packet) => if tx.send(packet).await.is_err() { break },
+                None => break,
+            },
+            note = rx.next() => match note {
+                Ok(Some(Notification::Unschedule)) => if rx.wake().await.is_err() { break },
+                Ok(_) => {}
+                Err(_) => break,
+            },
+        }
+    }
+    tracing::warn!("platform MQTT link ended");
+}
+
+/// Drops live sessions whose certificate was revoked or whose device was deleted.
+async fn drop_revoked(door: Arc<FrontDoor>, mut events: tokio::sync::broadcast::Receiver<PlatformEvent>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(PlatformEvent::CertificateRevoked { device_id, serial, .. }) => {
+                if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
+                    door.sessions.kick(&device, Some(&serial), DisconnectReason::Revoked);
+                }
+            }
+            Ok(PlatformEvent::DeviceDeleted { device_id, .. }) => {
+                if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
+                    door.sessions.kick(&device, None, DisconnectReason::Revoked);
+                    door.presence.forget(&device);
+                }
+            }
+            Ok(_) => {}
+            Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "revocation listener lagged"),
+            Err(RecvError::Closed) => break,
+        }
+    }
+}
+
+/// Accepts mutual-TLS connections until `shutdown` resolves. Each handshake runs in its own task under the
+/// handshake timeout: nothing is awaited in the accept loop.
+pub async fn serve_tls(
+    door: Arc<FrontDoor>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "MQTT accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (door, acceptor) = (door.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(door.settings.handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    door.metrics.auth_failed(metrics::AuthFailure::Handshake);
+                    tracing::info!(%remote, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    door.metrics.auth_failed(metrics::AuthFailure::HandshakeTimeout);
+                    tracing::info!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            match tls::identity(tls.get_ref().1.peer_certificates()) {
+                Ok(peer) => session::serve(door, tls, session::Identity::Certificate(peer), remote).await,
+                Err(e) => {
+                    door.metrics.auth_failed(metrics::AuthFailure::Handshake);
+                    tracing::info!(%remote, error = %e, "client certificate names no device");
+                }
+            }
+        });
+    }
+    tracing::info!("MQTT TLS listener stopped");
+}
+
+/// Accepts plain-TCP connections (development only; the caller binds it to loopback) until `shutdown`.
+pub async fn serve_plain(door: Arc<FrontDoor>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => continue,
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(session::serve(door.clone(), tcp, session::Identity::Development, remote));
+    }
+    tracing::info!("MQTT plain listener stopped");
+}
+
+/// Where the broker listens.
+#[derive(Debug, Clone, Copy)]
+pub struct BoundAddrs {
+    /// Mutual-TLS listener.
+    pub mqtts: SocketAddr,
+    /// Development plain listener, if enabled.
+    pub plain: Option<SocketAddr>,
+}

@@ -1,0 +1,434 @@
+//! One device connection, from its first byte to its last: CONNECT checks, takeover, the read/write loop
+//! between the socket and the router, and the end (router teardown, will, presence).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use antumbra_wire::DeviceId;
+use bytes::BytesMut;
+use futures_util::FutureExt;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties,
+    Packet, Publish,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{sleep_until, timeout, Instant};
+
+use super::codec::{sniff, Codec, Sniff, Version};
+use super::metrics::AuthFailure;
+use super::{acl, FrontDoor};
+use crate::events::DisconnectReason;
+use crate::registry::{CertificateStatus, RegistryError};
+
+/// Who the transport says the client is.
+pub(super) enum Identity {
+    /// Proven by a client certificate.
+    Certificate(super::tls::PeerIdentity),
+    /// The development listener: the client id is taken at its word (loopback only).
+    Development,
+}
+
+/// How a session ended, as seen by the loop.
+enum End {
+    Client { with_will: bool },
+    KeepAlive,
+    Network,
+    RouterClosed,
+    Kicked(DisconnectReason),
+    Acl,
+}
+
+impl End {
+    fn reason(&self) -> DisconnectReason {
+        match self {
+            End::Client { .. } => DisconnectReason::ClientDisconnect,
+            End::KeepAlive => DisconnectReason::KeepAliveTimeout,
+            End::Network | End::RouterClosed => DisconnectReason::NetworkError,
+            End::Kicked(reason) => *reason,
+            End::Acl => DisconnectReason::AclViolation,
+        }
+    }
+
+    /// Whether the will is published: on every end but a clean DISCONNECT and a server shutdown.
+    fn fires_will(&self) -> bool {
+        match self {
+            End::Client { with_will } => *with_will,
+            End::Kicked(DisconnectReason::ServerShutdown) => false,
+            _ => true,
+        }
+    }
+}
+
+/// Serves one connection until it ends.
+pub(super) async fn serve<S>(door: Arc<FrontDoor>, mut io: S, identity: Identity, remote: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(512);
+    let connect = timeout(door.settings.connect_timeout, read_connect(&door, &mut io, &mut buf)).await;
+    let Ok(Some((mut codec, packet))) = connect else {
+        door.metrics.auth_failed(AuthFailure::BadConnect);
+        tracing::debug!(%remote, "no valid CONNECT in time");
+        return;
+    };
+    let Packet::Connect(connect, _props, will, will_props, _login) = packet else {
+        door.metrics.auth_failed(AuthFailure::BadConnect);
+        return;
+    };
+
+    let (device, serial) = match admit(&door, &identity, &connect.client_id, will.as_ref()).await {
+        Ok(admitted) => admitted,
+        Err((failure, v4, v5, why)) => {
+            door.metrics.auth_failed(failure);
+            tracing::info!(%remote, client_id = %connect.client_id, reason = why, "MQTT connection refused");
+            refuse(&codec, &mut io, if codec.version() == Version::V4 { v4 } else { v5 }).await;
+            return;
+        }
+    };
+
+    let mut claim = door.sessions.claim(&device, serial);
+    if let Some(reason) = claim.take_over().await {
+        tracing::info!(device_id = %device, reason = reason.as_str(), "connection superseded before it attached");
+        return;
+    }
+    if door.sessions.attached() >= door.settings.max_connections {
+        door.metrics.auth_failed(AuthFailure::ConnectionLimit);
+        tracing::warn!(device_id = %device, limit = door.settings.max_connections, "connection limit reached");
+        let code =
+            if codec.version() == Version::V4 { ConnectReturnCode::ServiceUnavailable } else { ConnectReturnCode::ServerBusy };
+        refuse(&codec, &mut io, code).await;
+        return;
+    }
+    let attach = door.attach.clone();
+    let (client_id, clean) = (device.to_string(), connect.clean_session);
+    let attached = tokio::task::spawn_blocking(move || attach(&client_id, clean)).await;
+    let Ok(Ok((tx, rx, ack))) = attached else {
+        tracing::error!(device_id = %device, "the router refused the session");
+        let code = if codec.version() == Version::V4 {
+            ConnectReturnCode::ServiceUnavailable
+        } else {
+            ConnectReturnCode::ServerUnavailable
+        };
+        refuse(&codec, &mut io, code).await;
+        return;
+    };
+    claim.mark_attached();
+    let session_present = match ack {
+        Notification::DeviceAck(ack) => match Packet::from(ack) {
+            Packet::ConnAck(ack, _) => ack.session_present,
+            _ => false,
+        },
+        _ => false,
+    };
+    let connack = Packet::ConnAck(
+        ConnAck { session_present, code: ConnectReturnCode::Success },
+        (codec.version() == Version::V5).then(|| ConnAckProperties {
+            max_packet_size: Some(door.settings.max_packet_bytes as u32),
+            retain_available: Some(1),
+            wildcard_subscription_available: Some(1),
+            shared_subscription_available: Some(0),
+            subscription_identifiers_available: Some(0),
+            ..Default::default()
+        }),
+    );
+    let (session, seen) = door.presence.connected(&device, remote.to_string());
+    door.metrics.connected();
+    tracing::info!(device_id = %device, session, %remote, version = ?codec.version(), "device connected");
+
+    let mut link = Link { tx, rx, bytes_out: BytesMut::with_capacity(256) };
+    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2;
+    let end = if link.write(&door, &codec, &mut io, vec![connack]).await.is_err() {
+        End::Network
+    } else {
+        run(&door, &device, &mut codec, &mut io, &mut buf, &mut link, &mut claim.kicked, keep_alive, &seen).await
+    };
+
+    let reason = end.reason();
+    if codec.version() == Version::V5 {
+        if let Some(code) = server_reason_code(&end) {
+            let packet = Packet::Disconnect(Disconnect { reason_code: code }, None);
+            let _ = timeout(Duration::from_secs(1), link.write(&door, &codec, &mut io, vec![packet])).await;
+        }
+    }
+    link.detach().await;
+    if end.fires_will() {
+        if let Some(will) = will {
+            publish_will(&door, &device, claim.token(), will, will_props);
+        }
+    }
+    door.presence.disconnected(&device, session, reason);
+    door.metrics.disconnected(reason);
+    tracing::info!(device_id = %device, session, reason = reason.as_str(), "device disconnected");
+    let _ = timeout(Duration::from_secs(1), io.shutdown()).await;
+    drop(claim);
+}
+
+/// Reads until a whole CONNECT is buffered; `None` for anything else (a 3.1 client gets its refusal first).
+async fn read_connect<S>(door: &FrontDoor, io: &mut S, buf: &mut BytesMut) -> Option<(Codec, Packet)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match sniff(buf) {
+            Sniff::Incomplete => {}
+            Sniff::Connect(version) => {
+                let mut codec = Codec::new(version, door.settings.max_packet_bytes);
+                loop {
+                    match codec.read_connect(buf) {
+                        Ok(Some(packet)) => return Some((codec, packet)),
+                        Ok(None) => {}
+                        Err(_) => return None,
+                    }
+                    if buf.len() > door.settings.max_packet_bytes || io.read_buf(buf).await.ok()? == 0 {
+                        return None;
+                    }
+                }
+            }
+            Sniff::Unsupported(level) => {
+                if level != 0 {
+                    // CONNACK 0x01, "unacceptable protocol version", in the 3.1/3.1.1 encoding every client reads.
+                    let _ = io.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+                    let _ = io.flush().await;
+                }
+                return None;
+            }
+        }
+        if buf.len() > 1024 || io.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+type Refusal = (AuthFailure, ConnectReturnCode, ConnectReturnCode, &'static str);
+
+/// Checks the CONNECT against the transport's identity, the registry and the ACL.
+async fn admit(
+    door: &FrontDoor,
+    identity: &Identity,
+    client_id: &str,
+    will: Option<&LastWill>,
+) -> Result<(DeviceId, Option<String>), Refusal> {
+    use ConnectReturnCode::{ClientIdentifierNotValid as BadId, NotAuthorized, ServerUnavailable, ServiceUnavailable};
+    let lookup_failed = |_: RegistryError| (AuthFailure::Revoked, ServiceUnavailable, ServerUnavailable, "registry unavailable");
+    let (device, serial) = match identity {
+        Identity::Certificate(peer) => {
+            if client_id != peer.device.as_str() {
+                return Err((AuthFailure::ClientIdMismatch, BadId, BadId, "client id is not the certificate's device id"));
+            }
+            match door.registry.certificate(&peer.device, &peer.serial).await {
+                Ok(cert) if cert.status == CertificateStatus::Active => {}
+                Ok(_) => return Err((AuthFailure::Revoked, NotAuthorized, NotAuthorized, "certificate is revoked")),
+                Err(RegistryError::NotFound) => {
+                    return Err((AuthFailure::Revoked, NotAuthorized, NotAuthorized, "certificate is not on record"))
+                }
+                Err(e) => return Err(lookup_failed(e)),
+            }
+            (peer.device.clone(), Some(peer.serial.clone()))
+        }
+        Identity::Development => {
+            let Ok(device) = DeviceId::parse(client_id) else {
+                return Err((AuthFailure::ClientIdMismatch, BadId, BadId, "client id is not a device id"));
+            };
+            match door.registry.device_exists(&device).await {
+                Ok(true) => {}
+                Ok(false) => return Err((AuthFailure::ClientIdMismatch, NotAuthorized, NotAuthorized, "unknown device")),
+                Err(e) => return Err(lookup_failed(e)),
+            }
+            (device, None)
+        }
+    };
+    if let Some(will) = will {
+        let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+        if !acl::may_publish(&device, topic) {
+            return Err((AuthFailure::BadConnect, NotAuthorized, NotAuthorized, "will topic is outside the device's topics"));
+        }
+    }
+    Ok((device, serial))
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(codec: &Codec, io: &mut S, code: ConnectReturnCode) {
+    let mut out = BytesMut::new();
+    if codec.write(Packet::ConnAck(ConnAck { session_present: false, code }, None), &mut out).is_ok() {
+        let _ = timeout(Duration::from_secs(1), async {
+            let _ = io.write_all(&out).await;
+            let _ = io.flush().await;
+            let _ = io.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// The session's router link and its write buffer.
+struct Link {
+    tx: LinkTx,
+    rx: LinkRx,
+    bytes_out: BytesMut,
+}
+
+impl Link {
+    async fn write<S: AsyncWrite + Unpin>(
+        &mut self,
+        door: &FrontDoor,
+        codec: &Codec,
+        io: &mut S,
+        packets: Vec<Packet>,
+    ) -> std::io::Result<()> {
+        let count = packets.len() as u64;
+        for packet in packets {
+            codec.write(packet, &mut self.bytes_out).map_err(std::io::Error::other)?;
+        }
+        let bytes = self.bytes_out.len() as u64;
+        io.write_all(&self.bytes_out).await?;
+        io.flush().await?;
+        self.bytes_out.clear();
+        if self.bytes_out.capacity() > 64 * 1024 {
+            self.bytes_out = BytesMut::with_capacity(256);
+        }
+        door.metrics.sent(count, bytes);
+        Ok(())
+    }
+
+    /// Hands packets to the router: all but the last through the buffer, the last with one notification.
+    async fn forward(&mut self, mut packets: Vec<Packet>) -> bool {
+        let Some(last) = packets.pop() else { return true };
+        self.tx.buffer().extend(packets);
+        self.tx.send(last).await.is_ok()
+    }
+
+    /// Tells the router the session is over and waits (bounded) until it has let go: this frees the router's
+    /// slot and keeps a persistent session for the client's return.
+    async fn detach(&mut self) {
+        let disconnect = Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection }, None);
+        if self.tx.send(disconnect).await.is_err() {
+            return;
+        }
+        let _ = timeout(Duration::from_secs(2), async { while self.rx.next().await.is_ok() {} }).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run<S>(
+    door: &FrontDoor,
+    device: &DeviceId,
+    codec: &mut Codec,
+    io: &mut S,
+    buf: &mut BytesMut,
+    link: &mut Link,
+    kicked: &mut tokio::sync::mpsc::Receiver<DisconnectReason>,
+    keep_alive: Duration,
+    seen: &crate::presence::SeenClock,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let far = Duration::from_secs(86_400 * 365);
+    let period = if keep_alive.is_zero() { far } else { keep_alive };
+    let mut deadline = Instant::now() + period;
+    loop {
+        tokio::select! {
+            biased;
+            reason = kicked.recv() => return End::Kicked(reason.unwrap_or(DisconnectReason::ServerShutdown)),
+            read = io.read_buf(buf) => {
+                let n = match read {
+                    Ok(0) | Err(_) => return End::Network,
+                    Ok(n) => n,
+                };
+                deadline = Instant::now() + period;
+                seen.touch();
+                let mut packets = Vec::new();
+                let outcome = loop {
+                    match codec.read(buf) {
+                        Ok(None) => break None,
+                        Ok(Some(Packet::Disconnect(d, _))) => {
+                            break Some(End::Client { with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage })
+                        }
+                        Ok(Some(packet)) if !allowed(device, &packet) => break Some(End::Acl),
+                        Ok(Some(packet)) => packets.push(packet),
+                        Err(e) => {
+                            tracing::debug!(device_id = %device, error = %e, "protocol error");
+                            break Some(End::Network);
+                        }
+                    }
+                };
+                door.metrics.received(packets.len() as u64, n as u64);
+                if !link.forward(packets).await {
+                    return End::RouterClosed;
+                }
+                if buf.capacity() > 64 * 1024 && buf.is_empty() {
+                    *buf = BytesMut::with_capacity(512);
+                }
+                if let Some(end) = outcome {
+                    return end;
+                }
+            }
+            _ = sleep_until(deadline) => return End::KeepAlive,
+            note = link.rx.next() => {
+                let first = match note {
+                    Err(_) => return End::RouterClosed,
+                    Ok(first) => first,
+                };
+                let mut unschedule = false;
+                let mut packets = Vec::new();
+                let mut pending = first;
+                loop {
+                    match pending {
+                        Some(Notification::Unschedule) => unschedule = true,
+                        Some(note) => packets.extend(Option::<Packet>::from(note)),
+                        None => {}
+                    }
+                    match link.rx.next().now_or_never() {
+                        Some(Ok(Some(next))) => pending = Some(next),
+                        _ => break,
+                    }
+                }
+                if !packets.is_empty() && link.write(door, codec, io, packets).await.is_err() {
+                    return End::Network;
+                }
+                if unschedule && link.rx.wake().await.is_err() {
+                    return End::RouterClosed;
+                }
+            }
+        }
+    }
+}
+
+/// Topic isolation for one packet from the device.
+fn allowed(device: &DeviceId, packet: &Packet) -> bool {
+    match packet {
+        Packet::Publish(publish, _) => std::str::from_utf8(&publish.topic).is_ok_and(|t| acl::may_publish(device, t)),
+        Packet::Subscribe(subscribe, _) => subscribe.filters.iter().all(|f| acl::may_subscribe(device, &f.path)),
+        _ => true,
+    }
+}
+
+/// The MQTT 5 DISCONNECT reason the server sends when it ends the session itself.
+fn server_reason_code(end: &End) -> Option<DisconnectReasonCode> {
+    Some(match end {
+        End::KeepAlive => DisconnectReasonCode::KeepAliveTimeout,
+        End::Acl | End::Kicked(DisconnectReason::Revoked) => DisconnectReasonCode::NotAuthorized,
+        End::Kicked(DisconnectReason::Takeover) => DisconnectReasonCode::SessionTakenOver,
+        End::Kicked(DisconnectReason::ServerShutdown) => DisconnectReasonCode::ServerShuttingDown,
+        _ => return None,
+    })
+}
+
+/// Publishes the will now, or after the MQTT 5 will delay unless the device has reconnected by then.
+fn publish_will(door: &Arc<FrontDoor>, device: &DeviceId, token: u64, will: LastWill, props: Option<LastWillProperties>) {
+    let packet = Packet::Publish(Publish::new(will.topic, will.message, will.retain), None);
+    let delay = props.and_then(|p| p.delay_interval).unwrap_or(0);
+    if delay == 0 {
+        let _ = door.platform.send(packet);
+        return;
+    }
+    let (door, device) = (door.clone(), device.clone());
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+        // Reconnected in the meantime: a newer claim holds the device, the will is dropped (MQTT 5 §3.1.3.2.2).
+        if !door.sessions.holds_other_than(&device, token) {
+            let _ = door.platform.send(packet);
+        }
+    });
+}

@@ -1,0 +1,84 @@
+//! The TLS side of the front door: mutual TLS against the platform CA, and the identity a client
+//! certificate proves.
+
+use std::sync::Arc;
+
+use antumbra_wire::DeviceId;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Errors building the TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// A PEM input could not be read.
+    #[error("{what}: {reason}")]
+    Pem { what: &'static str, reason: String },
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+}
+
+/// A TLS server configuration that requires a client certificate chaining to `ca_pem` (and valid now).
+pub fn server_config(ca_pem: &str, chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, TlsSetupError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let cert = cert.map_err(|e| TlsSetupError::Pem { what: "CA certificate", reason: e.to_string() })?;
+        roots.add(cert)?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsSetupError::Verifier(e.to_string()))?;
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsSetupError::Pem { what: "server certificate", reason: e.to_string() })?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| TlsSetupError::Pem { what: "server key", reason: e.to_string() })?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// What a verified client certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    /// The device id, from the subject CN.
+    pub device: DeviceId,
+    /// Serial, lowercase hex (as the registry stores it).
+    pub serial: String,
+}
+
+/// Why a verified certificate still names no device.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The TLS session carries no client certificate.
+    #[error("no client certificate")]
+    Missing,
+    /// The certificate does not parse.
+    #[error("client certificate does not parse")]
+    Unparsable,
+    /// The subject CN is missing or not a valid device id.
+    #[error("client certificate CN is not a valid device id")]
+    BadCommonName,
+}
+
+/// Reads the device id and serial from the end-entity certificate of a verified chain.
+pub fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentity, IdentityError> {
+    let leaf = peer_certs.and_then(|c| c.first()).ok_or(IdentityError::Missing)?;
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|_| IdentityError::Unparsable)?;
+    let mut cns = cert.subject().iter_common_name();
+    let cn = cns.next().and_then(|cn| cn.as_str().ok()).ok_or(IdentityError::BadCommonName)?;
+    if cns.next().is_some() {
+        return Err(IdentityError::BadCommonName);
+    }
+    let device = DeviceId::parse(cn).map_err(|_| IdentityError::BadCommonName)?;
+    Ok(PeerIdentity { device, serial: hex::encode(cert.raw_serial()) })
+}

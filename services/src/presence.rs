@@ -1,0 +1,235 @@
+//! Online status of devices, from the MQTT front door's own connection events (not from wills).
+//!
+//! Memory holds the truth for live sessions; every change is also queued to a writer task that upserts it into
+//! `device_presence`, so status survives restarts and the device list can filter on it in SQL. Session numbers
+//! come from one counter that starts above anything stored, so they only ever increase — which is what lets a
+//! takeover (the same device reconnecting before its old socket died) never show the device offline.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use antumbra_wire::DeviceId;
+use sqlx::Row;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+
+use crate::events::{DisconnectReason, EventBus, PlatformEvent};
+use crate::registry::{self, from_millis, to_millis, Registry, RegistryError};
+
+/// A device's status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceStatus {
+    /// Whether a session holds the device now.
+    pub online: bool,
+    /// Number of the latest session (0: never connected).
+    pub session: u64,
+    /// When the latest session started.
+    pub connected_at: Option<OffsetDateTime>,
+    /// When the last session ended.
+    pub disconnected_at: Option<OffsetDateTime>,
+    /// When the device last sent anything.
+    pub last_seen_at: Option<OffsetDateTime>,
+    /// Why the last session ended.
+    pub last_disconnect_reason: Option<DisconnectReason>,
+    /// Remote address of the latest session.
+    pub remote_addr: Option<String>,
+}
+
+impl DeviceStatus {
+    fn never() -> Self {
+        Self {
+            online: false,
+            session: 0,
+            connected_at: None,
+            disconnected_at: None,
+            last_seen_at: None,
+            last_disconnect_reason: None,
+            remote_addr: None,
+        }
+    }
+}
+
+/// Handle a session keeps to report activity cheaply (one atomic store per read burst).
+#[derive(Debug, Clone)]
+pub struct SeenClock(Arc<AtomicI64>);
+
+impl SeenClock {
+    /// Records activity now.
+    pub fn touch(&self) {
+        self.0.store(to_millis(OffsetDateTime::now_utc()), Ordering::Relaxed);
+    }
+}
+
+struct Entry {
+    status: DeviceStatus,
+    seen: Option<Arc<AtomicI64>>,
+}
+
+/// The presence service.
+pub struct Presence {
+    entries: Mutex<HashMap<DeviceId, Entry>>,
+    next_session: AtomicU64,
+    events: EventBus,
+    writer: mpsc::UnboundedSender<(DeviceId, DeviceStatus)>,
+}
+
+impl std::fmt::Debug for Presence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presence").finish_non_exhaustive()
+    }
+}
+
+impl Presence {
+    /// Loads stored presence. Devices stored as online were cut off when the last process stopped: they are
+    /// marked offline with `server_shutdown`. Starts the writer task.
+    pub async fn load(registry: &Registry, events: EventBus) -> Result<Arc<Self>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT device_id, online, session, connected_at, disconnected_at, last_seen_at, \
+             last_disconnect_reason, remote_addr FROM device_presence",
+        )
+        .fetch_all(registry.pool())
+        .await?;
+        let now = registry::now();
+        let mut entries = HashMap::new();
+        let mut max_session = 0u64;
+        let (writer, queue) = mpsc::unbounded_channel();
+        for row in rows {
+            let Ok(id) = DeviceId::parse(row.try_get::<String, _>("device_id")?) else { continue };
+            let millis = |name: &str| -> Result<Option<OffsetDateTime>, RegistryError> {
+                row.try_get::<Option<i64>, _>(name)?.map(from_millis).transpose()
+            };
+            let mut status = DeviceStatus {
+                online: row.try_get::<i64, _>("online")? != 0,
+                session: row.try_get::<i64, _>("session")?.max(0) as u64,
+                connected_at: millis("connected_at")?,
+                disconnected_at: millis("disconnected_at")?,
+                last_seen_at: millis("last_seen_at")?,
+                last_disconnect_reason: row
+                    .try_get::<Option<String>, _>("last_disconnect_reason")?
+                    .and_then(|r| DisconnectReason::parse(&r)),
+                remote_addr: row.try_get("remote_addr")?,
+            };
+            max_session = max_session.max(status.session);
+            if status.online {
+                status.online = false;
+                status.disconnected_at = Some(now);
+                status.last_disconnect_reason = Some(DisconnectReason::ServerShutdown);
+                let _ = writer.send((id.clone(), status.clone()));
+            }
+            entries.insert(id, Entry { status, seen: None });
+        }
+        tokio::spawn(write_behind(registry.clone(), queue));
+        Ok(Arc::new(Self { entries: Mutex::new(entries), next_session: AtomicU64::new(max_session + 1), events, writer }))
+    }
+
+    /// A session of `device` started: returns its number and the clock it reports activity on.
+    pub fn connected(&self, device: &DeviceId, remote_addr: String) -> (u64, SeenClock) {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let now = registry::now();
+        let seen = Arc::new(AtomicI64::new(to_millis(now)));
+        let status = {
+            let mut entries = self.entries.lock().expect("presence lock");
+            let entry = entries.entry(device.clone()).or_insert_with(|| Entry { status: DeviceStatus::never(), seen: None });
+            entry.status.online = true;
+            entry.status.session = session;
+            entry.status.connected_at = Some(now);
+            entry.status.last_seen_at = Some(now);
+            entry.status.remote_addr = Some(remote_addr.clone());
+            entry.seen = Some(seen.clone());
+            entry.status.clone()
+        };
+        let _ = self.writer.send((device.clone(), status));
+        self.events.publish(PlatformEvent::Connected { device_id: device.to_string(), session, remote_addr, at: now });
+        (session, SeenClock(seen))
+    }
+
+    /// Session `session` of `device` ended. The device goes offline only if no newer session holds it.
+    pub fn disconnected(&self, device: &DeviceId, session: u64, reason: DisconnectReason) {
+        let now = registry::now();
+        let (online, status) = {
+            let mut entries = self.entries.lock().expect("presence lock");
+            let Some(entry) = entries.get_mut(device) else { return };
+            if entry.status.session == session {
+                if let Some(seen) = entry.seen.take() {
+                    entry.status.last_seen_at = Some(from_millis(seen.load(Ordering::Relaxed)).unwrap_or(now));
+                }
+                entry.status.online = false;
+                entry.status.disconnected_at = Some(now);
+                entry.status.last_disconnect_reason = Some(reason);
+                (false, Some(entry.status.clone()))
+            } else {
+                (entry.status.online, None)
+            }
+        };
+        if let Some(status) = status {
+            let _ = self.writer.send((device.clone(), status));
+        }
+        self.events.publish(PlatformEvent::Disconnected {
+            device_id: device.to_string(),
+            session,
+            reason,
+            online,
+            at: now,
+        });
+    }
+
+    /// A device's status (never connected: offline, session 0).
+    pub fn status(&self, device: &DeviceId) -> DeviceStatus {
+        let entries = self.entries.lock().expect("presence lock");
+        match entries.get(device) {
+            Some(entry) => {
+                let mut status = entry.status.clone();
+                if let Some(seen) = &entry.seen {
+                    status.last_seen_at = from_millis(seen.load(Ordering::Relaxed)).ok();
+                }
+                status
+            }
+            None => DeviceStatus::never(),
+        }
+    }
+
+    /// Forgets a deleted device.
+    pub fn forget(&self, device: &DeviceId) {
+        self.entries.lock().expect("presence lock").remove(device);
+    }
+}
+
+/// Upserts queued statuses, batching whatever accumulated while the previous batch was written.
+async fn write_behind(registry: Registry, mut queue: mpsc::UnboundedReceiver<(DeviceId, DeviceStatus)>) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, 512).await > 0 {
+        // Only the newest status of each device matters.
+        let mut newest: HashMap<DeviceId, DeviceStatus> = HashMap::new();
+        for (id, status) in batch.drain(..) {
+            newest.insert(id, status);
+        }
+        if let Err(e) = upsert(&registry, &newest).await {
+            tracing::warn!(error = %e, devices = newest.len(), "could not store presence; will store the next change");
+        }
+    }
+}
+
+async fn upsert(registry: &Registry, statuses: &HashMap<DeviceId, DeviceStatus>) -> Result<(), RegistryError> {
+    let mut tx = registry.begin().await?;
+    for (id, s) in statuses {
+        sqlx::query(
+            "INSERT INTO device_presence (device_id, online, session, connected_at, disconnected_at, last_seen_at, \
+             last_disconnect_reason, remote_addr) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (device_id) DO UPDATE SET online = $2, session = $3, connected_at = $4, \
+             disconnected_at = $5, last_seen_at = $6, last_disconnect_reason = $7, remote_addr = $8",
+        )
+        .bind(id.as_str())
+        .bind(i64::from(s.online))
+        .bind(s.session as i64)
+        .bind(s.connected_at.map(to_millis))
+        .bind(s.disconnected_at.map(to_millis))
+        .bind(s.last_seen_at.map(to_millis))
+        .bind(s.last_disconnect_reason.map(|r| r.as_str()))
+        .bind(s.remote_addr.clone())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
