@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole Antumbra test suite: formatting, lints, unit, integration and end-to-end tests.
 #
-# It installs what the tests need when it is missing (Debian/Ubuntu packages: openssl, PostgreSQL,
-# redis-server), starts a private PostgreSQL and a private Redis on free loopback ports for this run only,
+# It installs what the tests need when it is missing (Debian/Ubuntu packages: openssl, curl, jq, PostgreSQL,
+# redis-server, mosquitto and its clients, python3-paho-mqtt), starts a private PostgreSQL and a private Redis on free loopback ports for this run only,
 # and stops them when it ends. Usage: tests/run.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,9 @@ command -v jq >/dev/null 2>&1 || missing+=(jq)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 [ -x "$(pg_bindir)/initdb" ] || missing+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v mosquitto_sub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+[ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+/usr/bin/python3 -c 'import paho.mqtt' >/dev/null 2>&1 || missing+=(python3-paho-mqtt)
 if [ "${#missing[@]}" -gt 0 ]; then
   log "installing ${missing[*]}"
   sudo=""

@@ -239,7 +239,9 @@ impl Settings {
         }
         if let Some(n) = args.mqtt_max_packet_bytes.or(file.mqtt_max_packet_bytes) {
             if !(128..=256 * 1024 * 1024).contains(&n) {
-                return Err(ConfigError::Invalid("mqtt_max_packet_bytes must be between 128 and 268435456".into()));
+                return Err(ConfigError::Invalid(
+                    "mqtt_max_packet_bytes must be between 128 and 268435456".into(),
+                ));
             }
             mqtt.max_packet_bytes = n;
         }
@@ -331,7 +333,10 @@ mod tests {
         let half_ca = file("ca_cert = \"/a.crt\"");
         assert!(Settings::layer(ServeArgs::default(), half_ca).is_err());
         let public_plain = file("mqtt_plain_addr = \"0.0.0.0:1883\"");
-        assert!(Settings::layer(ServeArgs::default(), public_plain).is_err(), "plain MQTT binds loopback only");
+        assert!(
+            Settings::layer(ServeArgs::default(), public_plain).is_err(),
+            "plain MQTT binds loopback only"
+        );
     }
 
     #[test]

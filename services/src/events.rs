@@ -141,7 +141,9 @@ impl Default for EventBus {
 impl EventBus {
     /// A bus that keeps up to 4096 events for slow subscribers.
     pub fn new() -> Self {
-        Self { tx: broadcast::channel(4096).0 }
+        Self {
+            tx: broadcast::channel(4096).0,
+        }
     }
 
     /// Publishes; having no subscriber is fine.

@@ -57,7 +57,8 @@ pub struct SeenClock(Arc<AtomicI64>);
 impl SeenClock {
     /// Records activity now.
     pub fn touch(&self) {
-        self.0.store(to_millis(OffsetDateTime::now_utc()), Ordering::Relaxed);
+        self.0
+            .store(to_millis(OffsetDateTime::now_utc()), Ordering::Relaxed);
     }
 }
 
@@ -95,7 +96,9 @@ impl Presence {
         let mut max_session = 0u64;
         let (writer, queue) = mpsc::unbounded_channel();
         for row in rows {
-            let Ok(id) = DeviceId::parse(row.try_get::<String, _>("device_id")?) else { continue };
+            let Ok(id) = DeviceId::parse(row.try_get::<String, _>("device_id")?) else {
+                continue;
+            };
             let millis = |name: &str| -> Result<Option<OffsetDateTime>, RegistryError> {
                 row.try_get::<Option<i64>, _>(name)?.map(from_millis).transpose()
             };
@@ -120,7 +123,12 @@ impl Presence {
             entries.insert(id, Entry { status, seen: None });
         }
         tokio::spawn(write_behind(registry.clone(), queue));
-        Ok(Arc::new(Self { entries: Mutex::new(entries), next_session: AtomicU64::new(max_session + 1), events, writer }))
+        Ok(Arc::new(Self {
+            entries: Mutex::new(entries),
+            next_session: AtomicU64::new(max_session + 1),
+            events,
+            writer,
+        }))
     }
 
     /// A session of `device` started: returns its number and the clock it reports activity on.
@@ -130,7 +138,10 @@ impl Presence {
         let seen = Arc::new(AtomicI64::new(to_millis(now)));
         let status = {
             let mut entries = self.entries.lock().expect("presence lock");
-            let entry = entries.entry(device.clone()).or_insert_with(|| Entry { status: DeviceStatus::never(), seen: None });
+            let entry = entries.entry(device.clone()).or_insert_with(|| Entry {
+                status: DeviceStatus::never(),
+                seen: None,
+            });
             entry.status.online = true;
             entry.status.session = session;
             entry.status.connected_at = Some(now);
@@ -140,7 +151,12 @@ impl Presence {
             entry.status.clone()
         };
         let _ = self.writer.send((device.clone(), status));
-        self.events.publish(PlatformEvent::Connected { device_id: device.to_string(), session, remote_addr, at: now });
+        self.events.publish(PlatformEvent::Connected {
+            device_id: device.to_string(),
+            session,
+            remote_addr,
+            at: now,
+        });
         (session, SeenClock(seen))
     }
 
@@ -149,10 +165,14 @@ impl Presence {
         let now = registry::now();
         let (online, status) = {
             let mut entries = self.entries.lock().expect("presence lock");
-            let Some(entry) = entries.get_mut(device) else { return };
-            if entry.status.session == session {
+            let Some(entry) = entries.get_mut(device) else {
+                return;
+            };
+            // A takeover never shows the device offline: the session that replaces it is already connecting.
+            if entry.status.session == session && reason != DisconnectReason::Takeover {
                 if let Some(seen) = entry.seen.take() {
-                    entry.status.last_seen_at = Some(from_millis(seen.load(Ordering::Relaxed)).unwrap_or(now));
+                    entry.status.last_seen_at =
+                        Some(from_millis(seen.load(Ordering::Relaxed)).unwrap_or(now));
                 }
                 entry.status.online = false;
                 entry.status.disconnected_at = Some(now);
@@ -210,7 +230,10 @@ async fn write_behind(registry: Registry, mut queue: mpsc::UnboundedReceiver<(De
     }
 }
 
-async fn upsert(registry: &Registry, statuses: &HashMap<DeviceId, DeviceStatus>) -> Result<(), RegistryError> {
+async fn upsert(
+    registry: &Registry,
+    statuses: &HashMap<DeviceId, DeviceStatus>,
+) -> Result<(), RegistryError> {
     let mut tx = registry.begin().await?;
     for (id, s) in statuses {
         sqlx::query(

@@ -262,7 +262,10 @@ impl Provisioning {
             .map_err(|e| not_found_as(e, id))?;
         tx.commit().await.map_err(RegistryError::from)?;
         tracing::info!(revoked, "device deleted");
-        self.events.publish(PlatformEvent::DeviceDeleted { device_id: id.to_string(), at });
+        self.events.publish(PlatformEvent::DeviceDeleted {
+            device_id: id.to_string(),
+            at,
+        });
         Ok(revoked)
     }
 

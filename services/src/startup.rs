@@ -32,7 +32,8 @@ pub struct Application {
 }
 
 fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).with_context(|| format!("binding the {what} listener on {addr}"))?;
+    let listener =
+        TcpListener::bind(addr).with_context(|| format!("binding the {what} listener on {addr}"))?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }
@@ -43,11 +44,16 @@ impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("creating data dir {}", settings.data_dir.display()))?;
-        let pool = crate::db::connect(&settings.database_url).await.context("opening the registry database")?;
+        let pool = crate::db::connect(&settings.database_url)
+            .await
+            .context("opening the registry database")?;
         let registry = Registry::new(pool);
 
         let pki_dir = settings.data_dir.join("pki");
-        let source = CaSource { dir: pki_dir.clone(), provided: settings.ca.clone() };
+        let source = CaSource {
+            dir: pki_dir.clone(),
+            provided: settings.ca.clone(),
+        };
         let validity = time::Duration::days(i64::from(settings.cert_validity_days));
         let ca = Arc::new(CertificateAuthority::load_or_create(&source, validity).context("loading the CA")?);
         let server = ca
@@ -58,13 +64,24 @@ impl Application {
         let admin = access::bootstrap_admin(&registry, settings.admin_token.as_deref()).await?;
         let http_listener = bind(settings.http_addr, "REST")?;
         let mqtts_listener = bind(settings.mqtts_addr, "MQTT/TLS")?;
-        let plain_listener = settings.mqtt_plain_addr.map(|a| bind(a, "plain MQTT (development)")).transpose()?;
+        let plain_listener = settings
+            .mqtt_plain_addr
+            .map(|a| bind(a, "plain MQTT (development)"))
+            .transpose()?;
 
         let events = EventBus::new();
-        let presence = Presence::load(&registry, events.clone()).await.context("loading presence")?;
+        let presence = Presence::load(&registry, events.clone())
+            .await
+            .context("loading presence")?;
         let mqtt_metrics = Arc::new(Metrics::default());
-        let door = FrontDoor::start(settings.mqtt.clone(), registry.clone(), presence.clone(), events.clone(), mqtt_metrics.clone())
-            .await?;
+        let door = FrontDoor::start(
+            settings.mqtt.clone(),
+            registry.clone(),
+            presence.clone(),
+            events.clone(),
+            mqtt_metrics.clone(),
+        )
+        .await?;
         let state = AppState {
             provisioning: Provisioning::new(registry.clone(), ca, events.clone()),
             registry,
@@ -86,17 +103,23 @@ impl Application {
 
     /// The address the REST API listens on.
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_listener.local_addr().expect("a bound listener has an address")
+        self.http_listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The address the MQTT/TLS listener listens on.
     pub fn mqtts_addr(&self) -> SocketAddr {
-        self.mqtts_listener.local_addr().expect("a bound listener has an address")
+        self.mqtts_listener
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// The development plain-MQTT address, when enabled.
     pub fn plain_addr(&self) -> Option<SocketAddr> {
-        self.plain_listener.as_ref().map(|l| l.local_addr().expect("a bound listener has an address"))
+        self.plain_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("a bound listener has an address"))
     }
 
     /// The admin token generated on this start, if one was (shown once).
@@ -163,10 +186,19 @@ impl Application {
             let _ = rx.wait_for(|stop| *stop).await;
         };
         let mqtts = tokio::net::TcpListener::from_std(self.mqtts_listener)?;
-        let mut listeners = vec![tokio::spawn(mqtt::serve_tls(self.door.clone(), mqtts, self.tls, stopped(stop_rx.clone())))];
+        let mut listeners = vec![tokio::spawn(mqtt::serve_tls(
+            self.door.clone(),
+            mqtts,
+            self.tls,
+            stopped(stop_rx.clone()),
+        ))];
         if let Some(plain) = self.plain_listener {
             let plain = tokio::net::TcpListener::from_std(plain)?;
-            listeners.push(tokio::spawn(mqtt::serve_plain(self.door.clone(), plain, stopped(stop_rx.clone()))));
+            listeners.push(tokio::spawn(mqtt::serve_plain(
+                self.door.clone(),
+                plain,
+                stopped(stop_rx.clone()),
+            )));
         }
 
         shutdown.await;

@@ -31,6 +31,8 @@ pub struct Server {
     pub child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// Port of the MQTT/TLS listener.
+    pub mqtts_port: u16,
     /// Everything it printed on stdout up to the end of its start-up banner.
     pub banner: Vec<String>,
     /// Lines it prints on stderr (logs), as they come.
@@ -74,6 +76,7 @@ impl Server {
         });
         let mut banner = Vec::new();
         let mut base = None;
+        let mut mqtts_port = None;
         loop {
             let line = match out_rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) => line,
@@ -83,6 +86,10 @@ impl Server {
                     panic!("antumbra printed no banner; stdout {banner:?}; logs {logs:#?}");
                 }
             };
+            if let Some(rest) = line.trim().strip_prefix("MQTT     : mqtts://") {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                mqtts_port = addr.rsplit(':').next().and_then(|p| p.parse().ok());
+            }
             if let Some(rest) = line.trim().strip_prefix("REST API : ") {
                 base = Some(rest.trim_end_matches("/v1").to_owned());
             }
@@ -99,6 +106,7 @@ impl Server {
         Server {
             child,
             base: base.expect("banner names the REST address"),
+            mqtts_port: mqtts_port.expect("banner names the MQTT address"),
             banner,
             logs,
         }
@@ -138,5 +146,131 @@ pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> std::process::Ex
             panic!("process did not exit within {limit:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A registered device's credentials, written as files for command-line clients.
+pub struct DeviceFiles {
+    /// Device id.
+    pub id: String,
+    /// Certificate (PEM) path.
+    pub cert: PathBuf,
+    /// Private key (PEM) path.
+    pub key: PathBuf,
+    /// CA certificate (PEM) path.
+    pub ca: PathBuf,
+    /// Certificate serial.
+    pub serial: String,
+}
+
+impl Server {
+    /// Registers a device through REST with `token` and writes its certificate, key and the CA into `dir`.
+    pub fn register(&self, token: &str, id: &str, dir: &Path) -> DeviceFiles {
+        let res = reqwest::blocking::Client::new()
+            .post(format!("{}/v1/devices", self.base))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "id": id }))
+            .send()
+            .expect("register request");
+        assert_eq!(res.status(), 201, "registering {id}");
+        let body: serde_json::Value = res.json().unwrap();
+        let write = |name: String, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        DeviceFiles {
+            id: id.to_owned(),
+            cert: write(format!("{id}.crt"), body["certificate"]["pem"].as_str().unwrap()),
+            key: write(format!("{id}.key"), body["private_key_pem"].as_str().unwrap()),
+            ca: write("ca.crt".into(), body["ca_chain_pem"].as_str().unwrap()),
+            serial: body["certificate"]["serial"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    /// GET a JSON document with `token`.
+    pub fn get_json(&self, token: &str, path: &str) -> serde_json::Value {
+        reqwest::blocking::Client::new()
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// The value of one Prometheus sample line (`name{labels}`), 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let text = reqwest::blocking::get(format!("{}/metrics", self.base))
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+/// Polls `check` every 50 ms until it returns true or `limit` passes; returns whether it did.
+pub fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+/// Arguments that make mosquitto_pub/mosquitto_sub connect as a device over mutual TLS.
+pub fn mosquitto_tls_args(port: u16, device: &DeviceFiles) -> Vec<String> {
+    vec![
+        "-h".into(),
+        "localhost".into(),
+        "-p".into(),
+        port.to_string(),
+        "--cafile".into(),
+        device.ca.display().to_string(),
+        "--cert".into(),
+        device.cert.display().to_string(),
+        "--key".into(),
+        device.key.display().to_string(),
+    ]
+}
+
+/// A child process that is killed and reaped when dropped, so no test leaves one behind.
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// Waits (killing it after `limit`) and returns its exit status and what it printed.
+    pub fn output(&mut self, limit: Duration) -> std::process::Output {
+        use std::io::Read;
+        let status = wait_with_timeout(&mut self.0, limit);
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        if let Some(mut out) = self.0.stdout.take() {
+            let _ = out.read_to_end(&mut stdout);
+        }
+        if let Some(mut err) = self.0.stderr.take() {
+            let _ = err.read_to_end(&mut stderr);
+        }
+        std::process::Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Kills it now and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -238,7 +238,9 @@ fn readme_walkthrough_works_as_written() {
         ],
         &[],
     );
-    let script = script.replace("http://127.0.0.1:8080", &server.base);
+    let script = script
+        .replace("http://127.0.0.1:8080", &server.base)
+        .replace("-p 8883", &format!("-p {}", server.mqtts_port));
     let out = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
         .current_dir(dir.path())
@@ -256,6 +258,14 @@ fn readme_walkthrough_works_as_written() {
         "both certificates verify: {stdout}"
     );
     assert!(stdout.contains("shelf-0042\n"), "{stdout}");
+    assert!(
+        stdout.contains("devices/shelf-0042/hello hello from shelf-0042\n"),
+        "the device read its retained message: {stdout}"
+    );
+    assert!(
+        stdout.contains("client_disconnect\n"),
+        "status after the device disconnected: {stdout}"
+    );
     assert!(stdout.trim_end().ends_with("revoked"), "{stdout}");
     // The key saved from the response belongs to the certificate downloaded.
     let pubkey = |args: &[&str]| {

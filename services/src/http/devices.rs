@@ -26,7 +26,11 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::delete().to(delete))
             .default_service(web::to(method_not_allowed)),
     )
-    .service(web::resource("/devices/{id}/status").route(web::get().to(status)).default_service(web::to(method_not_allowed)));
+    .service(
+        web::resource("/devices/{id}/status")
+            .route(web::get().to(status))
+            .default_service(web::to(method_not_allowed)),
+    );
 }
 
 /// 405 as JSON.
@@ -317,13 +321,25 @@ pub struct StatusBody {
     /// Number of the latest session; only ever increases (0: never connected).
     pub session: u64,
     /// Start of the latest session.
-    #[serde(with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub connected_at: Option<OffsetDateTime>,
     /// End of the last session that ended.
-    #[serde(with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub disconnected_at: Option<OffsetDateTime>,
     /// Last time the device sent anything.
-    #[serde(with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none", default)]
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
     pub last_seen_at: Option<OffsetDateTime>,
     /// Why the last session ended.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -345,7 +361,11 @@ pub struct StatusBody {
     ),
     security(("api_key" = []))
 )]
-pub async fn status(_key: ReadKey, state: web::Data<AppState>, id: web::Path<String>) -> Result<web::Json<StatusBody>, ApiError> {
+pub async fn status(
+    _key: ReadKey,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<web::Json<StatusBody>, ApiError> {
     let id = device_id(&id)?;
     state.provisioning.device(&id).await?;
     let s = state.presence.status(&id);

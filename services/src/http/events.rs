@@ -45,8 +45,17 @@ pub struct EventsQuery {
     ),
     security(("api_key" = []))
 )]
-pub async fn stream(_key: ReadKey, state: web::Data<AppState>, query: web::Query<EventsQuery>) -> Result<HttpResponse, ApiError> {
-    let filter = query.into_inner().device_id.map(|d| device_id(&d)).transpose()?.map(|d| d.to_string());
+pub async fn stream(
+    _key: ReadKey,
+    state: web::Data<AppState>,
+    query: web::Query<EventsQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let filter = query
+        .into_inner()
+        .device_id
+        .map(|d| device_id(&d))
+        .transpose()?
+        .map(|d| d.to_string());
     let rx = state.events.subscribe();
     let events = futures_util::stream::unfold((rx, filter), |(mut rx, filter)| async move {
         loop {

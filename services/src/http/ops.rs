@@ -61,5 +61,7 @@ pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError
         example = "# TYPE antumbra_mqtt_connections gauge\nantumbra_mqtt_connections 3\n")),
     security(()))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(state.mqtt_metrics.render())
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.mqtt_metrics.render())
 }

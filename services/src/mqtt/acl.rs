@@ -21,8 +21,12 @@ pub fn may_subscribe(device: &DeviceId, filter: &str) -> bool {
 
 /// `devices/{id}/` followed by at least one more level; the first two levels are literal.
 fn under_own_prefix(device: &DeviceId, topic: &str) -> bool {
-    let Some(rest) = topic.strip_prefix("devices/") else { return false };
-    let Some(rest) = rest.strip_prefix(device.as_str()) else { return false };
+    let Some(rest) = topic.strip_prefix("devices/") else {
+        return false;
+    };
+    let Some(rest) = rest.strip_prefix(device.as_str()) else {
+        return false;
+    };
     rest.starts_with('/') && rest.len() > 1
 }
 
@@ -37,11 +41,20 @@ mod tests {
     #[test]
     fn own_topics_are_allowed() {
         let d = id("lamp-1");
-        for t in ["devices/lamp-1/shadow/update", "devices/lamp-1/x", "devices/lamp-1/a/b/c"] {
+        for t in [
+            "devices/lamp-1/shadow/update",
+            "devices/lamp-1/x",
+            "devices/lamp-1/a/b/c",
+        ] {
             assert!(may_publish(&d, t), "{t}");
             assert!(may_subscribe(&d, t), "{t}");
         }
-        for f in ["devices/lamp-1/#", "devices/lamp-1/+", "devices/lamp-1/shadow/+/accepted", "devices/lamp-1/+/#"] {
+        for f in [
+            "devices/lamp-1/#",
+            "devices/lamp-1/+",
+            "devices/lamp-1/shadow/+/accepted",
+            "devices/lamp-1/+/#",
+        ] {
             assert!(may_subscribe(&d, f), "{f}");
         }
     }
@@ -67,7 +80,15 @@ mod tests {
             assert!(!may_publish(&d, t), "publish {t:?}");
             assert!(!may_subscribe(&d, t), "subscribe {t:?}");
         }
-        for f in ["#", "+/lamp-1/x", "devices/+/x", "devices/#", "+/+/#", "devices/lamp-1#", "devices/lamp-1/a#"] {
+        for f in [
+            "#",
+            "+/lamp-1/x",
+            "devices/+/x",
+            "devices/#",
+            "+/+/#",
+            "devices/lamp-1#",
+            "devices/lamp-1/a#",
+        ] {
             assert!(!may_subscribe(&d, f), "subscribe {f:?}");
         }
         for t in ["devices/lamp-1/+", "devices/lamp-1/#", "devices/lamp-1/a\0b"] {

@@ -30,14 +30,18 @@ pub enum Sniff {
 
 /// Looks at a buffered CONNECT's protocol level without consuming anything.
 pub fn sniff(buf: &[u8]) -> Sniff {
-    let Some(&first) = buf.first() else { return Sniff::Incomplete };
+    let Some(&first) = buf.first() else {
+        return Sniff::Incomplete;
+    };
     if first != 0x10 {
         return Sniff::Unsupported(0);
     }
     // Remaining length: 1 to 4 bytes of varint.
     let mut at = 1;
     loop {
-        let Some(&b) = buf.get(at) else { return Sniff::Incomplete };
+        let Some(&b) = buf.get(at) else {
+            return Sniff::Incomplete;
+        };
         at += 1;
         if b & 0x80 == 0 {
             break;
@@ -46,10 +50,14 @@ pub fn sniff(buf: &[u8]) -> Sniff {
             return Sniff::Unsupported(0);
         }
     }
-    let (Some(&hi), Some(&lo)) = (buf.get(at), buf.get(at + 1)) else { return Sniff::Incomplete };
+    let (Some(&hi), Some(&lo)) = (buf.get(at), buf.get(at + 1)) else {
+        return Sniff::Incomplete;
+    };
     let name_len = usize::from(u16::from_be_bytes([hi, lo]));
     let name_end = at + 2 + name_len;
-    let Some(&level) = buf.get(name_end) else { return Sniff::Incomplete };
+    let Some(&level) = buf.get(name_end) else {
+        return Sniff::Incomplete;
+    };
     match (&buf[at + 2..name_end], level) {
         (b"MQTT", 4) => Sniff::Connect(Version::V4),
         (b"MQTT", 5) => Sniff::Connect(Version::V5),
@@ -68,7 +76,12 @@ pub struct Codec {
 impl Codec {
     /// A codec for `version`, refusing packets larger than `max_packet` bytes.
     pub fn new(version: Version, max_packet: usize) -> Self {
-        Self { version, max_packet, v4: V4, v5: V5 }
+        Self {
+            version,
+            max_packet,
+            v4: V4,
+            v5: V5,
+        }
     }
 
     /// The version.
@@ -84,7 +97,9 @@ impl Codec {
     /// Decodes the next packet after CONNECT; `Ok(None)` means more bytes are needed. Packet types a client must
     /// not send after CONNECT are a protocol error.
     pub fn read(&mut self, buf: &mut BytesMut) -> Result<Option<Packet>, protocol::Error> {
-        let Some(&first) = buf.first() else { return Ok(None) };
+        let Some(&first) = buf.first() else {
+            return Ok(None);
+        };
         match first >> 4 {
             3..=8 | 10 | 12 | 14 => self.read_any(buf),
             other => Err(protocol::Error::InvalidPacketType(other)),
@@ -159,13 +174,18 @@ mod tests {
     fn decodes_a_connect_and_refuses_client_only_packet_types() {
         let mut codec = Codec::new(Version::V4, 1024);
         let mut buf = BytesMut::from(&connect(b"MQTT", 4)[..]);
-        let Some(Packet::Connect(c, ..)) = codec.read_connect(&mut buf).unwrap() else { panic!("connect expected") };
+        let Some(Packet::Connect(c, ..)) = codec.read_connect(&mut buf).unwrap() else {
+            panic!("connect expected")
+        };
         assert_eq!(c.client_id, "x");
         let mut connack = BytesMut::from(&[0x20u8, 2, 0, 0][..]);
         assert!(codec.read(&mut connack).is_err(), "a client never sends CONNACK");
         let mut v5 = Codec::new(Version::V5, 1024);
         let mut unsuback = BytesMut::from(&[0xB0u8, 3, 0, 1, 0][..]);
-        assert!(v5.read(&mut unsuback).is_err(), "V5 would panic on UNSUBACK; we refuse it first");
+        assert!(
+            v5.read(&mut unsuback).is_err(),
+            "V5 would panic on UNSUBACK; we refuse it first"
+        );
         let mut partial = BytesMut::from(&[0x30u8, 10, 0][..]);
         assert!(matches!(codec.read(&mut partial), Ok(None)));
     }

@@ -24,8 +24,14 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
-    const ALL: [Self; 6] =
-        [Self::Handshake, Self::HandshakeTimeout, Self::Revoked, Self::ClientIdMismatch, Self::BadConnect, Self::ConnectionLimit];
+    const ALL: [Self; 6] = [
+        Self::Handshake,
+        Self::HandshakeTimeout,
+        Self::Revoked,
+        Self::ClientIdMismatch,
+        Self::BadConnect,
+        Self::ConnectionLimit,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
@@ -63,7 +69,10 @@ impl Metrics {
     /// A session ended.
     pub fn disconnected(&self, reason: DisconnectReason) {
         self.connections.fetch_sub(1, Relaxed);
-        let i = DisconnectReason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let i = DisconnectReason::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
         self.disconnects[i].fetch_add(1, Relaxed);
         if reason == DisconnectReason::AclViolation {
             self.acl_violations.fetch_add(1, Relaxed);
@@ -99,22 +108,73 @@ impl Metrics {
         let mut gauge = |name: &str, help: &str, kind: &str, value: String| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         };
-        gauge("antumbra_mqtt_connections", "MQTT sessions open now.", "gauge", self.connections().to_string());
-        gauge("antumbra_mqtt_connects_total", "MQTT sessions started.", "counter", self.connects.load(Relaxed).to_string());
-        gauge("antumbra_mqtt_acl_violations_total", "Sessions ended for publishing or subscribing outside their topics.", "counter", self.acl_violations.load(Relaxed).to_string());
-        gauge("antumbra_mqtt_messages_in_total", "MQTT packets received from devices.", "counter", self.messages_in.load(Relaxed).to_string());
-        gauge("antumbra_mqtt_messages_out_total", "MQTT packets sent to devices.", "counter", self.messages_out.load(Relaxed).to_string());
-        gauge("antumbra_mqtt_bytes_in_total", "Bytes of MQTT received from devices.", "counter", self.bytes_in.load(Relaxed).to_string());
-        gauge("antumbra_mqtt_bytes_out_total", "Bytes of MQTT sent to devices.", "counter", self.bytes_out.load(Relaxed).to_string());
-        let _ = writeln!(out, "# HELP antumbra_mqtt_disconnects_total MQTT sessions ended, by reason.");
+        gauge(
+            "antumbra_mqtt_connections",
+            "MQTT sessions open now.",
+            "gauge",
+            self.connections().to_string(),
+        );
+        gauge(
+            "antumbra_mqtt_connects_total",
+            "MQTT sessions started.",
+            "counter",
+            self.connects.load(Relaxed).to_string(),
+        );
+        gauge(
+            "antumbra_mqtt_acl_violations_total",
+            "Sessions ended for publishing or subscribing outside their topics.",
+            "counter",
+            self.acl_violations.load(Relaxed).to_string(),
+        );
+        gauge(
+            "antumbra_mqtt_messages_in_total",
+            "MQTT packets received from devices.",
+            "counter",
+            self.messages_in.load(Relaxed).to_string(),
+        );
+        gauge(
+            "antumbra_mqtt_messages_out_total",
+            "MQTT packets sent to devices.",
+            "counter",
+            self.messages_out.load(Relaxed).to_string(),
+        );
+        gauge(
+            "antumbra_mqtt_bytes_in_total",
+            "Bytes of MQTT received from devices.",
+            "counter",
+            self.bytes_in.load(Relaxed).to_string(),
+        );
+        gauge(
+            "antumbra_mqtt_bytes_out_total",
+            "Bytes of MQTT sent to devices.",
+            "counter",
+            self.bytes_out.load(Relaxed).to_string(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP antumbra_mqtt_disconnects_total MQTT sessions ended, by reason."
+        );
         let _ = writeln!(out, "# TYPE antumbra_mqtt_disconnects_total counter");
         for (reason, n) in DisconnectReason::ALL.iter().zip(&self.disconnects) {
-            let _ = writeln!(out, "antumbra_mqtt_disconnects_total{{reason=\"{}\"}} {}", reason.as_str(), n.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "antumbra_mqtt_disconnects_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                n.load(Relaxed)
+            );
         }
-        let _ = writeln!(out, "# HELP antumbra_mqtt_auth_failures_total Connections refused before a session, by reason.");
+        let _ = writeln!(
+            out,
+            "# HELP antumbra_mqtt_auth_failures_total Connections refused before a session, by reason."
+        );
         let _ = writeln!(out, "# TYPE antumbra_mqtt_auth_failures_total counter");
         for (why, n) in AuthFailure::ALL.iter().zip(&self.auth_failures) {
-            let _ = writeln!(out, "antumbra_mqtt_auth_failures_total{{reason=\"{}\"}} {}", why.as_str(), n.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "antumbra_mqtt_auth_failures_total{{reason=\"{}\"}} {}",
+                why.as_str(),
+                n.load(Relaxed)
+            );
         }
         out
     }

@@ -63,7 +63,7 @@ impl Default for MqttSettings {
 }
 
 /// Attaches a session to the router: client id, clean session → the link and the router's CONNACK.
-type Attach = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), LinkError> + Send + Sync>;
+type Attach = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
 
 /// Everything the sessions share.
 pub struct FrontDoor {
@@ -78,7 +78,9 @@ pub struct FrontDoor {
 
 impl std::fmt::Debug for FrontDoor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FrontDoor").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("FrontDoor")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,19 +104,30 @@ impl FrontDoor {
         let router_tx = Router::new(0, router_config(&settings)).spawn();
         // The router's channel type names a private rumqttd type, so it lives only inside this closure.
         let attach: Attach = Arc::new(move |client_id: &str, clean: bool| {
-            LinkBuilder::new(client_id, router_tx.clone()).clean_session(clean).build()
+            LinkBuilder::new(client_id, router_tx.clone())
+                .clean_session(clean)
+                .build()
+                .map_err(|e: LinkError| e.to_string())
         });
         let platform = {
             let attach = attach.clone();
             let (tx, rx, _) = tokio::task::spawn_blocking(move || attach("antumbra-platform", true))
                 .await
                 .map_err(|e| BrokerError::Router(e.to_string()))?
-                .map_err(|e| BrokerError::Router(e.to_string()))?;
+                .map_err(BrokerError::Router)?;
             let (sender, queue) = mpsc::unbounded_channel();
             tokio::spawn(platform_link(tx, rx, queue));
             sender
         };
-        let door = Arc::new(Self { settings, attach, platform, sessions: Sessions::default(), presence, registry, metrics });
+        let door = Arc::new(Self {
+            settings,
+            attach,
+            platform,
+            sessions: Sessions::default(),
+            presence,
+            registry,
+            metrics,
+        });
         tokio::spawn(drop_revoked(door.clone(), events.subscribe()));
         Ok(door)
     }
@@ -174,9 +187,12 @@ async fn drop_revoked(door: Arc<FrontDoor>, mut events: tokio::sync::broadcast::
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match events.recv().await {
-            Ok(PlatformEvent::CertificateRevoked { device_id, serial, .. }) => {
+            Ok(PlatformEvent::CertificateRevoked {
+                device_id, serial, ..
+            }) => {
                 if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
-                    door.sessions.kick(&device, Some(&serial), DisconnectReason::Revoked);
+                    door.sessions
+                        .kick(&device, Some(&serial), DisconnectReason::Revoked);
                 }
             }
             Ok(PlatformEvent::DeviceDeleted { device_id, .. }) => {
@@ -216,7 +232,8 @@ pub async fn serve_tls(
         let _ = tcp.set_nodelay(true);
         let (door, acceptor) = (door.clone(), acceptor.clone());
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(door.settings.handshake_timeout, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(door.settings.handshake_timeout, acceptor.accept(tcp)).await
+            {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     door.metrics.auth_failed(metrics::AuthFailure::Handshake);
@@ -242,7 +259,11 @@ pub async fn serve_tls(
 }
 
 /// Accepts plain-TCP connections (development only; the caller binds it to loopback) until `shutdown`.
-pub async fn serve_plain(door: Arc<FrontDoor>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve_plain(
+    door: Arc<FrontDoor>,
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let (tcp, remote) = tokio::select! {
@@ -253,7 +274,12 @@ pub async fn serve_plain(door: Arc<FrontDoor>, listener: TcpListener, shutdown: 
             },
         };
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(session::serve(door.clone(), tcp, session::Identity::Development, remote));
+        tokio::spawn(session::serve(
+            door.clone(),
+            tcp,
+            session::Identity::Development,
+            remote,
+        ));
     }
     tracing::info!("MQTT plain listener stopped");
 }

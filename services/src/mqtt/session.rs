@@ -10,8 +10,8 @@ use bytes::BytesMut;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, LastWillProperties,
-    Packet, Publish,
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
+    LastWillProperties, Packet, Publish,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -68,7 +68,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(512);
-    let connect = timeout(door.settings.connect_timeout, read_connect(&door, &mut io, &mut buf)).await;
+    let connect = timeout(
+        door.settings.connect_timeout,
+        read_connect(&door, &mut io, &mut buf),
+    )
+    .await;
     let Ok(Some((mut codec, packet))) = connect else {
         door.metrics.auth_failed(AuthFailure::BadConnect);
         tracing::debug!(%remote, "no valid CONNECT in time");
@@ -84,7 +88,12 @@ where
         Err((failure, v4, v5, why)) => {
             door.metrics.auth_failed(failure);
             tracing::info!(%remote, client_id = %connect.client_id, reason = why, "MQTT connection refused");
-            refuse(&codec, &mut io, if codec.version() == Version::V4 { v4 } else { v5 }).await;
+            refuse(
+                &codec,
+                &mut io,
+                if codec.version() == Version::V4 { v4 } else { v5 },
+            )
+            .await;
             return;
         }
     };
@@ -97,8 +106,11 @@ where
     if door.sessions.attached() >= door.settings.max_connections {
         door.metrics.auth_failed(AuthFailure::ConnectionLimit);
         tracing::warn!(device_id = %device, limit = door.settings.max_connections, "connection limit reached");
-        let code =
-            if codec.version() == Version::V4 { ConnectReturnCode::ServiceUnavailable } else { ConnectReturnCode::ServerBusy };
+        let code = if codec.version() == Version::V4 {
+            ConnectReturnCode::ServiceUnavailable
+        } else {
+            ConnectReturnCode::ServerBusy
+        };
         refuse(&codec, &mut io, code).await;
         return;
     }
@@ -124,7 +136,10 @@ where
         _ => false,
     };
     let connack = Packet::ConnAck(
-        ConnAck { session_present, code: ConnectReturnCode::Success },
+        ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        },
         (codec.version() == Version::V5).then(|| ConnAckProperties {
             max_packet_size: Some(door.settings.max_packet_bytes as u32),
             retain_available: Some(1),
@@ -138,19 +153,38 @@ where
     door.metrics.connected();
     tracing::info!(device_id = %device, session, %remote, version = ?codec.version(), "device connected");
 
-    let mut link = Link { tx, rx, bytes_out: BytesMut::with_capacity(256) };
+    let mut link = Link {
+        tx,
+        rx,
+        bytes_out: BytesMut::with_capacity(256),
+    };
     let keep_alive = Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2;
     let end = if link.write(&door, &codec, &mut io, vec![connack]).await.is_err() {
         End::Network
     } else {
-        run(&door, &device, &mut codec, &mut io, &mut buf, &mut link, &mut claim.kicked, keep_alive, &seen).await
+        run(
+            &door,
+            &device,
+            &mut codec,
+            &mut io,
+            &mut buf,
+            &mut link,
+            &mut claim.kicked,
+            keep_alive,
+            &seen,
+        )
+        .await
     };
 
     let reason = end.reason();
     if codec.version() == Version::V5 {
         if let Some(code) = server_reason_code(&end) {
             let packet = Packet::Disconnect(Disconnect { reason_code: code }, None);
-            let _ = timeout(Duration::from_secs(1), link.write(&door, &codec, &mut io, vec![packet])).await;
+            let _ = timeout(
+                Duration::from_secs(1),
+                link.write(&door, &codec, &mut io, vec![packet]),
+            )
+            .await;
         }
     }
     link.detach().await;
@@ -211,18 +245,44 @@ async fn admit(
     client_id: &str,
     will: Option<&LastWill>,
 ) -> Result<(DeviceId, Option<String>), Refusal> {
-    use ConnectReturnCode::{ClientIdentifierNotValid as BadId, NotAuthorized, ServerUnavailable, ServiceUnavailable};
-    let lookup_failed = |_: RegistryError| (AuthFailure::Revoked, ServiceUnavailable, ServerUnavailable, "registry unavailable");
+    use ConnectReturnCode::{
+        ClientIdentifierNotValid as BadId, NotAuthorized, ServerUnavailable, ServiceUnavailable,
+    };
+    let lookup_failed = |_: RegistryError| {
+        (
+            AuthFailure::Revoked,
+            ServiceUnavailable,
+            ServerUnavailable,
+            "registry unavailable",
+        )
+    };
     let (device, serial) = match identity {
         Identity::Certificate(peer) => {
             if client_id != peer.device.as_str() {
-                return Err((AuthFailure::ClientIdMismatch, BadId, BadId, "client id is not the certificate's device id"));
+                return Err((
+                    AuthFailure::ClientIdMismatch,
+                    BadId,
+                    BadId,
+                    "client id is not the certificate's device id",
+                ));
             }
             match door.registry.certificate(&peer.device, &peer.serial).await {
                 Ok(cert) if cert.status == CertificateStatus::Active => {}
-                Ok(_) => return Err((AuthFailure::Revoked, NotAuthorized, NotAuthorized, "certificate is revoked")),
+                Ok(_) => {
+                    return Err((
+                        AuthFailure::Revoked,
+                        NotAuthorized,
+                        NotAuthorized,
+                        "certificate is revoked",
+                    ))
+                }
                 Err(RegistryError::NotFound) => {
-                    return Err((AuthFailure::Revoked, NotAuthorized, NotAuthorized, "certificate is not on record"))
+                    return Err((
+                        AuthFailure::Revoked,
+                        NotAuthorized,
+                        NotAuthorized,
+                        "certificate is not on record",
+                    ))
                 }
                 Err(e) => return Err(lookup_failed(e)),
             }
@@ -230,11 +290,23 @@ async fn admit(
         }
         Identity::Development => {
             let Ok(device) = DeviceId::parse(client_id) else {
-                return Err((AuthFailure::ClientIdMismatch, BadId, BadId, "client id is not a device id"));
+                return Err((
+                    AuthFailure::ClientIdMismatch,
+                    BadId,
+                    BadId,
+                    "client id is not a device id",
+                ));
             };
             match door.registry.device_exists(&device).await {
                 Ok(true) => {}
-                Ok(false) => return Err((AuthFailure::ClientIdMismatch, NotAuthorized, NotAuthorized, "unknown device")),
+                Ok(false) => {
+                    return Err((
+                        AuthFailure::ClientIdMismatch,
+                        NotAuthorized,
+                        NotAuthorized,
+                        "unknown device",
+                    ))
+                }
                 Err(e) => return Err(lookup_failed(e)),
             }
             (device, None)
@@ -243,7 +315,12 @@ async fn admit(
     if let Some(will) = will {
         let topic = std::str::from_utf8(&will.topic).unwrap_or("");
         if !acl::may_publish(&device, topic) {
-            return Err((AuthFailure::BadConnect, NotAuthorized, NotAuthorized, "will topic is outside the device's topics"));
+            return Err((
+                AuthFailure::BadConnect,
+                NotAuthorized,
+                NotAuthorized,
+                "will topic is outside the device's topics",
+            ));
         }
     }
     Ok((device, serial))
@@ -251,7 +328,19 @@ async fn admit(
 
 async fn refuse<S: AsyncWrite + Unpin>(codec: &Codec, io: &mut S, code: ConnectReturnCode) {
     let mut out = BytesMut::new();
-    if codec.write(Packet::ConnAck(ConnAck { session_present: false, code }, None), &mut out).is_ok() {
+    if codec
+        .write(
+            Packet::ConnAck(
+                ConnAck {
+                    session_present: false,
+                    code,
+                },
+                None,
+            ),
+            &mut out,
+        )
+        .is_ok()
+    {
         let _ = timeout(Duration::from_secs(1), async {
             let _ = io.write_all(&out).await;
             let _ = io.flush().await;
@@ -278,7 +367,9 @@ impl Link {
     ) -> std::io::Result<()> {
         let count = packets.len() as u64;
         for packet in packets {
-            codec.write(packet, &mut self.bytes_out).map_err(std::io::Error::other)?;
+            codec
+                .write(packet, &mut self.bytes_out)
+                .map_err(std::io::Error::other)?;
         }
         let bytes = self.bytes_out.len() as u64;
         io.write_all(&self.bytes_out).await?;
@@ -301,11 +392,19 @@ impl Link {
     /// Tells the router the session is over and waits (bounded) until it has let go: this frees the router's
     /// slot and keeps a persistent session for the client's return.
     async fn detach(&mut self) {
-        let disconnect = Packet::Disconnect(Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection }, None);
+        let disconnect = Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        );
         if self.tx.send(disconnect).await.is_err() {
             return;
         }
-        let _ = timeout(Duration::from_secs(2), async { while self.rx.next().await.is_ok() {} }).await;
+        let _ = timeout(Duration::from_secs(2), async {
+            while self.rx.next().await.is_ok() {}
+        })
+        .await;
     }
 }
 
@@ -398,8 +497,13 @@ where
 /// Topic isolation for one packet from the device.
 fn allowed(device: &DeviceId, packet: &Packet) -> bool {
     match packet {
-        Packet::Publish(publish, _) => std::str::from_utf8(&publish.topic).is_ok_and(|t| acl::may_publish(device, t)),
-        Packet::Subscribe(subscribe, _) => subscribe.filters.iter().all(|f| acl::may_subscribe(device, &f.path)),
+        Packet::Publish(publish, _) => {
+            std::str::from_utf8(&publish.topic).is_ok_and(|t| acl::may_publish(device, t))
+        }
+        Packet::Subscribe(subscribe, _) => subscribe
+            .filters
+            .iter()
+            .all(|f| acl::may_subscribe(device, &f.path)),
         _ => true,
     }
 }
@@ -416,7 +520,13 @@ fn server_reason_code(end: &End) -> Option<DisconnectReasonCode> {
 }
 
 /// Publishes the will now, or after the MQTT 5 will delay unless the device has reconnected by then.
-fn publish_will(door: &Arc<FrontDoor>, device: &DeviceId, token: u64, will: LastWill, props: Option<LastWillProperties>) {
+fn publish_will(
+    door: &Arc<FrontDoor>,
+    device: &DeviceId,
+    token: u64,
+    will: LastWill,
+    props: Option<LastWillProperties>,
+) {
     let packet = Packet::Publish(Publish::new(will.topic, will.message, will.retain), None);
     let delay = props.and_then(|p| p.delay_interval).unwrap_or(0);
     if delay == 0 {

@@ -52,16 +52,34 @@ impl Sessions {
             .map
             .lock()
             .expect("sessions lock")
-            .insert(device.clone(), Live { token, serial, kick, done: done_rx })
+            .insert(
+                device.clone(),
+                Live {
+                    token,
+                    serial,
+                    kick,
+                    done: done_rx,
+                },
+            )
             .map(|old| (old.kick, old.done));
-        Claim { sessions: self, device: device.clone(), token, kicked, done, previous, attached: false }
+        Claim {
+            sessions: self,
+            device: device.clone(),
+            token,
+            kicked,
+            done,
+            previous,
+            attached: false,
+        }
     }
 
     /// Asks every session of `device` (optionally only the one using certificate `serial`) to end.
     pub fn kick(&self, device: &DeviceId, serial: Option<&str>, reason: DisconnectReason) -> bool {
         let map = self.map.lock().expect("sessions lock");
         match map.get(device) {
-            Some(live) if serial.is_none() || live.serial.as_deref() == serial => live.kick.try_send(reason).is_ok(),
+            Some(live) if serial.is_none() || live.serial.as_deref() == serial => {
+                live.kick.try_send(reason).is_ok()
+            }
             _ => false,
         }
     }
@@ -69,7 +87,9 @@ impl Sessions {
     /// Asks every session to end; returns how many were asked.
     pub fn kick_all(&self, reason: DisconnectReason) -> usize {
         let map = self.map.lock().expect("sessions lock");
-        map.values().filter(|live| live.kick.try_send(reason).is_ok()).count()
+        map.values()
+            .filter(|live| live.kick.try_send(reason).is_ok())
+            .count()
     }
 
     /// Sessions attached to the router now.
@@ -89,13 +109,21 @@ impl Sessions {
 
     /// Whether a claim other than `token` holds `device` now.
     pub fn holds_other_than(&self, device: &DeviceId, token: u64) -> bool {
-        self.map.lock().expect("sessions lock").get(device).is_some_and(|live| live.token != token)
+        self.map
+            .lock()
+            .expect("sessions lock")
+            .get(device)
+            .is_some_and(|live| live.token != token)
     }
 
     /// Whether `token` is still the current claim on `device` (no newer connection has claimed it).
     #[cfg(test)]
     pub fn is_current(&self, device: &DeviceId, token: u64) -> bool {
-        self.map.lock().expect("sessions lock").get(device).is_some_and(|live| live.token == token)
+        self.map
+            .lock()
+            .expect("sessions lock")
+            .get(device)
+            .is_some_and(|live| live.token == token)
     }
 }
 
@@ -165,7 +193,10 @@ mod tests {
         let (kicked, ()) = tokio::join!(waiter, old_side);
         assert_eq!(kicked, None);
         assert!(sessions.is_current(&id, new.token()));
-        assert!(!sessions.kick(&id, Some("aa"), DisconnectReason::Revoked), "the old serial holds nothing now");
+        assert!(
+            !sessions.kick(&id, Some("aa"), DisconnectReason::Revoked),
+            "the old serial holds nothing now"
+        );
         assert!(sessions.kick(&id, Some("bb"), DisconnectReason::Revoked));
         assert_eq!(new.kicked.recv().await, Some(DisconnectReason::Revoked));
         drop(new);

@@ -25,11 +25,18 @@ pub enum TlsSetupError {
 }
 
 /// A TLS server configuration that requires a client certificate chaining to `ca_pem` (and valid now).
-pub fn server_config(ca_pem: &str, chain_pem: &str, key_pem: &str) -> Result<Arc<ServerConfig>, TlsSetupError> {
+pub fn server_config(
+    ca_pem: &str,
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let cert = cert.map_err(|e| TlsSetupError::Pem { what: "CA certificate", reason: e.to_string() })?;
+        let cert = cert.map_err(|e| TlsSetupError::Pem {
+            what: "CA certificate",
+            reason: e.to_string(),
+        })?;
         roots.add(cert)?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -37,9 +44,14 @@ pub fn server_config(ca_pem: &str, chain_pem: &str, key_pem: &str) -> Result<Arc
         .map_err(|e| TlsSetupError::Verifier(e.to_string()))?;
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsSetupError::Pem { what: "server certificate", reason: e.to_string() })?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| TlsSetupError::Pem { what: "server key", reason: e.to_string() })?;
+        .map_err(|e| TlsSetupError::Pem {
+            what: "server certificate",
+            reason: e.to_string(),
+        })?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| TlsSetupError::Pem {
+        what: "server key",
+        reason: e.to_string(),
+    })?;
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -75,10 +87,16 @@ pub fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentit
     let leaf = peer_certs.and_then(|c| c.first()).ok_or(IdentityError::Missing)?;
     let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|_| IdentityError::Unparsable)?;
     let mut cns = cert.subject().iter_common_name();
-    let cn = cns.next().and_then(|cn| cn.as_str().ok()).ok_or(IdentityError::BadCommonName)?;
+    let cn = cns
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(IdentityError::BadCommonName)?;
     if cns.next().is_some() {
         return Err(IdentityError::BadCommonName);
     }
     let device = DeviceId::parse(cn).map_err(|_| IdentityError::BadCommonName)?;
-    Ok(PeerIdentity { device, serial: hex::encode(cert.raw_serial()) })
+    Ok(PeerIdentity {
+        device,
+        serial: hex::encode(cert.raw_serial()),
+    })
 }

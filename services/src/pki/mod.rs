@@ -169,7 +169,11 @@ impl CertificateAuthority {
 
     /// Issues a server certificate, writes it with its key into `dir` (`server.crt`, `server.key`, 0600) for
     /// operators to inspect, and returns it.
-    pub fn write_server_identity(&self, dir: &Path, dns_names: &[String]) -> Result<ServerIdentity, PkiError> {
+    pub fn write_server_identity(
+        &self,
+        dir: &Path,
+        dns_names: &[String],
+    ) -> Result<ServerIdentity, PkiError> {
         let identity = self.issue_server(dns_names)?;
         files::write_public(&dir.join("server.crt"), &identity.chain_pem)?;
         files::write_secret(&dir.join("server.key"), &identity.key_pem)?;

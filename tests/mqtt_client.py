@@ -1,0 +1,140 @@
+#!/usr/bin/python3
+"""A small MQTT device driven by the end-to-end tests, written with Eclipse Paho (python3-paho-mqtt):
+a client we did not write, over mutual TLS with certificates issued through the REST API.
+
+Modes:
+  hold       connect (with an optional will), print "connected", keep pinging until killed
+  silent     connect (with an optional will), print "connected", then never send another byte
+  clean      connect (with an optional will), print "connected", DISCONNECT cleanly, exit 0
+  subscribe  connect, subscribe, print "<topic> <retain> <payload>" per message; exit after --count messages
+             (exit 3 when --timeout passes first, exit 4 when the server drops the connection)
+  publish    connect, publish one message, wait until it is acknowledged, disconnect
+  loopback   connect, subscribe to --topic, publish --count messages to it at --qos, exit 0 when all came back
+Exit code 2 with "refused <rc>" when the server refuses the connection.
+"""
+import argparse
+import ssl
+import sys
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("mode")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ca", required=True)
+    p.add_argument("--cert", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--id", required=True)
+    p.add_argument("--v5", action="store_true")
+    p.add_argument("--keepalive", type=int, default=30)
+    p.add_argument("--will-topic")
+    p.add_argument("--will-payload", default="gone")
+    p.add_argument("--will-retain", action="store_true")
+    p.add_argument("--topic")
+    p.add_argument("--payload", default="")
+    p.add_argument("--qos", type=int, default=0)
+    p.add_argument("--retain", action="store_true")
+    p.add_argument("--count", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=10)
+    p.add_argument("--clean-session", type=int, default=1)
+    a = p.parse_args()
+
+    protocol = mqtt.MQTTv5 if a.v5 else mqtt.MQTTv311
+    kwargs = {} if a.v5 else {"clean_session": bool(a.clean_session)}
+    c = mqtt.Client(client_id=a.id, protocol=protocol, **kwargs)
+    c.tls_set(ca_certs=a.ca, certfile=a.cert, keyfile=a.key, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+    if a.will_topic:
+        c.will_set(a.will_topic, a.will_payload, qos=1, retain=a.will_retain)
+
+    connected = threading.Event()
+    result = {"rc": None}
+    received = []
+    dropped = threading.Event()
+
+    def on_connect(client, userdata, flags, rc, properties=None):
+        result["rc"] = int(rc) if not hasattr(rc, "value") else rc.value
+        connected.set()
+
+    def on_message(client, userdata, msg):
+        received.append(msg)
+        print(f"{msg.topic} {int(msg.retain)} {msg.payload.decode(errors='replace')}", flush=True)
+
+    def on_disconnect(client, userdata, rc, properties=None):
+        dropped.set()
+
+    c.on_connect = on_connect
+    c.on_message = on_message
+    c.on_disconnect = on_disconnect
+
+    c.connect("localhost", a.port, keepalive=a.keepalive)
+    if a.mode == "silent":
+        # CONNECT is on the wire; read nothing and send nothing more, so no PINGREQ ever goes out.
+        print("connected", flush=True)
+        time.sleep(3600)
+        return 0
+
+    c.loop_start()
+    if not connected.wait(a.timeout):
+        print("no connack", flush=True)
+        return 2
+    if result["rc"] != 0:
+        print(f"refused {result['rc']}", flush=True)
+        return 2
+    print("connected", flush=True)
+
+    if a.mode == "hold":
+        while True:
+            time.sleep(1)
+    if a.mode == "clean":
+        c.disconnect()
+        c.loop_stop()
+        return 0
+    if a.mode == "publish":
+        info = c.publish(a.topic, a.payload, qos=a.qos, retain=a.retain)
+        info.wait_for_publish(a.timeout)
+        ok = info.is_published()
+        c.disconnect()
+        c.loop_stop()
+        return 0 if ok else 5
+    if a.mode == "subscribe":
+        c.subscribe(a.topic, qos=a.qos)
+        deadline = time.time() + a.timeout
+        while len(received) < a.count:
+            if dropped.is_set():
+                print("dropped", flush=True)
+                return 4
+            if time.time() > deadline:
+                return 3
+            time.sleep(0.02)
+        c.disconnect()
+        c.loop_stop()
+        return 0
+    if a.mode == "loopback":
+        done = threading.Event()
+        c.subscribe(a.topic, qos=a.qos)
+        time.sleep(0.3)
+        for i in range(a.count):
+            c.publish(a.topic, f"{a.payload}{i}", qos=a.qos)
+        deadline = time.time() + a.timeout
+        while len(received) < a.count and time.time() < deadline and not dropped.is_set():
+            time.sleep(0.02)
+        got = sorted(m.payload.decode() for m in received)
+        want = sorted(f"{a.payload}{i}" for i in range(a.count))
+        c.disconnect()
+        c.loop_stop()
+        if got != want:
+            print(f"mismatch: got {got}", flush=True)
+            return 6
+        qos_seen = {m.qos for m in received}
+        print(f"ok qos={sorted(qos_seen)}", flush=True)
+        return 0
+    print(f"unknown mode {a.mode}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,698 @@
+//! The embedded broker through clients we did not write: mosquitto_pub / mosquitto_sub and Eclipse Paho
+//! (Python), over mutual TLS with certificates issued by the REST API of a real `antumbra` process.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use antumbra_e2e::{eventually, mosquitto_tls_args, DeviceFiles, Proc, Server};
+use serde_json::Value;
+
+const TOKEN: &str = "mqtt-e2e-admin-token-0123456789";
+
+fn start(dir: &Path) -> Server {
+    Server::start(
+        &[
+            "--data-dir",
+            dir.join("data").to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+            "--mqtts",
+            "127.0.0.1:0",
+        ],
+        &[("ANTUMBRA_ADMIN_TOKEN", TOKEN)],
+    )
+}
+
+fn mosquitto(tool: &str, server: &Server, device: &DeviceFiles, args: &[&str]) -> Command {
+    let mut cmd = Command::new(tool);
+    cmd.args(mosquitto_tls_args(server.mqtts_port, device)).args(args);
+    cmd
+}
+
+fn pub_(
+    server: &Server,
+    device: &DeviceFiles,
+    client_id: &str,
+    topic: &str,
+    msg: &str,
+    extra: &[&str],
+) -> Output {
+    let mut args = vec!["-i", client_id, "-t", topic, "-m", msg];
+    args.extend_from_slice(extra);
+    mosquitto("mosquitto_pub", server, device, &args)
+        .output()
+        .unwrap()
+}
+
+/// mosquitto_sub waiting for `count` messages (or `wait` seconds), printing "topic payload".
+fn sub(server: &Server, device: &DeviceFiles, topic: &str, count: u32, wait: u32, extra: &[&str]) -> Proc {
+    let (count, wait) = (count.to_string(), wait.to_string());
+    let mut args = vec![
+        "-i",
+        device.id.as_str(),
+        "-t",
+        topic,
+        "-v",
+        "-C",
+        &count,
+        "-W",
+        &wait,
+    ];
+    args.extend_from_slice(extra);
+    let mut cmd = mosquitto("mosquitto_sub", server, device, &args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    Proc(cmd.spawn().unwrap())
+}
+
+fn paho(server: &Server, device: &DeviceFiles, mode: &str, args: &[&str]) -> Command {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/mqtt_client.py");
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(script).arg(mode).args([
+        "--port",
+        &server.mqtts_port.to_string(),
+        "--ca",
+        device.ca.to_str().unwrap(),
+        "--cert",
+        device.cert.to_str().unwrap(),
+        "--key",
+        device.key.to_str().unwrap(),
+        "--id",
+        &device.id,
+    ]);
+    cmd.args(args);
+    cmd
+}
+
+/// Spawns a paho client and waits until it prints "connected".
+fn paho_connected(server: &Server, device: &DeviceFiles, mode: &str, args: &[&str]) -> Proc {
+    let mut child = Proc(
+        paho(server, device, mode, args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "connected", "paho {mode}: {line}");
+    child
+}
+
+fn status(server: &Server, id: &str) -> Value {
+    server.get_json(TOKEN, &format!("/v1/devices/{id}/status"))
+}
+
+fn finish(mut child: Proc) -> Output {
+    child.output(Duration::from_secs(20))
+}
+
+#[test]
+fn devices_round_trip_their_own_topics_at_every_qos_on_both_protocol_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "sensor-1", dir.path());
+    for version in [None, Some("--v5")] {
+        for qos in ["0", "1", "2"] {
+            let topic = format!("devices/sensor-1/loop/q{qos}");
+            let mut args = vec![
+                "--topic",
+                topic.as_str(),
+                "--qos",
+                qos,
+                "--count",
+                "20",
+                "--payload",
+                "m",
+            ];
+            args.extend(version);
+            let out = paho(&server, &d, "loopback", &args).output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{version:?} qos {qos}: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                stdout.contains(&format!("ok qos=[{qos}]")),
+                "delivered at the subscribed QoS: {stdout}"
+            );
+        }
+    }
+}
+
+#[test]
+fn retained_messages_reach_a_later_mosquitto_subscriber_on_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "lamp-7", dir.path());
+    for version in ["mqttv311", "mqttv5"] {
+        let topic = format!("devices/lamp-7/state/{version}");
+        let out = pub_(
+            &server,
+            &d,
+            "lamp-7",
+            &topic,
+            "on",
+            &["-r", "-q", "1", "-V", version],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = finish(sub(&server, &d, &topic, 1, 5, &["-V", version]));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains(&format!("{topic} on")), "{version}: {stdout}");
+    }
+}
+
+#[test]
+fn other_devices_topics_and_wildcards_disconnect_the_device_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let a = server.register(TOKEN, "dev-a", dir.path());
+    let b = server.register(TOKEN, "dev-b", dir.path());
+
+    // B listens on its own topic for anything A might sneak in.
+    let b_listens = paho_connected(
+        &server,
+        &b,
+        "subscribe",
+        &["--topic", "devices/dev-b/#", "--qos", "1", "--timeout", "6"],
+    );
+
+    for filter in ["devices/dev-b/#", "#", "+/dev-b/x", "devices/+/cmd", "$SYS/#"] {
+        let before = server.metric("antumbra_mqtt_acl_violations_total");
+        let out = finish(sub(&server, &a, filter, 1, 2, &[]));
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("devices/dev-b"),
+            "{filter} leaked"
+        );
+        assert!(
+            server.metric("antumbra_mqtt_acl_violations_total") > before,
+            "{filter} was not counted"
+        );
+        assert_eq!(
+            status(&server, "dev-a")["last_disconnect_reason"],
+            "acl_violation",
+            "{filter}"
+        );
+    }
+    let before = server.metric("antumbra_mqtt_acl_violations_total");
+    let out = pub_(&server, &a, "dev-a", "devices/dev-b/cmd", "evil", &["-q", "1"]);
+    assert!(
+        !out.status.success(),
+        "the publish outside its topics is not acknowledged"
+    );
+    assert!(server.metric("antumbra_mqtt_acl_violations_total") > before);
+    let out = finish(b_listens);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "B received nothing: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn wrong_client_id_foreign_ca_expired_and_revoked_certificates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "gate-1", dir.path());
+    let ok = pub_(&server, &d, "gate-1", "devices/gate-1/hello", "x", &[]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+
+    let wrong_id = pub_(&server, &d, "gate-2", "devices/gate-1/hello", "x", &[]);
+    assert!(!wrong_id.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong_id.stderr).contains("identifier rejected"),
+        "{}",
+        String::from_utf8_lossy(&wrong_id.stderr)
+    );
+    let wrong_id_v5 = pub_(
+        &server,
+        &d,
+        "gate-2",
+        "devices/gate-1/hello",
+        "x",
+        &["-V", "mqttv5"],
+    );
+    assert!(!wrong_id_v5.status.success());
+    assert!(server.metric("antumbra_mqtt_auth_failures_total{reason=\"client_id_mismatch\"}") >= 2.0);
+
+    // A certificate for the same device id from another CA.
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    openssl(
+        &foreign,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "30",
+            "-subj",
+            "/CN=Foreign CA",
+        ],
+    );
+    openssl(
+        &foreign,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "dev.key",
+            "-out",
+            "dev.csr",
+            "-subj",
+            "/CN=gate-1",
+        ],
+    );
+    openssl(
+        &foreign,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "dev.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-out",
+            "dev.crt",
+        ],
+    );
+    let forged = DeviceFiles {
+        cert: foreign.join("dev.crt"),
+        key: foreign.join("dev.key"),
+        ..clone_files(&d)
+    };
+    let before = server.metric("antumbra_mqtt_auth_failures_total{reason=\"tls_handshake\"}");
+    let out = pub_(&server, &forged, "gate-1", "devices/gate-1/hello", "x", &[]);
+    assert!(!out.status.success(), "a certificate from another CA is refused");
+    assert!(eventually(Duration::from_secs(3), || server.metric(
+        "antumbra_mqtt_auth_failures_total{reason=\"tls_handshake\"}"
+    ) > before));
+
+    // An expired certificate signed by the platform CA itself.
+    let expired = expired_certificate(dir.path(), "gate-1");
+    let expired = DeviceFiles {
+        cert: expired.0,
+        key: expired.1,
+        ..clone_files(&d)
+    };
+    let out = pub_(&server, &expired, "gate-1", "devices/gate-1/hello", "x", &[]);
+    assert!(!out.status.success(), "an expired certificate is refused");
+
+    // Revoked through REST: refused at CONNECT.
+    revoke(&server, "gate-1", &d.serial);
+    let out = pub_(&server, &d, "gate-1", "devices/gate-1/hello", "x", &[]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not authorised"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn clone_files(d: &DeviceFiles) -> DeviceFiles {
+    DeviceFiles {
+        id: d.id.clone(),
+        cert: d.cert.clone(),
+        key: d.key.clone(),
+        ca: d.ca.clone(),
+        serial: d.serial.clone(),
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A client certificate for `cn`, signed by the platform CA (from the data dir), valid only in January 2020.
+fn expired_certificate(dir: &Path, cn: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let work = dir.join("expired");
+    std::fs::create_dir_all(work.join("db")).unwrap();
+    std::fs::write(work.join("db/index.txt"), "").unwrap();
+    std::fs::write(work.join("db/serial"), "4a01\n").unwrap();
+    std::fs::write(
+        work.join("ca.cnf"),
+        "[ca]\ndefault_ca = x\n[x]\ndatabase = db/index.txt\nnew_certs_dir = db\nserial = db/serial\n\
+         default_md = sha256\npolicy = p\nunique_subject = no\n[p]\ncommonName = supplied\n[ext]\n\
+         extendedKeyUsage = clientAuth\nbasicConstraints = CA:FALSE\n",
+    )
+    .unwrap();
+    let pki = dir.join("data/pki");
+    openssl(
+        &work,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "dev.key",
+            "-out",
+            "dev.csr",
+            "-subj",
+            &format!("/CN={cn}"),
+        ],
+    );
+    openssl(
+        &work,
+        &[
+            "ca",
+            "-batch",
+            "-config",
+            "ca.cnf",
+            "-cert",
+            pki.join("ca.crt").to_str().unwrap(),
+            "-keyfile",
+            pki.join("ca.key").to_str().unwrap(),
+            "-in",
+            "dev.csr",
+            "-out",
+            "dev.crt",
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200201000000Z",
+            "-extensions",
+            "ext",
+            "-notext",
+        ],
+    );
+    (work.join("dev.crt"), work.join("dev.key"))
+}
+
+fn revoke(server: &Server, id: &str, serial: &str) {
+    let res = reqwest::blocking::Client::new()
+        .post(format!(
+            "{}/v1/devices/{id}/certificates/{serial}/revoke",
+            server.base
+        ))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"reason": "key_compromise"}))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+}
+
+#[test]
+fn revoking_a_certificate_drops_the_live_connection_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "meter-3", dir.path());
+    let mut device = paho_connected(&server, &d, "hold", &[]);
+    assert_eq!(status(&server, "meter-3")["online"], true);
+    let revoked_at = Instant::now();
+    revoke(&server, "meter-3", &d.serial);
+    assert!(
+        eventually(Duration::from_secs(5), || status(&server, "meter-3")["online"]
+            == false),
+        "still online after revocation"
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(5));
+    let s = status(&server, "meter-3");
+    assert_eq!(s["last_disconnect_reason"], "revoked");
+    assert_eq!(
+        server.metric("antumbra_mqtt_disconnects_total{reason=\"revoked\"}"),
+        1.0
+    );
+    // paho keeps retrying; every retry is refused, so the device stays offline.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(status(&server, "meter-3")["online"], false);
+    device.kill();
+}
+
+#[test]
+fn an_idle_tcp_connection_does_not_block_another_devices_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "fast-1", dir.path());
+    let idle: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(("127.0.0.1", server.mqtts_port)).unwrap())
+        .collect();
+    let started = Instant::now();
+    let out = pub_(&server, &d, "fast-1", "devices/fast-1/x", "hello", &["-q", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "handshake waited for idle sockets: {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
+/// The retained value on `topic`, read by mosquitto_sub as the device (empty when none arrives in 2 s).
+fn retained(server: &Server, d: &DeviceFiles, topic: &str) -> String {
+    let out = finish(sub(server, d, topic, 1, 2, &[]));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn wills_fire_on_abrupt_loss_keep_alive_timeout_and_takeover_but_not_on_clean_disconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "valve-9", dir.path());
+    let topic = "devices/valve-9/status";
+    let will =
+        |payload: &'static str| vec!["--will-topic", topic, "--will-payload", payload, "--will-retain"];
+    let reset = || {
+        assert!(pub_(&server, &d, "valve-9", topic, "alive", &["-r", "-q", "1"])
+            .status
+            .success())
+    };
+
+    // Clean DISCONNECT: no will.
+    reset();
+    let out = paho(&server, &d, "clean", &will("gone-clean")).output().unwrap();
+    assert!(out.status.success());
+    assert!(eventually(Duration::from_secs(5), || status(&server, "valve-9")
+        ["last_disconnect_reason"]
+        == "client_disconnect"));
+    assert_eq!(retained(&server, &d, topic), format!("{topic} alive"));
+
+    // Abrupt loss (process killed, socket closed without DISCONNECT): the will fires.
+    reset();
+    let mut child = paho_connected(&server, &d, "hold", &will("gone-killed"));
+    child.kill();
+    assert!(eventually(Duration::from_secs(5), || status(&server, "valve-9")
+        ["online"]
+        == false));
+    assert_eq!(
+        status(&server, "valve-9")["last_disconnect_reason"],
+        "network_error"
+    );
+    assert_eq!(retained(&server, &d, topic), format!("{topic} gone-killed"));
+
+    // Keep-alive timeout: connected, then silent; after 1.5 × 1 s the server ends it and the will fires.
+    reset();
+    let mut child = paho_connected(
+        &server,
+        &d,
+        "silent",
+        &[will("gone-silent"), vec!["--keepalive", "1"]].concat(),
+    );
+    assert!(eventually(Duration::from_secs(6), || status(&server, "valve-9")
+        ["last_disconnect_reason"]
+        == "keep_alive_timeout"));
+    child.kill();
+    assert_eq!(retained(&server, &d, topic), format!("{topic} gone-silent"));
+
+    // Takeover: the same device connects again while its first session lives; the old will fires at once.
+    reset();
+    let mut child = paho_connected(&server, &d, "hold", &will("gone-takeover"));
+    let seen = retained(&server, &d, topic);
+    assert_eq!(
+        seen,
+        format!("{topic} gone-takeover"),
+        "the replaced session's will is published right away"
+    );
+    child.kill();
+}
+
+#[test]
+fn status_and_event_stream_follow_connect_clean_disconnect_kill_and_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "cam-5", dir.path());
+    let _other = server.register(TOKEN, "cam-6", dir.path());
+    let never: Value = status(&server, "cam-5");
+    assert_eq!(
+        (never["online"].clone(), never["session"].clone()),
+        (Value::Bool(false), Value::from(0))
+    );
+
+    let (tx, events) = std::sync::mpsc::channel::<Value>();
+    let url = format!("{}/v1/events?device_id=cam-5", server.base);
+    std::thread::spawn(move || {
+        let res = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .unwrap()
+            .get(url)
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap();
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        for line in BufReader::new(res).lines().map_while(Result::ok) {
+            if let Some(data) = line.strip_prefix("data: ") {
+                let _ = tx.send(serde_json::from_str(data).unwrap());
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let next = || events.recv_timeout(Duration::from_secs(10)).expect("an event");
+
+    // Connect, then a clean disconnect.
+    let out = pub_(&server, &d, "cam-5", "devices/cam-5/x", "1", &[]);
+    assert!(out.status.success());
+    let c1 = next();
+    assert_eq!(
+        (c1["type"].as_str(), c1["device_id"].as_str()),
+        (Some("device.connected"), Some("cam-5"))
+    );
+    let e = next();
+    assert_eq!(
+        (e["type"].as_str(), e["reason"].as_str(), e["online"].as_bool()),
+        (
+            Some("device.disconnected"),
+            Some("client_disconnect"),
+            Some(false)
+        )
+    );
+
+    // Connect and hold; a second connection takes over: the device never shows offline.
+    let mut first = paho_connected(&server, &d, "hold", &[]);
+    let c2 = next();
+    assert_eq!(c2["type"], "device.connected");
+    assert!(
+        c2["session"].as_u64() > c1["session"].as_u64(),
+        "session numbers only increase"
+    );
+    let s = status(&server, "cam-5");
+    assert_eq!(
+        (s["online"].clone(), s["session"].clone()),
+        (Value::Bool(true), c2["session"].clone())
+    );
+    let taker = sub(&server, &d, "devices/cam-5/#", 1, 4, &[]);
+    let mut takeover_seen = false;
+    let mut c3 = Value::Null;
+    for _ in 0..2 {
+        let e = next();
+        match e["type"].as_str() {
+            Some("device.disconnected") => {
+                assert_eq!(
+                    (e["reason"].as_str(), e["online"].as_bool(), &e["session"]),
+                    (Some("takeover"), Some(true), &c2["session"])
+                );
+                takeover_seen = true;
+            }
+            Some("device.connected") => c3 = e,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(takeover_seen);
+    assert!(c3["session"].as_u64() > c2["session"].as_u64());
+    let s = status(&server, "cam-5");
+    assert_eq!(
+        (s["online"].clone(), s["session"].clone()),
+        (Value::Bool(true), c3["session"].clone())
+    );
+    let listed: Value = server.get_json(TOKEN, "/v1/devices?online=true");
+    assert!(
+        eventually(Duration::from_secs(3), || server
+            .get_json(TOKEN, "/v1/devices?online=true")["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["id"] == "cam-5")),
+        "{listed}"
+    );
+    let offline: Value = server.get_json(TOKEN, "/v1/devices?online=false");
+    assert!(offline["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|x| x["id"] != "cam-5"));
+    assert!(offline["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["id"] == "cam-6"));
+
+    // Kill the taker abruptly (SIGKILL on mosquitto_sub): network error, offline. paho (first) would reconnect,
+    // so it is killed first.
+    first.kill();
+    let mut taker = taker;
+    taker.kill();
+    let e = next();
+    assert_eq!(
+        (e["type"].as_str(), e["reason"].as_str(), e["online"].as_bool()),
+        (Some("device.disconnected"), Some("network_error"), Some(false))
+    );
+    let s = status(&server, "cam-5");
+    assert_eq!(s["online"], false);
+    assert_eq!(s["last_disconnect_reason"], "network_error");
+    assert!(
+        s["last_seen_at"].is_string() && s["disconnected_at"].is_string() && s["remote_addr"].is_string()
+    );
+    assert!(eventually(Duration::from_secs(3), || server
+        .get_json(TOKEN, "/v1/devices?online=false")["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["id"] == "cam-5")));
+}
+
+#[test]
+fn metrics_count_connections_messages_and_disconnect_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "m-1", dir.path());
+    for _ in 0..3 {
+        assert!(pub_(&server, &d, "m-1", "devices/m-1/x", "1", &["-q", "1"])
+            .status
+            .success());
+    }
+    assert!(eventually(Duration::from_secs(3), || server.metric(
+        "antumbra_mqtt_disconnects_total{reason=\"client_disconnect\"}"
+    ) == 3.0));
+    assert_eq!(server.metric("antumbra_mqtt_connects_total"), 3.0);
+    assert_eq!(server.metric("antumbra_mqtt_connections"), 0.0);
+    assert!(server.metric("antumbra_mqtt_messages_in_total") >= 3.0);
+    assert!(
+        server.metric("antumbra_mqtt_messages_out_total") >= 6.0,
+        "CONNACK and PUBACK each time"
+    );
+}
