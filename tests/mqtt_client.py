@@ -9,6 +9,8 @@ Modes:
   subscribe  connect, subscribe, print "<topic> <retain> <payload>" per message; exit after --count messages
              (exit 3 when --timeout passes first, exit 4 when the server drops the connection)
   publish    connect, publish one message, wait until it is acknowledged, disconnect
+  persist    connect with --clean-session, print "session_present=<0|1>", subscribe to --topic only when
+             --subscribe is given, publish --payload to --topic at QoS 1, print what comes back (or "nothing")
   loopback   connect, subscribe to --topic, publish --count messages to it at --qos, exit 0 when all came back
 Exit code 2 with "refused <rc>" when the server refuses the connection.
 """
@@ -41,6 +43,7 @@ def main():
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--timeout", type=float, default=10)
     p.add_argument("--clean-session", type=int, default=1)
+    p.add_argument("--subscribe", action="store_true")
     a = p.parse_args()
 
     protocol = mqtt.MQTTv5 if a.v5 else mqtt.MQTTv311
@@ -57,6 +60,7 @@ def main():
 
     def on_connect(client, userdata, flags, rc, properties=None):
         result["rc"] = int(rc) if not hasattr(rc, "value") else rc.value
+        result["session_present"] = int(flags.get("session present", 0))
         connected.set()
 
     def on_message(client, userdata, msg):
@@ -110,6 +114,19 @@ def main():
             if time.time() > deadline:
                 return 3
             time.sleep(0.02)
+        c.disconnect()
+        c.loop_stop()
+        return 0
+    if a.mode == "persist":
+        print(f"session_present={result['session_present']}", flush=True)
+        if a.subscribe:
+            c.subscribe(a.topic, qos=1)
+            time.sleep(0.3)
+        c.publish(a.topic, a.payload, qos=1)
+        deadline = time.time() + a.timeout
+        while not received and time.time() < deadline:
+            time.sleep(0.02)
+        print(received[0].payload.decode() if received else "nothing", flush=True)
         c.disconnect()
         c.loop_stop()
         return 0

@@ -696,3 +696,91 @@ fn metrics_count_connections_messages_and_disconnect_reasons() {
         "CONNACK and PUBACK each time"
     );
 }
+
+#[test]
+fn persistent_sessions_keep_subscriptions_and_clean_sessions_start_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "keeper", dir.path());
+    let topic = "devices/keeper/cmd";
+    let run = |clean: &str, subscribe: bool, payload: &str| {
+        let mut args = vec![
+            "--clean-session",
+            clean,
+            "--topic",
+            topic,
+            "--payload",
+            payload,
+            "--timeout",
+            "2",
+        ];
+        if subscribe {
+            args.push("--subscribe");
+        }
+        let out = paho(&server, &d, "persist", &args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter(|l| !l.starts_with("devices/"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run("0", true, "one"), ["session_present=0", "one"]);
+    // Same client, persistent session: the router kept the subscription, no SUBSCRIBE needed.
+    assert_eq!(run("0", false, "two"), ["session_present=1", "two"]);
+    // A clean session drops it: nothing comes back without subscribing.
+    assert_eq!(run("1", false, "three"), ["session_present=0", "nothing"]);
+}
+
+#[test]
+fn connection_limit_and_maximum_packet_size_come_from_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &[
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+            "--mqtts",
+            "127.0.0.1:0",
+            "--mqtt-max-connections",
+            "1",
+            "--mqtt-max-packet-bytes",
+            "1024",
+        ],
+        &[("ANTUMBRA_ADMIN_TOKEN", TOKEN)],
+    );
+    let a = server.register(TOKEN, "one", dir.path());
+    let b = server.register(TOKEN, "two", dir.path());
+    let _holder = paho_connected(&server, &a, "hold", &[]);
+    let out = pub_(&server, &b, "two", "devices/two/x", "1", &[]);
+    assert!(!out.status.success(), "the second device is over the limit");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unavailable"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        server.metric("antumbra_mqtt_auth_failures_total{reason=\"connection_limit\"}"),
+        1.0
+    );
+    drop(_holder);
+    assert!(eventually(Duration::from_secs(5), || server
+        .metric("antumbra_mqtt_connections")
+        == 0.0));
+
+    let small = "x".repeat(900);
+    assert!(pub_(&server, &b, "two", "devices/two/x", &small, &["-q", "1"])
+        .status
+        .success());
+    let big = "x".repeat(2000);
+    let out = pub_(&server, &b, "two", "devices/two/x", &big, &["-q", "1"]);
+    assert!(
+        !out.status.success(),
+        "a packet over the maximum ends the session"
+    );
+    assert!(eventually(Duration::from_secs(3), || status(&server, "two")
+        ["last_disconnect_reason"]
+        == "network_error"));
+}
