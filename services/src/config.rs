@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// Redis for the shadow store; unset means the embedded store in the data dir.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis [default: antumbra:].
+    #[arg(long, env = "ANTUMBRA_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
     /// Admin API key; when unset, one is generated on first start and printed once.
     #[arg(long, env = "ANTUMBRA_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -96,6 +99,15 @@ pub struct ServeArgs {
     /// Largest MQTT packet accepted, in bytes [default: 262144].
     #[arg(long, env = "ANTUMBRA_MQTT_MAX_PACKET_BYTES")]
     pub mqtt_max_packet_bytes: Option<usize>,
+    /// Largest shadow state (desired + reported, serialized), in bytes [default: 65536].
+    #[arg(long, env = "ANTUMBRA_SHADOW_MAX_STATE_BYTES")]
+    pub shadow_max_state_bytes: Option<usize>,
+    /// Deepest nesting inside a shadow section [default: 8].
+    #[arg(long, env = "ANTUMBRA_SHADOW_MAX_DEPTH")]
+    pub shadow_max_depth: Option<usize>,
+    /// Longest shadow clientToken, in bytes [default: 64].
+    #[arg(long, env = "ANTUMBRA_SHADOW_MAX_CLIENT_TOKEN")]
+    pub shadow_max_client_token: Option<usize>,
 }
 
 /// The config file: the same settings, snake_case, all optional. Unknown keys are an error, so a typo is
@@ -108,6 +120,7 @@ pub struct FileConfig {
     mqtts_addr: Option<SocketAddr>,
     database_url: Option<String>,
     redis_url: Option<String>,
+    redis_prefix: Option<String>,
     admin_token: Option<String>,
     mqtt_dns_names: Option<Vec<String>>,
     ca_cert: Option<PathBuf>,
@@ -119,6 +132,9 @@ pub struct FileConfig {
     mqtt_plain_addr: Option<SocketAddr>,
     mqtt_max_connections: Option<usize>,
     mqtt_max_packet_bytes: Option<usize>,
+    shadow_max_state_bytes: Option<usize>,
+    shadow_max_depth: Option<usize>,
+    shadow_max_client_token: Option<usize>,
 }
 
 /// Configuration errors.
@@ -148,6 +164,8 @@ pub struct Settings {
     pub database_url: String,
     /// Redis URL, when the shadow store is Redis.
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key.
+    pub redis_prefix: String,
     /// Configured admin token.
     pub admin_token: Option<String>,
     /// MQTT server certificate names.
@@ -166,6 +184,8 @@ pub struct Settings {
     pub mqtt_plain_addr: Option<SocketAddr>,
     /// Broker limits.
     pub mqtt: crate::mqtt::MqttSettings,
+    /// Shadow document limits.
+    pub shadow_limits: crate::shadow::request::Limits,
 }
 
 impl Settings {
@@ -245,7 +265,33 @@ impl Settings {
             }
             mqtt.max_packet_bytes = n;
         }
+        let mut shadow_limits = crate::shadow::request::Limits::default();
+        if let Some(n) = args.shadow_max_state_bytes.or(file.shadow_max_state_bytes) {
+            if n < 8 * 1024 {
+                return Err(ConfigError::Invalid(
+                    "shadow_max_state_bytes must be at least 8192 (AWS's limit)".into(),
+                ));
+            }
+            shadow_limits.max_state_bytes = n;
+        }
+        if let Some(n) = args.shadow_max_depth.or(file.shadow_max_depth) {
+            if !(6..=64).contains(&n) {
+                return Err(ConfigError::Invalid(
+                    "shadow_max_depth must be between 6 and 64".into(),
+                ));
+            }
+            shadow_limits.max_depth = n;
+        }
+        if let Some(n) = args.shadow_max_client_token.or(file.shadow_max_client_token) {
+            if !(64..=1024).contains(&n) {
+                return Err(ConfigError::Invalid(
+                    "shadow_max_client_token must be between 64 and 1024".into(),
+                ));
+            }
+            shadow_limits.max_client_token = n;
+        }
         Ok(Self {
+            shadow_limits,
             mqtt_plain_addr,
             mqtt,
             data_dir,
@@ -259,6 +305,10 @@ impl Settings {
                 .unwrap_or_else(|| ([127, 0, 0, 1], 8883).into()),
             database_url,
             redis_url: args.redis_url.or(file.redis_url),
+            redis_prefix: args
+                .redis_prefix
+                .or(file.redis_prefix)
+                .unwrap_or_else(|| "antumbra:".into()),
             admin_token: args.admin_token.or(file.admin_token),
             mqtt_dns_names,
             ca,

@@ -103,6 +103,34 @@ pub enum PlatformEvent {
         #[serde(with = "time::serde::rfc3339")]
         at: OffsetDateTime,
     },
+    /// A shadow document changed.
+    #[serde(rename = "shadow.updated")]
+    ShadowUpdated {
+        /// The device.
+        device_id: String,
+        /// The named shadow, absent for the classic shadow.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// The new version.
+        version: u64,
+        /// When.
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+    },
+    /// A shadow document was deleted.
+    #[serde(rename = "shadow.deleted")]
+    ShadowDeleted {
+        /// The device.
+        device_id: String,
+        /// The named shadow, absent for the classic shadow.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// The version deleted.
+        version: u64,
+        /// When.
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+    },
     /// A device was deleted; its connections are dropped.
     #[serde(rename = "device.deleted")]
     DeviceDeleted {
@@ -121,7 +149,9 @@ impl PlatformEvent {
             Self::Connected { device_id, .. }
             | Self::Disconnected { device_id, .. }
             | Self::CertificateRevoked { device_id, .. }
-            | Self::DeviceDeleted { device_id, .. } => device_id,
+            | Self::DeviceDeleted { device_id, .. }
+            | Self::ShadowUpdated { device_id, .. }
+            | Self::ShadowDeleted { device_id, .. } => device_id,
         }
     }
 }

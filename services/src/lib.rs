@@ -21,5 +21,6 @@ pub mod pki;
 pub mod presence;
 pub mod provisioning;
 pub mod registry;
+pub mod shadow;
 pub mod startup;
 pub mod telemetry;

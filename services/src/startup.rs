@@ -17,6 +17,8 @@ use crate::pki::{CaSource, CertificateAuthority};
 use crate::presence::Presence;
 use crate::provisioning::Provisioning;
 use crate::registry::Registry;
+use crate::shadow::store::{EmbeddedStore, RedisStore, Store};
+use crate::shadow::Shadows;
 
 /// A built application: listeners bound, database migrated, CA loaded, MQTT router running. Nothing is served
 /// until [`Application::run_until_stopped`].
@@ -73,6 +75,19 @@ impl Application {
         let presence = Presence::load(&registry, events.clone())
             .await
             .context("loading presence")?;
+        let store = match &settings.redis_url {
+            Some(url) => Store::Redis(
+                RedisStore::connect(url, &settings.redis_prefix)
+                    .await
+                    .context("connecting to Redis (REDIS_URL)")?,
+            ),
+            None => Store::Embedded(
+                EmbeddedStore::open(&settings.data_dir.join("shadows.db"))
+                    .await
+                    .context("opening the shadow store")?,
+            ),
+        };
+        let (shadows, outbox) = Shadows::new(store, settings.shadow_limits, registry.clone(), events.clone());
         let mqtt_metrics = Arc::new(Metrics::default());
         let door = FrontDoor::start(
             settings.mqtt.clone(),
@@ -80,6 +95,8 @@ impl Application {
             presence.clone(),
             events.clone(),
             mqtt_metrics.clone(),
+            shadows.clone(),
+            outbox,
         )
         .await?;
         let state = AppState {
@@ -88,6 +105,7 @@ impl Application {
             presence,
             events,
             mqtt_metrics,
+            shadows,
         };
         Ok(Self {
             settings,

@@ -1,4 +1,8 @@
 //! MQTT topic names. A device may publish and subscribe only under [`device_prefix`].
+//!
+//! Shadow topics follow AWS IoT's layout under the device's own prefix:
+//! `devices/{id}/shadow/{update|get|delete}` for requests and `…/accepted`, `…/rejected`, `update/delta`,
+//! `update/documents` for replies; named shadows insert `name/{name}` after `shadow`.
 
 use crate::DeviceId;
 
@@ -7,14 +11,75 @@ pub fn device_prefix(id: &DeviceId) -> String {
     format!("devices/{id}/")
 }
 
-/// Topic on which a device publishes shadow updates.
+/// Topic on which a device publishes classic shadow updates.
 pub fn shadow_update(id: &DeviceId) -> String {
-    format!("devices/{id}/shadow/update")
+    shadow_topic(id, None, "update")
 }
 
-/// Topic on which the platform publishes the delta between desired and reported state.
+/// Topic on which the platform publishes the classic shadow's delta between desired and reported state.
 pub fn shadow_delta(id: &DeviceId) -> String {
-    format!("devices/{id}/shadow/update/delta")
+    shadow_topic(id, None, "update/delta")
+}
+
+/// `devices/{id}/shadow[/name/{name}]/{suffix}`.
+pub fn shadow_topic(id: &DeviceId, name: Option<&str>, suffix: &str) -> String {
+    match name {
+        Some(name) => format!("devices/{id}/shadow/name/{name}/{suffix}"),
+        None => format!("devices/{id}/shadow/{suffix}"),
+    }
+}
+
+/// A shadow request a device can publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowOp {
+    /// `…/update`
+    Update,
+    /// `…/get`
+    Get,
+    /// `…/delete`
+    Delete,
+}
+
+impl ShadowOp {
+    /// The topic level of this request.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Update => "update",
+            Self::Get => "get",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// A parsed shadow request topic: the shadow's name (`None` for the classic shadow) and the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowRequestTopic<'a> {
+    /// Named shadow, if any (not yet validated).
+    pub name: Option<&'a str>,
+    /// The request.
+    pub op: ShadowOp,
+}
+
+/// Parses `devices/{id}/shadow/{op}` or `devices/{id}/shadow/name/{name}/{op}` for the given device.
+pub fn parse_shadow_request<'a>(id: &DeviceId, topic: &'a str) -> Option<ShadowRequestTopic<'a>> {
+    let rest = topic
+        .strip_prefix("devices/")?
+        .strip_prefix(id.as_str())?
+        .strip_prefix("/shadow/")?;
+    let (name, op) = match rest.strip_prefix("name/") {
+        Some(named) => {
+            let (name, op) = named.split_once('/')?;
+            (Some(name), op)
+        }
+        None => (None, rest),
+    };
+    let op = match op {
+        "update" => ShadowOp::Update,
+        "get" => ShadowOp::Get,
+        "delete" => ShadowOp::Delete,
+        _ => return None,
+    };
+    Some(ShadowRequestTopic { name, op })
 }
 
 #[cfg(test)]
@@ -27,5 +92,45 @@ mod tests {
         assert_eq!(device_prefix(&id), "devices/lamp-1/");
         assert!(shadow_update(&id).starts_with(&device_prefix(&id)));
         assert_eq!(shadow_delta(&id), "devices/lamp-1/shadow/update/delta");
+        assert_eq!(
+            shadow_topic(&id, Some("cfg"), "get/accepted"),
+            "devices/lamp-1/shadow/name/cfg/get/accepted"
+        );
+    }
+
+    #[test]
+    fn requests_parse_and_replies_do_not() {
+        let id = DeviceId::parse("lamp-1").unwrap();
+        let p = |t| parse_shadow_request(&id, t);
+        assert_eq!(
+            p("devices/lamp-1/shadow/update"),
+            Some(ShadowRequestTopic {
+                name: None,
+                op: ShadowOp::Update
+            })
+        );
+        assert_eq!(
+            p("devices/lamp-1/shadow/get"),
+            Some(ShadowRequestTopic {
+                name: None,
+                op: ShadowOp::Get
+            })
+        );
+        assert_eq!(
+            p("devices/lamp-1/shadow/name/cfg/delete"),
+            Some(ShadowRequestTopic {
+                name: Some("cfg"),
+                op: ShadowOp::Delete
+            })
+        );
+        for t in [
+            "devices/lamp-1/shadow/update/accepted",
+            "devices/lamp-1/shadow/update/delta",
+            "devices/lamp-1/shadow/name/cfg",
+            "devices/lamp-2/shadow/update",
+            "devices/lamp-1/telemetry",
+        ] {
+            assert_eq!(p(t), None, "{t}");
+        }
     }
 }

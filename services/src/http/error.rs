@@ -58,6 +58,16 @@ pub enum ErrorCode {
     Internal,
     /// 503: the database does not answer; retry later.
     DatabaseUnavailable,
+    /// 404: the device has no such shadow (or it was deleted).
+    ShadowNotFound,
+    /// 409: the request's `version` is not the shadow's current version (the body carries both).
+    VersionConflict,
+    /// 412: `If-Match` names another version than the current one (the body carries the current one).
+    PreconditionFailed,
+    /// 429: too many concurrent writers on one shadow; retry.
+    TooManyRequests,
+    /// 503: the shadow store (Redis) does not answer; retry later.
+    ShadowStoreUnavailable,
 }
 
 impl ErrorCode {
@@ -70,15 +80,21 @@ impl ErrorCode {
             }
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden => StatusCode::FORBIDDEN,
-            DeviceNotFound | CertificateNotFound | ApiKeyNotFound | NotFound => StatusCode::NOT_FOUND,
-            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            DeviceAlreadyExists | CertificateAlreadyRevoked | NoActiveCertificate | ApiKeyAlreadyRevoked => {
-                StatusCode::CONFLICT
+            DeviceNotFound | CertificateNotFound | ApiKeyNotFound | NotFound | ShadowNotFound => {
+                StatusCode::NOT_FOUND
             }
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            DeviceAlreadyExists
+            | CertificateAlreadyRevoked
+            | NoActiveCertificate
+            | ApiKeyAlreadyRevoked
+            | VersionConflict => StatusCode::CONFLICT,
+            PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            DatabaseUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            DatabaseUnavailable | ShadowStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -179,6 +195,30 @@ impl From<AccessError> for ApiError {
             AccessError::Invalid(_) => Self::new(ErrorCode::InvalidRequest, e.to_string()),
             AccessError::Registry(e) => e.into(),
         }
+    }
+}
+
+impl From<crate::shadow::request::ShadowError> for ApiError {
+    fn from(e: crate::shadow::request::ShadowError) -> Self {
+        use crate::shadow::request::ShadowError as S;
+        let code = match &e {
+            S::InvalidJson(_) => ErrorCode::InvalidJson,
+            S::BadRequest(_) => ErrorCode::InvalidRequest,
+            S::NotFound(_) => ErrorCode::ShadowNotFound,
+            S::UnknownDevice(_) => ErrorCode::DeviceNotFound,
+            S::VersionConflict { .. } => ErrorCode::VersionConflict,
+            S::TooLarge(_) => ErrorCode::PayloadTooLarge,
+            S::TooManyRequests => ErrorCode::TooManyRequests,
+            S::Unavailable(_) => {
+                tracing::warn!(error = %e, "shadow store unavailable");
+                return Self::new(
+                    ErrorCode::ShadowStoreUnavailable,
+                    "the shadow store does not answer; retry later",
+                );
+            }
+            S::Internal(_) => return internal(e),
+        };
+        Self::new(code, e.to_string())
     }
 }
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod openapi;
 pub mod ops;
+pub mod shadow;
 
 use actix_web::web;
 
@@ -33,6 +34,8 @@ pub struct AppState {
     pub events: EventBus,
     /// Broker counters, for `/metrics`.
     pub mqtt_metrics: Arc<Metrics>,
+    /// Device shadows.
+    pub shadows: crate::shadow::Shadows,
 }
 
 /// Registers every route, the extractor error mappings and the body limit.
@@ -52,7 +55,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: AppState, max_body_bytes: 
                 .configure(devices::configure)
                 .configure(certificates::configure)
                 .configure(api_keys::configure)
-                .configure(events::configure),
+                .configure(events::configure)
+                .configure(shadow::configure),
         );
 }
 

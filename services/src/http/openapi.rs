@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_scalar::{Scalar, Servable};
 
-use super::{api_keys, certificates, devices, error, events, ops};
+use super::{api_keys, certificates, devices, error, events, ops, shadow};
 
 /// The API description.
 #[derive(OpenApi)]
@@ -24,7 +24,7 @@ use super::{api_keys, certificates, devices, error, events, ops};
         certificates::ca, certificates::current, certificates::list, certificates::get, certificates::issue,
         certificates::rotate, certificates::revoke,
         api_keys::create, api_keys::list, api_keys::revoke,
-        devices::status, events::stream,
+        devices::status, events::stream, shadow::get, shadow::patch, shadow::delete,
         ops::healthz, ops::readyz, ops::metrics,
     ),
     components(schemas(error::ErrorCode, error::ErrorBody, crate::provisioning::RevocationReason, crate::events::DisconnectReason)),
@@ -33,6 +33,7 @@ use super::{api_keys, certificates, devices, error, events, ops};
         (name = "devices", description = "Device registry"),
         (name = "certificates", description = "Device certificates and the platform CA"),
         (name = "api-keys", description = "API keys for this REST API"),
+        (name = "shadows", description = "Device shadows: desired, reported, delta"),
         (name = "events", description = "Live platform events (server-sent events)"),
         (name = "operations", description = "Health and readiness"),
     )

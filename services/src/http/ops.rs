@@ -37,6 +37,13 @@ pub async fn healthz() -> HttpResponse {
     ),
     security(()))]
 pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let shadows = tokio::time::timeout(std::time::Duration::from_secs(2), state.shadows.ping()).await;
+    if !matches!(shadows, Ok(Ok(()))) {
+        return Err(ApiError::new(
+            super::error::ErrorCode::ShadowStoreUnavailable,
+            "the shadow store does not answer; retry later",
+        ));
+    }
     let check = tokio::time::timeout(std::time::Duration::from_secs(2), state.registry.ping()).await;
     match check {
         Ok(Ok(())) => Ok(HttpResponse::Ok().json(StatusBody { status: "ready" })),

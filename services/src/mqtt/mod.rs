@@ -18,6 +18,7 @@ mod codec;
 pub mod metrics;
 mod session;
 mod sessions;
+mod shadow;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -35,6 +36,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::events::{DisconnectReason, EventBus, PlatformEvent};
 use crate::presence::Presence;
 use crate::registry::Registry;
+use crate::shadow::{Outgoing, Shadows};
 pub use metrics::Metrics;
 use sessions::Sessions;
 
@@ -74,6 +76,7 @@ pub struct FrontDoor {
     presence: Arc<Presence>,
     registry: Registry,
     metrics: Arc<Metrics>,
+    shadows: Shadows,
 }
 
 impl std::fmt::Debug for FrontDoor {
@@ -93,13 +96,17 @@ pub enum BrokerError {
 }
 
 impl FrontDoor {
-    /// Starts the router (its own thread) and the platform link used for wills, and listens for revocations.
+    /// Starts the router (its own thread) and the platform link, which publishes wills and everything the shadow
+    /// service queues on its outbox, and listens for revocations.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         settings: MqttSettings,
         registry: Registry,
         presence: Arc<Presence>,
         events: EventBus,
         metrics: Arc<Metrics>,
+        shadows: Shadows,
+        outbox: mpsc::UnboundedReceiver<Outgoing>,
     ) -> Result<Arc<Self>, BrokerError> {
         let router_tx = Router::new(0, router_config(&settings)).spawn();
         // The router's channel type names a private rumqttd type, so it lives only inside this closure.
@@ -116,7 +123,7 @@ impl FrontDoor {
                 .map_err(|e| BrokerError::Router(e.to_string()))?
                 .map_err(BrokerError::Router)?;
             let (sender, queue) = mpsc::unbounded_channel();
-            tokio::spawn(platform_link(tx, rx, queue));
+            tokio::spawn(platform_link(tx, rx, queue, outbox));
             sender
         };
         let door = Arc::new(Self {
@@ -127,6 +134,7 @@ impl FrontDoor {
             presence,
             registry,
             metrics,
+            shadows,
         });
         tokio::spawn(drop_revoked(door.clone(), events.subscribe()));
         Ok(door)
@@ -164,12 +172,25 @@ fn router_config(settings: &MqttSettings) -> RouterConfig {
     }
 }
 
-/// Feeds platform publishes (wills) to the router and drains the link's replies.
-async fn platform_link(mut tx: LinkTx, mut rx: LinkRx, mut queue: mpsc::UnboundedReceiver<Packet>) {
+/// Feeds platform publishes (wills, shadow replies and deltas) to the router and drains the link's replies.
+/// Publishes go in at QoS 0; the router delivers each at the QoS its subscriber asked for.
+async fn platform_link(
+    mut tx: LinkTx,
+    mut rx: LinkRx,
+    mut queue: mpsc::UnboundedReceiver<Packet>,
+    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
+) {
     loop {
         tokio::select! {
             packet = queue.recv() => match packet {
                 Some(packet) => if tx.send(packet).await.is_err() { break },
+                None => break,
+            },
+            message = outbox.recv() => match message {
+                Some(message) => {
+                    let publish = rumqttd::protocol::Publish::new(bytes::Bytes::from(message.topic), bytes::Bytes::from(message.payload), false);
+                    if tx.send(Packet::Publish(publish, None)).await.is_err() { break }
+                }
                 None => break,
             },
             note = rx.next() => match note {
@@ -199,6 +220,9 @@ async fn drop_revoked(door: Arc<FrontDoor>, mut events: tokio::sync::broadcast::
                 if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
                     door.sessions.kick(&device, None, DisconnectReason::Revoked);
                     door.presence.forget(&device);
+                    if let Err(e) = door.shadows.purge(&device).await {
+                        tracing::warn!(device_id = %device, error = %e, "could not purge the deleted device's shadows");
+                    }
                 }
             }
             Ok(_) => {}

@@ -19,7 +19,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use super::codec::{sniff, Codec, Sniff, Version};
 use super::metrics::AuthFailure;
-use super::{acl, FrontDoor};
+use super::{acl, shadow, FrontDoor};
 use crate::events::DisconnectReason;
 use crate::registry::{CertificateStatus, RegistryError};
 
@@ -438,6 +438,7 @@ where
                 deadline = Instant::now() + period;
                 seen.touch();
                 let mut packets = Vec::new();
+                let mut shadow_work = Vec::new();
                 let outcome = loop {
                     match codec.read(buf) {
                         Ok(None) => break None,
@@ -445,7 +446,10 @@ where
                             break Some(End::Client { with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage })
                         }
                         Ok(Some(packet)) if !allowed(device, &packet) => break Some(End::Acl),
-                        Ok(Some(packet)) => packets.push(packet),
+                        Ok(Some(packet)) => {
+                            shadow::collect(device, &packet, &mut shadow_work);
+                            packets.push(packet);
+                        }
                         Err(e) => {
                             tracing::debug!(device_id = %device, error = %e, "protocol error");
                             break Some(End::Network);
@@ -455,6 +459,10 @@ where
                 door.metrics.received(packets.len() as u64, n as u64);
                 if !link.forward(packets).await {
                     return End::RouterClosed;
+                }
+                // After the router has the packets: a SUBSCRIBE is in place before its replayed delta is queued.
+                for work in shadow_work {
+                    shadow::perform(&door.shadows, device, work).await;
                 }
                 if buf.capacity() > 64 * 1024 && buf.is_empty() {
                     *buf = BytesMut::with_capacity(512);

@@ -59,6 +59,7 @@ pub fn settings(dir: &Path, database_url: String) -> Settings {
         mqtts_addr: "127.0.0.1:0".parse().unwrap(),
         database_url,
         redis_url: None,
+        redis_prefix: format!("test{}:", hex_id()),
         admin_token: Some(ADMIN.into()),
         mqtt_dns_names: vec!["localhost".into()],
         ca: None,
@@ -68,6 +69,7 @@ pub fn settings(dir: &Path, database_url: String) -> Settings {
         shutdown_timeout_secs: 5,
         mqtt_plain_addr: None,
         mqtt: antumbra::mqtt::MqttSettings::default(),
+        shadow_limits: Default::default(),
     }
 }
 

@@ -8,3 +8,4 @@ mod certificates;
 mod devices;
 mod errors;
 mod ops;
+mod shadow;

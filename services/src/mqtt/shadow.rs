@@ -1,0 +1,127 @@
+//! The shadow side of a device session: requests the device publishes on its shadow topics, and the offline
+//! replay when it subscribes to a delta topic. The packets still go to the router as usual (acks, retained
+//! messages, other subscriptions); this is what the platform does with them besides.
+
+use antumbra_wire::topics::{parse_shadow_request, shadow_delta, ShadowOp};
+use antumbra_wire::DeviceId;
+use bytes::Bytes;
+use rumqttd::protocol::{matches, Packet};
+
+use crate::shadow::store::{ShadowKey, ShadowName};
+use crate::shadow::Shadows;
+
+/// Something the platform does for a packet.
+pub(super) enum Work {
+    /// A request on `…/shadow[/name/{n}]/{op}`.
+    Request {
+        name: Option<String>,
+        op: ShadowOp,
+        payload: Bytes,
+    },
+    /// The device subscribed to this shadow's delta topic.
+    Replay(ShadowKey),
+}
+
+/// Notes the shadow work a packet from `device` asks for.
+pub(super) fn collect(device: &DeviceId, packet: &Packet, work: &mut Vec<Work>) {
+    match packet {
+        Packet::Publish(publish, _) => {
+            let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+                return;
+            };
+            if let Some(request) = parse_shadow_request(device, topic) {
+                work.push(Work::Request {
+                    name: request.name.map(str::to_owned),
+                    op: request.op,
+                    payload: publish.payload.clone(),
+                });
+            }
+        }
+        Packet::Subscribe(subscribe, _) => {
+            for filter in &subscribe.filters {
+                work.extend(
+                    delta_subscriptions(device, &filter.path)
+                        .into_iter()
+                        .map(Work::Replay),
+                );
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The shadows whose delta topic `filter` covers: the classic one when the filter matches its delta topic, and
+/// a named one when the filter names it literally (`devices/{id}/shadow/name/{name}/update/delta` or a filter
+/// with wildcards after the name).
+fn delta_subscriptions(device: &DeviceId, filter: &str) -> Vec<ShadowKey> {
+    let mut keys = Vec::new();
+    if matches(&shadow_delta(device), filter) {
+        keys.push(ShadowKey::classic(device.clone()));
+    }
+    let named_prefix = format!("devices/{device}/shadow/name/");
+    if let Some(rest) = filter.strip_prefix(&named_prefix) {
+        if let Some((name, tail)) = rest.split_once('/') {
+            if let Ok(name) = ShadowName::parse(name) {
+                if matches("update/delta", tail) {
+                    keys.push(ShadowKey {
+                        device: device.clone(),
+                        name: Some(name),
+                    });
+                }
+            }
+        }
+    }
+    keys
+}
+
+/// Does the work; replies go out through the shadow service's outbox.
+pub(super) async fn perform(shadows: &Shadows, device: &DeviceId, work: Work) {
+    match work {
+        Work::Request { name, op, payload } => {
+            shadows
+                .handle_device_request(device, name.as_deref(), op, &payload)
+                .await
+        }
+        Work::Replay(key) => {
+            if let Err(e) = shadows.replay(&key).await {
+                tracing::warn!(device_id = %device, error = %e, "could not replay the shadow delta");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delta_filters_are_recognised() {
+        let d = DeviceId::parse("lamp").unwrap();
+        let classic = |f| {
+            delta_subscriptions(&d, f)
+                .iter()
+                .filter(|k| k.name.is_none())
+                .count()
+        };
+        for f in [
+            "devices/lamp/shadow/update/delta",
+            "devices/lamp/#",
+            "devices/lamp/shadow/#",
+            "devices/lamp/shadow/update/+",
+            "devices/lamp/+/update/delta",
+        ] {
+            assert_eq!(classic(f), 1, "{f}");
+        }
+        for f in [
+            "devices/lamp/shadow/update/accepted",
+            "devices/lamp/telemetry",
+            "devices/lamp/shadow/name/x/update/delta",
+        ] {
+            assert_eq!(classic(f), 0, "{f}");
+        }
+        let named = delta_subscriptions(&d, "devices/lamp/shadow/name/cfg/update/delta");
+        assert_eq!(named.len(), 1);
+        assert_eq!(named[0].name.as_ref().unwrap().as_str(), "cfg");
+        assert_eq!(delta_subscriptions(&d, "devices/lamp/shadow/name/cfg/#").len(), 1);
+    }
+}

@@ -1,0 +1,287 @@
+//! One conformance suite, run against the embedded store and against a real Redis (started by tests/run.sh;
+//! `ANTUMBRA_TEST_REDIS_URL`). Each run uses a fresh file or a fresh key prefix.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::document::{Document, Patch};
+use super::request::{parse_update, Limits, PlainRequest, ShadowError};
+use super::store::{EmbeddedStore, RedisStore, ShadowKey, ShadowName, ShadowStore, Store};
+use super::Shadows;
+use crate::events::EventBus;
+use crate::registry::Registry;
+use antumbra_wire::DeviceId;
+
+fn key(device: &str, name: Option<&str>) -> ShadowKey {
+    ShadowKey {
+        device: DeviceId::parse(device).unwrap(),
+        name: name.map(|n| ShadowName::parse(n).unwrap()),
+    }
+}
+
+fn doc(version: u64, reported: serde_json::Value) -> Document {
+    let mut d = Document::default().updated(
+        &Patch::Absent,
+        &Patch::Merge(reported.as_object().unwrap().clone()),
+        10,
+    );
+    d.version = version;
+    d
+}
+
+async fn embedded(dir: &tempfile::TempDir) -> Store {
+    Store::Embedded(EmbeddedStore::open(&dir.path().join("shadows.db")).await.unwrap())
+}
+
+async fn redis() -> Store {
+    let url = std::env::var("ANTUMBRA_TEST_REDIS_URL")
+        .expect("ANTUMBRA_TEST_REDIS_URL is not set: run the suite with tests/run.sh, which starts a private redis-server");
+    let prefix = format!("test{:016x}:", rand::random::<u64>());
+    Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap())
+}
+
+async fn service(store: Store, dir: &tempfile::TempDir) -> Shadows {
+    let pool = crate::db::connect(&crate::db::sqlite_url(&dir.path().join("registry.db")))
+        .await
+        .unwrap();
+    Shadows::new(store, Limits::default(), Registry::new(pool), EventBus::new()).0
+}
+
+async fn compare_and_set_is_exact(store: Store) {
+    let k = key("dev-1", None);
+    assert_eq!(store.load(&k).await.unwrap().version, 0);
+    assert!(store.load(&k).await.unwrap().document.is_none());
+    assert!(store
+        .compare_and_set(&k, 0, 1, Some(&doc(1, json!({"a": 1}))))
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .compare_and_set(&k, 0, 1, Some(&doc(1, json!({"a": 2}))))
+            .await
+            .unwrap(),
+        "a second create loses"
+    );
+    assert!(
+        !store
+            .compare_and_set(&k, 5, 6, Some(&doc(6, json!({"a": 3}))))
+            .await
+            .unwrap(),
+        "a stale version loses"
+    );
+    let stored = store.load(&k).await.unwrap();
+    assert_eq!(stored.version, 1);
+    assert_eq!(stored.document, Some(doc(1, json!({"a": 1}))));
+    assert!(store
+        .compare_and_set(&k, 1, 2, Some(&doc(2, json!({"a": 4}))))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.load(&k).await.unwrap().document.unwrap().reported,
+        Some(json!({"a": 4}).as_object().unwrap().clone())
+    );
+}
+
+async fn versions_survive_delete_and_recreate(store: Store) {
+    let k = key("dev-2", None);
+    assert!(store
+        .compare_and_set(&k, 0, 1, Some(&doc(1, json!({"a": 1}))))
+        .await
+        .unwrap());
+    assert!(store
+        .compare_and_set(&k, 1, 7, Some(&doc(7, json!({"a": 1}))))
+        .await
+        .unwrap());
+    assert!(store.compare_and_set(&k, 7, 7, None).await.unwrap(), "delete");
+    let stored = store.load(&k).await.unwrap();
+    assert_eq!((stored.document, stored.version), (None, 7));
+    assert!(
+        !store
+            .compare_and_set(&k, 0, 1, Some(&doc(1, json!({}))))
+            .await
+            .unwrap(),
+        "no restart from zero"
+    );
+    assert!(store
+        .compare_and_set(&k, 7, 8, Some(&doc(8, json!({}))))
+        .await
+        .unwrap());
+}
+
+async fn named_shadows_are_separate_and_purge_forgets_all(store: Store) {
+    let classic = key("dev-3", None);
+    let named = key("dev-3", Some("config"));
+    let other = key("dev-4", None);
+    assert!(store
+        .compare_and_set(&classic, 0, 1, Some(&doc(1, json!({"c": 1}))))
+        .await
+        .unwrap());
+    assert!(store
+        .compare_and_set(&named, 0, 1, Some(&doc(1, json!({"n": 1}))))
+        .await
+        .unwrap());
+    assert!(store
+        .compare_and_set(&other, 0, 1, Some(&doc(1, json!({"o": 1}))))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.load(&named).await.unwrap().document.unwrap().reported,
+        Some(json!({"n": 1}).as_object().unwrap().clone())
+    );
+    store.purge(&classic.device).await.unwrap();
+    assert_eq!(store.load(&classic).await.unwrap().version, 0);
+    assert_eq!(store.load(&named).await.unwrap().version, 0);
+    assert_eq!(
+        store.load(&other).await.unwrap().version,
+        1,
+        "other devices are untouched"
+    );
+    store.ping().await.unwrap();
+}
+
+async fn concurrent_updates_never_lose_one(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    // Two services over one store stand for two instances: their writes race in the store itself.
+    let a = Arc::new(service(store.clone(), &dir).await);
+    let b = Arc::new(Shadows::new(store, Limits::default(), a.registry.clone(), EventBus::new()).0);
+    let shadows = a.clone();
+    let k = key("busy", None);
+    let mut tasks = Vec::new();
+    for writer in 0..8 {
+        let (shadows, k) = (if writer % 2 == 0 { a.clone() } else { b.clone() }, k.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..25 {
+                let body = json!({"state": {"reported": {format!("w{writer}_{i}"): i}}});
+                let request = parse_update(body.to_string().as_bytes(), &Limits::default()).unwrap();
+                shadows.update(&k, &request, true).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let document = shadows.get(&k, true).await.unwrap();
+    assert_eq!(document.version, 200, "every update got its own version");
+    assert_eq!(document.reported.unwrap().len(), 200, "no update was lost");
+}
+
+async fn the_service_applies_aws_rules_end_to_end(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let shadows = service(store, &dir).await;
+    let k = key("svc", None);
+    let update = |v: serde_json::Value| parse_update(v.to_string().as_bytes(), &Limits::default()).unwrap();
+    assert!(matches!(
+        shadows.get(&k, true).await,
+        Err(ShadowError::NotFound(_))
+    ));
+    let first = shadows
+        .update(
+            &k,
+            &update(json!({"state": {"desired": {"t": 21}}, "clientToken": "c1"})),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.accepted["version"], 1);
+    assert_eq!(first.accepted["clientToken"], "c1");
+    assert_eq!(
+        first.accepted["metadata"]["desired"]["t"]["timestamp"],
+        first.accepted["timestamp"]
+    );
+    let conflict = shadows
+        .update(
+            &k,
+            &update(json!({"state": {"reported": {"t": 21}}, "version": 0})),
+            true,
+        )
+        .await;
+    assert_eq!(conflict.unwrap_err(), ShadowError::VersionConflict { current: 1 });
+    let second = shadows
+        .update(
+            &k,
+            &update(json!({"state": {"reported": {"t": 21}}, "version": 1})),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.document.version, 2);
+    assert!(second.document.delta_message().is_none());
+    let deleted = shadows.delete(&k, &PlainRequest::default(), true).await.unwrap();
+    assert_eq!(deleted["version"], 2);
+    assert!(matches!(
+        shadows.get(&k, true).await,
+        Err(ShadowError::NotFound(_))
+    ));
+    let again = shadows
+        .update(&k, &update(json!({"state": {"desired": {"t": 5}}})), true)
+        .await
+        .unwrap();
+    assert_eq!(again.document.version, 3, "versions never go back after delete");
+    let big = json!({"state": {"desired": {"blob": "x".repeat(70 * 1024)}}});
+    assert_eq!(
+        parse_update(big.to_string().as_bytes(), &Limits::default())
+            .unwrap_err()
+            .code(),
+        413
+    );
+    // Growth past the limit through many small updates is refused too.
+    let limits = Limits {
+        max_state_bytes: 200,
+        ..Limits::default()
+    };
+    let small = Shadows::new(
+        shadows.store.clone(),
+        limits,
+        shadows.registry.clone(),
+        EventBus::new(),
+    )
+    .0;
+    let k2 = key("grow", None);
+    let mut refused = false;
+    for i in 0..20 {
+        let body = json!({"state": {"reported": {format!("field{i}"): "0123456789"}}});
+        match small
+            .update(
+                &k2,
+                &parse_update(body.to_string().as_bytes(), &limits).unwrap(),
+                true,
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code(), 413);
+                refused = true;
+                break;
+            }
+        }
+    }
+    assert!(refused);
+    assert!(
+        small.get(&k2, true).await.unwrap().version < 20,
+        "the refused update wrote nothing"
+    );
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod embedded_store {
+            $( #[tokio::test] async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$name(super::embedded(&dir).await).await
+            } )*
+        }
+        mod redis_store {
+            $( #[tokio::test] async fn $name() { super::$name(super::redis().await).await } )*
+        }
+    };
+}
+
+conformance!(
+    compare_and_set_is_exact,
+    versions_survive_delete_and_recreate,
+    named_shadows_are_separate_and_purge_forgets_all,
+    concurrent_updates_never_lose_one,
+    the_service_applies_aws_rules_end_to_end,
+);

@@ -1,0 +1,260 @@
+//! The shadow document and its rules, AWS IoT Device Shadow semantics: pure code, no I/O.
+//!
+//! - `desired` and `reported` are JSON objects; updates deep-merge into them; `null` deletes a field; a section
+//!   set to `null` is removed; arrays are values, replaced whole.
+//! - `delta` holds every desired field whose value differs from reported (missing in reported counts), nested.
+//! - `metadata` mirrors the state: every leaf (and every array) carries `{"timestamp": <epoch seconds>}` of its
+//!   last change.
+//! - `version` grows by one on every accepted change.
+
+use serde_json::{json, Map, Value};
+
+/// A JSON object.
+pub type Object = Map<String, Value>;
+
+/// A stored shadow document.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Document {
+    /// Desired state, if any.
+    pub desired: Option<Object>,
+    /// Reported state, if any.
+    pub reported: Option<Object>,
+    /// Metadata mirror of `desired`.
+    pub desired_meta: Object,
+    /// Metadata mirror of `reported`.
+    pub reported_meta: Object,
+    /// Version of this document.
+    pub version: u64,
+    /// Time of the last change, epoch seconds.
+    pub timestamp: i64,
+}
+
+/// What an update does to one section.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Patch {
+    /// The section is not in the request.
+    Absent,
+    /// `null`: remove the whole section.
+    Remove,
+    /// Merge these fields (a `null` field deletes it).
+    Merge(Object),
+}
+
+impl Document {
+    /// The delta: desired fields whose values differ from reported.
+    pub fn delta(&self) -> Object {
+        match &self.desired {
+            Some(desired) => delta(desired, self.reported.as_ref().unwrap_or(&Object::new())),
+            None => Object::new(),
+        }
+    }
+
+    /// Applies both patches at `now` and returns the next version of the document (version + 1).
+    pub fn updated(&self, desired: &Patch, reported: &Patch, now: i64) -> Document {
+        let mut next = self.clone();
+        apply_patch(&mut next.desired, &mut next.desired_meta, desired, now);
+        apply_patch(&mut next.reported, &mut next.reported_meta, reported, now);
+        next.version = self.version + 1;
+        next.timestamp = now;
+        next
+    }
+
+    /// The document as clients see it (`get` replies, REST): state with delta, metadata, version, timestamp.
+    pub fn to_json(&self) -> Value {
+        let mut state = Object::new();
+        let mut metadata = Object::new();
+        if let Some(desired) = &self.desired {
+            state.insert("desired".into(), Value::Object(desired.clone()));
+            metadata.insert("desired".into(), Value::Object(self.desired_meta.clone()));
+        }
+        if let Some(reported) = &self.reported {
+            state.insert("reported".into(), Value::Object(reported.clone()));
+            metadata.insert("reported".into(), Value::Object(self.reported_meta.clone()));
+        }
+        let delta = self.delta();
+        if !delta.is_empty() {
+            state.insert("delta".into(), Value::Object(delta));
+        }
+        json!({ "state": state, "metadata": metadata, "version": self.version, "timestamp": self.timestamp })
+    }
+
+    /// The delta message (`…/update/delta`), or `None` when desired and reported agree.
+    pub fn delta_message(&self) -> Option<Value> {
+        let delta = self.delta();
+        if delta.is_empty() {
+            return None;
+        }
+        let metadata = restrict(&self.desired_meta, &delta);
+        Some(
+            json!({ "state": delta, "metadata": metadata, "version": self.version, "timestamp": self.timestamp }),
+        )
+    }
+
+    /// Storage form: everything, including empty metadata.
+    pub fn to_stored(&self) -> Value {
+        json!({
+            "desired": self.desired, "reported": self.reported,
+            "desired_meta": self.desired_meta, "reported_meta": self.reported_meta,
+            "version": self.version, "timestamp": self.timestamp,
+        })
+    }
+
+    /// Reads the storage form back; `None` when it is not one.
+    pub fn from_stored(value: &Value) -> Option<Document> {
+        let section = |name: &str| match value.get(name) {
+            Some(Value::Object(o)) => Some(Some(o.clone())),
+            Some(Value::Null) | None => Some(None),
+            _ => None,
+        };
+        let meta = |name: &str| match value.get(name) {
+            Some(Value::Object(o)) => Some(o.clone()),
+            _ => None,
+        };
+        Some(Document {
+            desired: section("desired")?,
+            reported: section("reported")?,
+            desired_meta: meta("desired_meta")?,
+            reported_meta: meta("reported_meta")?,
+            version: value.get("version")?.as_u64()?,
+            timestamp: value.get("timestamp")?.as_i64()?,
+        })
+    }
+}
+
+fn apply_patch(section: &mut Option<Object>, meta: &mut Object, patch: &Patch, now: i64) {
+    match patch {
+        Patch::Absent => {}
+        Patch::Remove => {
+            *section = None;
+            meta.clear();
+        }
+        Patch::Merge(fields) => merge(section.get_or_insert_with(Object::new), meta, fields, now),
+    }
+}
+
+/// Deep merge: `null` deletes, objects merge into objects, anything else replaces.
+fn merge(target: &mut Object, meta: &mut Object, patch: &Object, now: i64) {
+    for (key, value) in patch {
+        match value {
+            Value::Null => {
+                target.remove(key);
+                meta.remove(key);
+            }
+            Value::Object(fields) => match target.get_mut(key) {
+                Some(Value::Object(existing)) => {
+                    let child_meta = match meta.get_mut(key) {
+                        Some(Value::Object(m)) if !is_leaf_meta(m) => m,
+                        _ => {
+                            meta.insert(key.clone(), Value::Object(Object::new()));
+                            meta.get_mut(key)
+                                .and_then(Value::as_object_mut)
+                                .expect("just inserted")
+                        }
+                    };
+                    merge(existing, child_meta, fields, now);
+                }
+                _ => {
+                    let fresh = without_nulls(fields);
+                    meta.insert(key.clone(), metadata_of(&Value::Object(fresh.clone()), now));
+                    target.insert(key.clone(), Value::Object(fresh));
+                }
+            },
+            other => {
+                target.insert(key.clone(), other.clone());
+                meta.insert(key.clone(), leaf_meta(now));
+            }
+        }
+    }
+}
+
+fn is_leaf_meta(meta: &Object) -> bool {
+    meta.len() == 1 && meta.get("timestamp").is_some_and(Value::is_number)
+}
+
+fn leaf_meta(now: i64) -> Value {
+    json!({ "timestamp": now })
+}
+
+/// Metadata for a value just written: objects mirror their fields, everything else is a leaf.
+pub fn metadata_of(value: &Value, now: i64) -> Value {
+    match value {
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), metadata_of(v, now)))
+                .collect(),
+        ),
+        _ => leaf_meta(now),
+    }
+}
+
+/// A new object written into an empty place: its `null` fields mean "absent".
+fn without_nulls(fields: &Object) -> Object {
+    fields
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| match v {
+            Value::Object(inner) => (k.clone(), Value::Object(without_nulls(inner))),
+            other => (k.clone(), other.clone()),
+        })
+        .collect()
+}
+
+/// Every field of `desired` whose value differs from `reported`, nested objects compared field by field.
+pub fn delta(desired: &Object, reported: &Object) -> Object {
+    let mut out = Object::new();
+    for (key, want) in desired {
+        match (want, reported.get(key)) {
+            (Value::Object(want), Some(Value::Object(have))) => {
+                let inner = delta(want, have);
+                if !inner.is_empty() {
+                    out.insert(key.clone(), Value::Object(inner));
+                }
+            }
+            (want, Some(have)) if want == have => {}
+            (want, _) => {
+                out.insert(key.clone(), want.clone());
+            }
+        }
+    }
+    out
+}
+
+/// The part of a metadata tree that covers the fields of `state`.
+fn restrict(meta: &Object, state: &Object) -> Object {
+    state
+        .iter()
+        .filter_map(|(key, value)| {
+            let m = meta.get(key)?;
+            match (value, m) {
+                (Value::Object(inner), Value::Object(inner_meta)) if !is_leaf_meta(inner_meta) => {
+                    Some((key.clone(), Value::Object(restrict(inner_meta, inner))))
+                }
+                _ => Some((key.clone(), m.clone())),
+            }
+        })
+        .collect()
+}
+
+/// Metadata echoed in an `accepted` reply: the request's fields, each stamped with `now` (`null`s included).
+pub fn request_metadata(patch: &Object, now: i64) -> Object {
+    patch
+        .iter()
+        .map(|(k, v)| match v {
+            Value::Object(inner) => (k.clone(), Value::Object(request_metadata(inner, now))),
+            _ => (k.clone(), leaf_meta(now)),
+        })
+        .collect()
+}
+
+/// Whether every field of `desired` is in `reported` with the same value (nested).
+pub fn contained(desired: &Object, reported: &Object) -> bool {
+    desired.iter().all(|(k, v)| match (v, reported.get(k)) {
+        (Value::Object(want), Some(Value::Object(have))) => contained(want, have),
+        (want, Some(have)) => want == have,
+        (_, None) => false,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,423 @@
+//! Device shadows: the document engine (pure), request parsing and limits, the stores, and the service that
+//! REST and MQTT both call.
+//!
+//! Every accepted change is written with compare-and-set and then announced on the outbox: `accepted`,
+//! `documents` and — whenever one remains — `delta`, on the device's own topics. The MQTT front door drains the
+//! outbox into the router, so a device that is online gets its delta at once; a device that is offline gets it
+//! the moment it subscribes to its delta topic again (see [`Shadows::replay`]).
+
+pub mod document;
+pub mod request;
+pub mod store;
+
+use antumbra_wire::topics::shadow_topic;
+use antumbra_wire::DeviceId;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::events::{EventBus, PlatformEvent};
+use crate::registry::{self, Registry, RegistryError};
+use document::{request_metadata, Document, Patch};
+use request::{Limits, PlainRequest, ShadowError, UpdateRequest};
+use store::{ShadowKey, ShadowName, ShadowStore, Store, StoreError};
+
+/// How often an update retries when another writer (another instance) got in between.
+const MAX_ATTEMPTS: usize = 32;
+/// Lock stripes: updates to one shadow queue behind each other inside this process, so compare-and-set only
+/// ever races against other instances.
+const STRIPES: usize = 256;
+
+/// A message for a device topic, queued for the broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The topic.
+    pub topic: String,
+    /// The JSON payload.
+    pub payload: Vec<u8>,
+}
+
+/// The result of an accepted update.
+#[derive(Debug, Clone)]
+pub struct Updated {
+    /// The `accepted` reply.
+    pub accepted: Value,
+    /// The document as it now is.
+    pub document: Document,
+}
+
+/// The shadow service.
+#[derive(Debug, Clone)]
+pub struct Shadows {
+    store: Store,
+    limits: Limits,
+    registry: Registry,
+    events: EventBus,
+    outbox: mpsc::UnboundedSender<Outgoing>,
+    stripes: std::sync::Arc<Vec<tokio::sync::Mutex<()>>>,
+}
+
+impl From<StoreError> for ShadowError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Backend(e) => ShadowError::Unavailable(e),
+            StoreError::Corrupt(e) => ShadowError::Internal(e),
+        }
+    }
+}
+
+fn now_secs() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl Shadows {
+    /// The service over `store`; messages for devices go to the returned receiver (the broker drains it).
+    pub fn new(
+        store: Store,
+        limits: Limits,
+        registry: Registry,
+        events: EventBus,
+    ) -> (Self, mpsc::UnboundedReceiver<Outgoing>) {
+        let (outbox, rx) = mpsc::unbounded_channel();
+        let stripes = std::sync::Arc::new((0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect());
+        (
+            Self {
+                store,
+                limits,
+                registry,
+                events,
+                outbox,
+                stripes,
+            },
+            rx,
+        )
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Checks the store answers.
+    pub async fn ping(&self) -> Result<(), ShadowError> {
+        Ok(self.store.ping().await?)
+    }
+
+    /// Parses a shadow name from a topic or query.
+    pub fn key(device: &DeviceId, name: Option<&str>) -> Result<ShadowKey, ShadowError> {
+        let name = name
+            .map(ShadowName::parse)
+            .transpose()
+            .map_err(ShadowError::BadRequest)?;
+        Ok(ShadowKey {
+            device: device.clone(),
+            name,
+        })
+    }
+
+    fn stripe(&self, key: &ShadowKey) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        key.hash(&mut h);
+        &self.stripes[(h.finish() as usize) % STRIPES]
+    }
+
+    async fn ensure_device(&self, device: &DeviceId) -> Result<(), ShadowError> {
+        match self.registry.device_exists(device).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ShadowError::UnknownDevice(format!("device {device} not found"))),
+            Err(RegistryError::Sql(e)) => Err(ShadowError::Unavailable(e.to_string())),
+            Err(e) => Err(ShadowError::Internal(e.to_string())),
+        }
+    }
+
+    /// Applies an update: read, merge in Rust, compare-and-set, retrying when another writer got in between.
+    /// `known_device` skips the registry check (the MQTT side has authenticated the device already).
+    #[tracing::instrument(skip_all, fields(device_id = %key.device, shadow = key.name.as_ref().map(|n| n.as_str())))]
+    pub async fn update(
+        &self,
+        key: &ShadowKey,
+        request: &UpdateRequest,
+        known_device: bool,
+    ) -> Result<Updated, ShadowError> {
+        if !known_device {
+            self.ensure_device(&key.device).await?;
+        }
+        let _turn = self.stripe(key).lock().await;
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let stored = self.store.load(key).await?;
+            if let Some(expected) = request.version {
+                if expected != stored.version {
+                    return Err(ShadowError::VersionConflict {
+                        current: stored.version,
+                    });
+                }
+            }
+            let previous = stored.document.clone();
+            let base = previous.clone().unwrap_or(Document {
+                version: stored.version,
+                ..Document::default()
+            });
+            let now = now_secs();
+            let next = base.updated(&request.desired, &request.reported, now);
+            let size = state_size(&next);
+            if size > self.limits.max_state_bytes {
+                return Err(request::too_large(size, &self.limits));
+            }
+            if !self
+                .store
+                .compare_and_set(key, stored.version, next.version, Some(&next))
+                .await?
+            {
+                continue;
+            }
+            let accepted = accepted_reply(request, &next, now);
+            self.announce_update(
+                key,
+                previous.as_ref(),
+                &next,
+                &accepted,
+                request.client_token.as_deref(),
+            );
+            return Ok(Updated {
+                accepted,
+                document: next,
+            });
+        }
+        Err(ShadowError::TooManyRequests)
+    }
+
+    /// The current document; 404 when there is none.
+    pub async fn get(&self, key: &ShadowKey, known_device: bool) -> Result<Document, ShadowError> {
+        if !known_device {
+            self.ensure_device(&key.device).await?;
+        }
+        self.store.load(key).await?.document.ok_or_else(|| not_found(key))
+    }
+
+    /// Deletes the document (its version number is kept, so the next document continues from it).
+    pub async fn delete(
+        &self,
+        key: &ShadowKey,
+        request: &PlainRequest,
+        known_device: bool,
+    ) -> Result<Value, ShadowError> {
+        if !known_device {
+            self.ensure_device(&key.device).await?;
+        }
+        let _turn = self.stripe(key).lock().await;
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 {
+                backoff(attempt).await;
+            }
+            let stored = self.store.load(key).await?;
+            let Some(document) = stored.document else {
+                return Err(not_found(key));
+            };
+            if let Some(expected) = request.version {
+                if expected != stored.version {
+                    return Err(ShadowError::VersionConflict {
+                        current: stored.version,
+                    });
+                }
+            }
+            if !self
+                .store
+                .compare_and_set(key, stored.version, stored.version, None)
+                .await?
+            {
+                continue;
+            }
+            let mut reply = json!({ "version": document.version, "timestamp": now_secs() });
+            if let Some(token) = &request.client_token {
+                reply["clientToken"] = json!(token);
+            }
+            self.send(key, "delete/accepted", &reply);
+            self.events.publish(PlatformEvent::ShadowDeleted {
+                device_id: key.device.to_string(),
+                name: key.name.as_ref().map(|n| n.as_str().to_owned()),
+                version: document.version,
+                at: registry::now(),
+            });
+            return Ok(reply);
+        }
+        Err(ShadowError::TooManyRequests)
+    }
+
+    /// Forgets every shadow of a deleted device.
+    pub async fn purge(&self, device: &DeviceId) -> Result<(), ShadowError> {
+        Ok(self.store.purge(device).await?)
+    }
+
+    /// Offline replay: publishes the current delta of `key` (if any) on its delta topic. Called when the device
+    /// subscribes to that topic, so desired state set while it was away reaches it as one delta, latest version.
+    pub async fn replay(&self, key: &ShadowKey) -> Result<bool, ShadowError> {
+        let stored = self.store.load(key).await?;
+        match stored.document.as_ref().and_then(Document::delta_message) {
+            Some(delta) => {
+                self.send(key, "update/delta", &delta);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Handles a request a device published on `…/shadow[/name/{n}]/{op}`: replies go out on the outbox.
+    pub async fn handle_device_request(
+        &self,
+        device: &DeviceId,
+        name: Option<&str>,
+        op: antumbra_wire::topics::ShadowOp,
+        payload: &[u8],
+    ) {
+        use antumbra_wire::topics::ShadowOp;
+        let token = request::client_token_of(payload, &self.limits);
+        let key = match Self::key(device, name) {
+            Ok(key) => key,
+            Err(e) => {
+                // A name that is not a shadow name: reply on the classic shadow's rejected topic for that op.
+                let key = ShadowKey::classic(device.clone());
+                self.send(
+                    &key,
+                    &format!("{}/rejected", op.as_str()),
+                    &rejection(&e, token.as_deref()),
+                );
+                return;
+            }
+        };
+        let result = match op {
+            ShadowOp::Update => match request::parse_update(payload, &self.limits) {
+                Ok(request) => self.update(&key, &request, true).await.map(|_| ()),
+                Err(e) => Err(e),
+            },
+            ShadowOp::Get => match request::parse_plain(payload, &self.limits) {
+                Ok(request) => self.get(&key, true).await.map(|doc| {
+                    let mut reply = doc.to_json();
+                    if let Some(token) = &request.client_token {
+                        reply["clientToken"] = json!(token);
+                    }
+                    self.send(&key, "get/accepted", &reply);
+                }),
+                Err(e) => Err(e),
+            },
+            ShadowOp::Delete => match request::parse_plain(payload, &self.limits) {
+                Ok(request) => self.delete(&key, &request, true).await.map(|_| ()),
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = result {
+            tracing::debug!(device_id = %device, op = op.as_str(), error = %e, "shadow request rejected");
+            self.send(
+                &key,
+                &format!("{}/rejected", op.as_str()),
+                &rejection(&e, token.as_deref()),
+            );
+        }
+    }
+
+    fn announce_update(
+        &self,
+        key: &ShadowKey,
+        previous: Option<&Document>,
+        next: &Document,
+        accepted: &Value,
+        token: Option<&str>,
+    ) {
+        self.send(key, "update/accepted", accepted);
+        let view = |d: &Document| {
+            let mut v = d.to_json();
+            if let Some(state) = v["state"].as_object_mut() {
+                state.remove("delta");
+            }
+            v.as_object_mut().map(|o| o.remove("timestamp"));
+            v
+        };
+        let mut documents = json!({
+            "previous": previous.map(view).unwrap_or(Value::Null),
+            "current": view(next),
+            "timestamp": next.timestamp,
+        });
+        if let Some(token) = token {
+            documents["clientToken"] = json!(token);
+        }
+        self.send(key, "update/documents", &documents);
+        if let Some(delta) = next.delta_message() {
+            self.send(key, "update/delta", &delta);
+        }
+        self.events.publish(PlatformEvent::ShadowUpdated {
+            device_id: key.device.to_string(),
+            name: key.name.as_ref().map(|n| n.as_str().to_owned()),
+            version: next.version,
+            at: registry::now(),
+        });
+    }
+
+    fn send(&self, key: &ShadowKey, suffix: &str, payload: &Value) {
+        let topic = shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
+        let _ = self.outbox.send(Outgoing {
+            topic,
+            payload: payload.to_string().into_bytes(),
+        });
+    }
+}
+
+/// A short random pause before retrying a lost compare-and-set, growing with the attempt.
+async fn backoff(attempt: usize) {
+    let ceiling = 200u64 << attempt.min(6);
+    tokio::time::sleep(std::time::Duration::from_micros(rand::random::<u64>() % ceiling)).await;
+}
+
+fn not_found(key: &ShadowKey) -> ShadowError {
+    match &key.name {
+        Some(name) => ShadowError::NotFound(format!(
+            "no shadow named {:?} for device {}",
+            name.as_str(),
+            key.device
+        )),
+        None => ShadowError::NotFound(format!("no shadow for device {}", key.device)),
+    }
+}
+
+fn state_size(document: &Document) -> usize {
+    let state = json!({ "desired": document.desired, "reported": document.reported });
+    serde_json::to_vec(&state).map(|v| v.len()).unwrap_or(usize::MAX)
+}
+
+/// The `accepted` reply: the request's state, metadata stamped for each field in it, version, timestamp, token.
+fn accepted_reply(request: &UpdateRequest, next: &Document, now: i64) -> Value {
+    let mut metadata = serde_json::Map::new();
+    for (section, patch) in [("desired", &request.desired), ("reported", &request.reported)] {
+        match patch {
+            Patch::Merge(fields) => {
+                metadata.insert(section.into(), Value::Object(request_metadata(fields, now)));
+            }
+            Patch::Remove => {
+                metadata.insert(section.into(), json!({ "timestamp": now }));
+            }
+            Patch::Absent => {}
+        }
+    }
+    let mut reply =
+        json!({ "state": request.state, "metadata": metadata, "version": next.version, "timestamp": now });
+    if let Some(token) = &request.client_token {
+        reply["clientToken"] = json!(token);
+    }
+    reply
+}
+
+/// The `rejected` reply, AWS style.
+pub fn rejection(error: &ShadowError, token: Option<&str>) -> Value {
+    let mut reply = json!({ "code": error.code(), "message": error.to_string(), "timestamp": now_secs() });
+    if let ShadowError::VersionConflict { current } = error {
+        reply["version"] = json!(current);
+    }
+    if let Some(token) = token {
+        reply["clientToken"] = json!(token);
+    }
+    reply
+}
+
+#[cfg(test)]
+mod conformance;

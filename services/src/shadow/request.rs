@@ -1,0 +1,386 @@
+//! Parsing and checking shadow requests — everything a device or an application can send — before any store
+//! is touched. Bad input becomes a [`ShadowError`] with an AWS-style numeric `code`, never a panic.
+
+use serde_json::Value;
+
+use super::document::{Object, Patch};
+
+/// Limits, from configuration; the defaults are at least as generous as AWS IoT's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest `state` of a document or request, serialized, in bytes (AWS: 8 KB).
+    pub max_state_bytes: usize,
+    /// Deepest nesting of objects and arrays inside a section (AWS: 6 levels).
+    pub max_depth: usize,
+    /// Longest `clientToken`, in bytes (AWS: 64).
+    pub max_client_token: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_state_bytes: 64 * 1024,
+            max_depth: 8,
+            max_client_token: 64,
+        }
+    }
+}
+
+/// Why a shadow request failed, with the AWS-style numeric code it answers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShadowError {
+    /// 400: not JSON.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// 400: JSON, but not a valid request.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404: no such shadow.
+    #[error("{0}")]
+    NotFound(String),
+    /// 404: no such device.
+    #[error("{0}")]
+    UnknownDevice(String),
+    /// 409: the request's `version` is not the current one.
+    #[error("version conflict: the current version is {current}")]
+    VersionConflict {
+        /// The current version.
+        current: u64,
+    },
+    /// 413: state larger than allowed.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 429: too many requests in flight (the store kept losing races).
+    #[error("too many requests; retry")]
+    TooManyRequests,
+    /// 503: the store does not answer.
+    #[error("shadow store unavailable: {0}")]
+    Unavailable(String),
+    /// 500: anything else.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ShadowError {
+    /// The AWS-style numeric code.
+    pub fn code(&self) -> u16 {
+        match self {
+            Self::InvalidJson(_) | Self::BadRequest(_) => 400,
+            Self::NotFound(_) | Self::UnknownDevice(_) => 404,
+            Self::VersionConflict { .. } => 409,
+            Self::TooLarge(_) => 413,
+            Self::TooManyRequests => 429,
+            Self::Unavailable(_) => 503,
+            Self::Internal(_) => 500,
+        }
+    }
+}
+
+/// A parsed `update` request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateRequest {
+    /// What to do with `desired`.
+    pub desired: Patch,
+    /// What to do with `reported`.
+    pub reported: Patch,
+    /// Echoed back in replies.
+    pub client_token: Option<String>,
+    /// When set, the update applies only to this version.
+    pub version: Option<u64>,
+    /// The request's `state`, echoed in `accepted`.
+    pub state: Object,
+}
+
+/// A parsed `get` or `delete` request: only a `clientToken` (and, for delete, an optional `version`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PlainRequest {
+    /// Echoed back in replies.
+    pub client_token: Option<String>,
+    /// Expected version.
+    pub version: Option<u64>,
+}
+
+/// The `clientToken` of a payload, if it is readable, so even a rejection can echo it.
+pub fn client_token_of(payload: &[u8], limits: &Limits) -> Option<String> {
+    let value: Value = serde_json::from_slice(payload).ok()?;
+    value
+        .get("clientToken")?
+        .as_str()
+        .filter(|t| t.len() <= limits.max_client_token)
+        .map(str::to_owned)
+}
+
+/// Parses an `update` payload.
+pub fn parse_update(payload: &[u8], limits: &Limits) -> Result<UpdateRequest, ShadowError> {
+    let value: Value =
+        serde_json::from_slice(payload).map_err(|e| ShadowError::InvalidJson(e.to_string()))?;
+    let Value::Object(top) = value else {
+        return Err(bad("the request must be a JSON object"));
+    };
+    let mut state = None;
+    let mut plain = PlainRequest::default();
+    for (key, value) in &top {
+        match key.as_str() {
+            "state" => state = Some(value),
+            "clientToken" | "version" => {}
+            other => {
+                return Err(bad(&format!(
+                    "unexpected field {other:?}; expected state, clientToken, version"
+                )))
+            }
+        }
+        let _ = value;
+    }
+    read_common(&top, limits, &mut plain)?;
+    let Some(state) = state else {
+        return Err(bad("missing field \"state\""));
+    };
+    let Value::Object(state) = state else {
+        return Err(bad("\"state\" must be an object"));
+    };
+    let mut desired = Patch::Absent;
+    let mut reported = Patch::Absent;
+    for (key, value) in state {
+        let patch = match value {
+            Value::Null => Patch::Remove,
+            Value::Object(fields) => {
+                check_values(fields, 1, limits, key)?;
+                Patch::Merge(fields.clone())
+            }
+            _ => return Err(bad(&format!("\"state.{key}\" must be an object or null"))),
+        };
+        match key.as_str() {
+            "desired" => desired = patch,
+            "reported" => reported = patch,
+            other => {
+                return Err(bad(&format!(
+                    "unexpected section \"state.{other}\"; expected desired, reported"
+                )))
+            }
+        }
+    }
+    if matches!((&desired, &reported), (Patch::Absent, Patch::Absent)) {
+        return Err(bad("\"state\" must contain desired or reported"));
+    }
+    let size = serde_json::to_vec(state).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > limits.max_state_bytes {
+        return Err(too_large(size, limits));
+    }
+    Ok(UpdateRequest {
+        desired,
+        reported,
+        client_token: plain.client_token,
+        version: plain.version,
+        state: state.clone(),
+    })
+}
+
+/// Parses a `get` or `delete` payload; an empty payload is an empty request.
+pub fn parse_plain(payload: &[u8], limits: &Limits) -> Result<PlainRequest, ShadowError> {
+    let mut plain = PlainRequest::default();
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok(plain);
+    }
+    let value: Value =
+        serde_json::from_slice(payload).map_err(|e| ShadowError::InvalidJson(e.to_string()))?;
+    let Value::Object(top) = value else {
+        return Err(bad("the request must be a JSON object"));
+    };
+    if let Some(other) = top.keys().find(|k| *k != "clientToken" && *k != "version") {
+        return Err(bad(&format!(
+            "unexpected field {other:?}; expected clientToken, version"
+        )));
+    }
+    read_common(&top, limits, &mut plain)?;
+    Ok(plain)
+}
+
+fn read_common(top: &Object, limits: &Limits, plain: &mut PlainRequest) -> Result<(), ShadowError> {
+    match top.get("clientToken") {
+        None => {}
+        Some(Value::String(t)) if t.len() <= limits.max_client_token => plain.client_token = Some(t.clone()),
+        Some(Value::String(_)) => {
+            return Err(bad(&format!(
+                "\"clientToken\" is longer than {} bytes",
+                limits.max_client_token
+            )))
+        }
+        Some(_) => return Err(bad("\"clientToken\" must be a string")),
+    }
+    match top.get("version") {
+        None => {}
+        Some(v) => match v.as_u64() {
+            Some(n) => plain.version = Some(n),
+            None => return Err(bad("\"version\" must be a non-negative integer")),
+        },
+    }
+    Ok(())
+}
+
+/// Depth and array rules for the values of a section.
+fn check_values(fields: &Object, depth: usize, limits: &Limits, path: &str) -> Result<(), ShadowError> {
+    for (key, value) in fields {
+        check_value(value, depth, limits, &format!("{path}.{key}"), false)?;
+    }
+    Ok(())
+}
+
+fn check_value(
+    value: &Value,
+    depth: usize,
+    limits: &Limits,
+    path: &str,
+    in_array: bool,
+) -> Result<(), ShadowError> {
+    match value {
+        Value::Null if in_array => Err(bad(&format!("arrays may not contain null (at state.{path})"))),
+        Value::Object(fields) if depth >= limits.max_depth && !fields.is_empty() => Err(bad(&format!(
+            "state.{path} nests deeper than {} levels",
+            limits.max_depth
+        ))),
+        Value::Array(items) if depth >= limits.max_depth && !items.is_empty() => Err(bad(&format!(
+            "state.{path} nests deeper than {} levels",
+            limits.max_depth
+        ))),
+        Value::Object(fields) => {
+            for (key, inner) in fields {
+                check_value(inner, depth + 1, limits, &format!("{path}.{key}"), in_array)?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => {
+            for (i, inner) in items.iter().enumerate() {
+                check_value(inner, depth + 1, limits, &format!("{path}[{i}]"), true)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn bad(message: &str) -> ShadowError {
+    ShadowError::BadRequest(message.to_owned())
+}
+
+/// The 413 for a state of `size` bytes.
+pub fn too_large(size: usize, limits: &Limits) -> ShadowError {
+    ShadowError::TooLarge(format!(
+        "state of {size} bytes exceeds the limit of {} bytes",
+        limits.max_state_bytes
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn parse(v: Value) -> Result<UpdateRequest, ShadowError> {
+        parse_update(v.to_string().as_bytes(), &Limits::default())
+    }
+
+    #[test]
+    fn a_full_update_parses() {
+        let r = parse(
+            json!({"state": {"desired": {"t": 1}, "reported": null}, "clientToken": "abc", "version": 4}),
+        )
+        .unwrap();
+        assert_eq!(
+            r.desired,
+            Patch::Merge(json!({"t": 1}).as_object().unwrap().clone())
+        );
+        assert_eq!(r.reported, Patch::Remove);
+        assert_eq!((r.client_token.as_deref(), r.version), (Some("abc"), Some(4)));
+    }
+
+    #[test]
+    fn bad_requests_get_400_with_a_reason() {
+        let cases = [
+            json!([1]),
+            json!({"state": 5}),
+            json!({"state": {}}),
+            json!({"state": {"desired": 5}}),
+            json!({"state": {"desired": [1]}}),
+            json!({"state": {"delta": {}}}),
+            json!({"state": {"desired": {}}, "extra": 1}),
+            json!({"state": {"desired": {"a": [1, null]}}}),
+            json!({"state": {"desired": {"a": [[null]]}}}),
+            json!({"state": {"desired": {}}, "version": "3"}),
+            json!({"state": {"desired": {}}, "version": -1}),
+            json!({"state": {"desired": {}}, "version": 1.5}),
+            json!({"state": {"desired": {}}, "clientToken": 5}),
+            json!({"state": {"desired": {}}, "clientToken": "x".repeat(65)}),
+            json!({"desired": {}}),
+        ];
+        for case in cases {
+            let err = parse(case.clone()).unwrap_err();
+            assert_eq!(err.code(), 400, "{case}: {err}");
+        }
+        assert!(matches!(
+            parse_update(b"{nope", &Limits::default()),
+            Err(ShadowError::InvalidJson(_))
+        ));
+        assert!(matches!(
+            parse_update(b"", &Limits::default()),
+            Err(ShadowError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn depth_and_size_limits_apply() {
+        let limits = Limits {
+            max_state_bytes: 100,
+            max_depth: 3,
+            max_client_token: 64,
+        };
+        let ok = json!({"state": {"desired": {"a": {"b": {"c": 1}}}}});
+        assert!(parse_update(ok.to_string().as_bytes(), &limits).is_ok());
+        let deep = json!({"state": {"desired": {"a": {"b": {"c": {"d": 1}}}}}});
+        assert_eq!(
+            parse_update(deep.to_string().as_bytes(), &limits)
+                .unwrap_err()
+                .code(),
+            400
+        );
+        let big = json!({"state": {"desired": {"a": "x".repeat(200)}}});
+        assert_eq!(
+            parse_update(big.to_string().as_bytes(), &limits)
+                .unwrap_err()
+                .code(),
+            413
+        );
+        assert_eq!(Limits::default().max_client_token, 64);
+        assert!(Limits::default().max_state_bytes >= 8 * 1024 && Limits::default().max_depth >= 6);
+    }
+
+    #[test]
+    fn get_and_delete_take_an_optional_token() {
+        assert_eq!(
+            parse_plain(b"", &Limits::default()).unwrap(),
+            PlainRequest::default()
+        );
+        let r = parse_plain(br#"{"clientToken":"t1","version":3}"#, &Limits::default()).unwrap();
+        assert_eq!((r.client_token.as_deref(), r.version), (Some("t1"), Some(3)));
+        assert_eq!(
+            parse_plain(br#"{"state":{}}"#, &Limits::default())
+                .unwrap_err()
+                .code(),
+            400
+        );
+        assert_eq!(
+            client_token_of(br#"{"clientToken":"z","state":5}"#, &Limits::default()).as_deref(),
+            Some("z")
+        );
+    }
+
+    proptest::proptest! {
+        /// Arbitrary bytes and arbitrary JSON never panic the parser.
+        #[test]
+        fn the_parser_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = parse_update(&bytes, &Limits::default());
+            let _ = parse_plain(&bytes, &Limits::default());
+            let _ = client_token_of(&bytes, &Limits::default());
+        }
+    }
+}
