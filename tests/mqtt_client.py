@@ -11,6 +11,8 @@ Modes:
   publish    connect, publish one message, wait until it is acknowledged, disconnect
   persist    connect with --clean-session, print "session_present=<0|1>", subscribe to --topic only when
              --subscribe is given, publish --payload to --topic at QoS 1, print what comes back (or "nothing")
+  request    connect, subscribe to --reply (a filter), publish --payload to --topic at --qos, print the first
+             --count messages that arrive on --reply ("<topic> <payload>"), exit 3 on --timeout
   loopback   connect, subscribe to --topic, publish --count messages to it at --qos, exit 0 when all came back
 Exit code 2 with "refused <rc>" when the server refuses the connection.
 """
@@ -44,6 +46,7 @@ def main():
     p.add_argument("--timeout", type=float, default=10)
     p.add_argument("--clean-session", type=int, default=1)
     p.add_argument("--subscribe", action="store_true")
+    p.add_argument("--reply")
     a = p.parse_args()
 
     protocol = mqtt.MQTTv5 if a.v5 else mqtt.MQTTv311
@@ -130,6 +133,16 @@ def main():
         c.disconnect()
         c.loop_stop()
         return 0
+    if a.mode == "request":
+        c.subscribe(a.reply, qos=1)
+        time.sleep(0.3)
+        c.publish(a.topic, a.payload, qos=a.qos)
+        deadline = time.time() + a.timeout
+        while len(received) < a.count and time.time() < deadline:
+            time.sleep(0.02)
+        c.disconnect()
+        c.loop_stop()
+        return 0 if len(received) >= a.count else 3
     if a.mode == "loopback":
         done = threading.Event()
         c.subscribe(a.topic, qos=a.qos)

@@ -4,10 +4,10 @@
 use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use antumbra_e2e::{eventually, mosquitto_tls_args, DeviceFiles, Proc, Server};
+use antumbra_e2e::{eventually, paho, paho_connected, pub_, sub, DeviceFiles, Proc, Server};
 use serde_json::Value;
 
 const TOKEN: &str = "mqtt-e2e-admin-token-0123456789";
@@ -24,82 +24,6 @@ fn start(dir: &Path) -> Server {
         ],
         &[("ANTUMBRA_ADMIN_TOKEN", TOKEN)],
     )
-}
-
-fn mosquitto(tool: &str, server: &Server, device: &DeviceFiles, args: &[&str]) -> Command {
-    let mut cmd = Command::new(tool);
-    cmd.args(mosquitto_tls_args(server.mqtts_port, device)).args(args);
-    cmd
-}
-
-fn pub_(
-    server: &Server,
-    device: &DeviceFiles,
-    client_id: &str,
-    topic: &str,
-    msg: &str,
-    extra: &[&str],
-) -> Output {
-    let mut args = vec!["-i", client_id, "-t", topic, "-m", msg];
-    args.extend_from_slice(extra);
-    mosquitto("mosquitto_pub", server, device, &args)
-        .output()
-        .unwrap()
-}
-
-/// mosquitto_sub waiting for `count` messages (or `wait` seconds), printing "topic payload".
-fn sub(server: &Server, device: &DeviceFiles, topic: &str, count: u32, wait: u32, extra: &[&str]) -> Proc {
-    let (count, wait) = (count.to_string(), wait.to_string());
-    let mut args = vec![
-        "-i",
-        device.id.as_str(),
-        "-t",
-        topic,
-        "-v",
-        "-C",
-        &count,
-        "-W",
-        &wait,
-    ];
-    args.extend_from_slice(extra);
-    let mut cmd = mosquitto("mosquitto_sub", server, device, &args);
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    Proc(cmd.spawn().unwrap())
-}
-
-fn paho(server: &Server, device: &DeviceFiles, mode: &str, args: &[&str]) -> Command {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/mqtt_client.py");
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(script).arg(mode).args([
-        "--port",
-        &server.mqtts_port.to_string(),
-        "--ca",
-        device.ca.to_str().unwrap(),
-        "--cert",
-        device.cert.to_str().unwrap(),
-        "--key",
-        device.key.to_str().unwrap(),
-        "--id",
-        &device.id,
-    ]);
-    cmd.args(args);
-    cmd
-}
-
-/// Spawns a paho client and waits until it prints "connected".
-fn paho_connected(server: &Server, device: &DeviceFiles, mode: &str, args: &[&str]) -> Proc {
-    let mut child = Proc(
-        paho(server, device, mode, args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "connected", "paho {mode}: {line}");
-    child
 }
 
 fn status(server: &Server, id: &str) -> Value {

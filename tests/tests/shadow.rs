@@ -1,0 +1,363 @@
+//! Shadows through the real process and stock MQTT clients: offline replay to a plain `mosquitto_sub`,
+//! deltas to an online device, and the device-side request topics (update, get, delete; named shadows).
+
+use std::time::Duration;
+
+use antumbra_e2e::{eventually, mosquitto, paho, paho_connected, sub, DeviceFiles, Server};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "shadow-e2e-admin-token-0123456789";
+
+fn start(dir: &std::path::Path) -> Server {
+    Server::start(
+        &[
+            "--data-dir",
+            dir.join("data").to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+            "--mqtts",
+            "127.0.0.1:0",
+        ],
+        &[("ANTUMBRA_ADMIN_TOKEN", TOKEN)],
+    )
+}
+
+fn patch(server: &Server, id: &str, body: Value) -> Value {
+    let res = reqwest::blocking::Client::new()
+        .patch(format!("{}/v1/devices/{id}/shadow", server.base))
+        .bearer_auth(TOKEN)
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.json().unwrap()
+}
+
+/// Lines "topic payload" printed by mosquitto_sub -v, payloads parsed.
+fn messages(out: &std::process::Output) -> Vec<(String, Value)> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(t, p)| (t.to_owned(), serde_json::from_str(p).unwrap_or(Value::Null)))
+        .collect()
+}
+
+/// A paho `request`: subscribe to `reply`, publish `payload` on `topic`, collect `count` replies.
+fn request(
+    server: &Server,
+    d: &DeviceFiles,
+    topic: &str,
+    payload: &str,
+    reply: &str,
+    count: usize,
+) -> Vec<(String, Value)> {
+    let count = count.to_string();
+    let out = paho(
+        server,
+        d,
+        "request",
+        &[
+            "--topic",
+            topic,
+            "--payload",
+            payload,
+            "--reply",
+            reply,
+            "--count",
+            &count,
+            "--qos",
+            "1",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "no reply on {reply}: {stdout}");
+    stdout
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (topic, rest) = l.split_once(' ')?;
+            let (_retain, payload) = rest.split_once(' ')?;
+            Some((
+                topic.to_owned(),
+                serde_json::from_str(payload).unwrap_or(Value::Null),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn desired_state_set_while_offline_reaches_a_plain_mosquitto_sub_as_one_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "label-1", dir.path());
+    patch(
+        &server,
+        "label-1",
+        json!({"state": {"reported": {"price": 199, "color": "white"}}}),
+    );
+    patch(&server, "label-1", json!({"state": {"desired": {"price": 249}}}));
+    patch(
+        &server,
+        "label-1",
+        json!({"state": {"desired": {"color": "red"}}}),
+    );
+    let last = patch(
+        &server,
+        "label-1",
+        json!({"state": {"desired": {"price": 299, "blink": true}}}),
+    );
+    let version = last["version"].as_u64().unwrap();
+
+    // No persistent session, no get: a plain subscription to the delta topic.
+    let out =
+        sub(&server, &d, "devices/label-1/shadow/update/delta", 2, 3, &[]).output(Duration::from_secs(20));
+    let got = messages(&out);
+    assert_eq!(
+        got.len(),
+        1,
+        "several offline changes collapse into one delta: {got:?}"
+    );
+    let (topic, delta) = &got[0];
+    assert_eq!(topic, "devices/label-1/shadow/update/delta");
+    assert_eq!(
+        delta["state"],
+        json!({"price": 299, "color": "red", "blink": true}),
+        "every pending field, latest values"
+    );
+    assert_eq!(delta["version"].as_u64(), Some(version), "the latest version");
+    assert!(delta["metadata"]["price"]["timestamp"].is_i64());
+
+    // MQTT 5 and a wildcard subscription replay too.
+    let out = sub(&server, &d, "devices/label-1/#", 1, 3, &["-V", "mqttv5"]).output(Duration::from_secs(20));
+    assert!(messages(&out)
+        .iter()
+        .any(|(t, m)| t.ends_with("/update/delta") && m["state"]["price"] == 299));
+}
+
+#[test]
+fn an_online_device_gets_the_delta_at_once_and_reporting_it_clears_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "purifier-1", dir.path());
+    let mut listener = paho_connected(
+        &server,
+        &d,
+        "subscribe",
+        &[
+            "--topic",
+            "devices/purifier-1/shadow/update/delta",
+            "--qos",
+            "1",
+            "--count",
+            "1",
+            "--timeout",
+            "10",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    patch(&server, "purifier-1", json!({"state": {"desired": {"fan": 3}}}));
+    let out = listener.output(Duration::from_secs(15));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("devices/purifier-1/shadow/update/delta") && stdout.contains("\"fan\":3"),
+        "{stdout}"
+    );
+
+    // The device reports what it applied over MQTT: accepted, and the delta is gone.
+    let replies = request(
+        &server,
+        &d,
+        "devices/purifier-1/shadow/update",
+        r#"{"state":{"reported":{"fan":3}},"clientToken":"r-1"}"#,
+        "devices/purifier-1/shadow/update/accepted",
+        1,
+    );
+    assert_eq!(replies[0].1["clientToken"], "r-1");
+    assert_eq!(replies[0].1["state"]["reported"]["fan"], 3);
+    let doc: Value = server.get_json(TOKEN, "/v1/devices/purifier-1/shadow");
+    assert!(doc["state"].get("delta").is_none(), "{doc}");
+    assert_eq!(doc["state"]["reported"]["fan"], 3);
+}
+
+#[test]
+fn device_requests_get_accepted_or_rejected_with_aws_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "gw-9", dir.path());
+    let base = "devices/gw-9/shadow";
+
+    let r = request(
+        &server,
+        &d,
+        &format!("{base}/get"),
+        "",
+        &format!("{base}/get/+"),
+        1,
+    );
+    assert_eq!(r[0].0, format!("{base}/get/rejected"));
+    assert_eq!(r[0].1["code"], 404);
+
+    let r = request(
+        &server,
+        &d,
+        &format!("{base}/update"),
+        r#"{"state":{"reported":{"t":20}},"clientToken":"a"}"#,
+        &format!("{base}/update/+"),
+        2,
+    );
+    let topics: Vec<_> = r
+        .iter()
+        .map(|(t, _)| t.rsplit('/').next().unwrap().to_owned())
+        .collect();
+    assert!(
+        topics.contains(&"accepted".to_owned()) && topics.contains(&"documents".to_owned()),
+        "{topics:?}"
+    );
+    let documents = &r.iter().find(|(t, _)| t.ends_with("/documents")).unwrap().1;
+    assert_eq!(documents["previous"], Value::Null);
+    assert_eq!(documents["current"]["state"]["reported"]["t"], 20);
+    assert_eq!(documents["current"]["version"], 1);
+
+    for (payload, code, token) in [
+        ("{not json", 400, None),
+        (r#"{"state":{"reported":5},"clientToken":"b"}"#, 400, Some("b")),
+        (
+            r#"{"state":{"reported":{"t":1}},"version":7,"clientToken":"c"}"#,
+            409,
+            Some("c"),
+        ),
+        (r#"{"state":{"reported":{"a":[null]}}}"#, 400, None),
+    ] {
+        let r = request(
+            &server,
+            &d,
+            &format!("{base}/update"),
+            payload,
+            &format!("{base}/update/rejected"),
+            1,
+        );
+        assert_eq!(r[0].1["code"], code, "{payload}");
+        assert!(r[0].1["message"].is_string());
+        if let Some(token) = token {
+            assert_eq!(r[0].1["clientToken"], token);
+        }
+        if code == 409 {
+            assert_eq!(r[0].1["version"], 1, "a conflict names the current version");
+        }
+    }
+    let doc: Value = server.get_json(TOKEN, "/v1/devices/gw-9/shadow");
+    assert_eq!(
+        (doc["version"].clone(), doc["state"]["reported"].clone()),
+        (json!(1), json!({"t": 20})),
+        "rejections change nothing"
+    );
+
+    let r = request(
+        &server,
+        &d,
+        &format!("{base}/get"),
+        r#"{"clientToken":"g"}"#,
+        &format!("{base}/get/accepted"),
+        1,
+    );
+    assert_eq!(
+        (
+            r[0].1["state"]["reported"]["t"].clone(),
+            r[0].1["clientToken"].clone()
+        ),
+        (json!(20), json!("g"))
+    );
+
+    // Named shadow, then delete over MQTT.
+    let r = request(
+        &server,
+        &d,
+        &format!("{base}/name/cfg/update"),
+        r#"{"state":{"reported":{"mode":"x"}}}"#,
+        &format!("{base}/name/cfg/update/accepted"),
+        1,
+    );
+    assert_eq!(r[0].1["version"], 1);
+    let named: Value = server.get_json(TOKEN, "/v1/devices/gw-9/shadow?name=cfg");
+    assert_eq!(named["state"]["reported"]["mode"], "x");
+    let r = request(
+        &server,
+        &d,
+        &format!("{base}/delete"),
+        "",
+        &format!("{base}/delete/accepted"),
+        1,
+    );
+    assert_eq!(r[0].1["version"], 1);
+    let gone = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/devices/gw-9/shadow", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+
+    // mosquitto_rr, a stock request/response client, reads the named shadow.
+    let out = mosquitto(
+        "mosquitto_rr",
+        &server,
+        &d,
+        &[
+            "-i",
+            "gw-9",
+            "-t",
+            &format!("{base}/name/cfg/get"),
+            "-e",
+            &format!("{base}/name/cfg/get/accepted"),
+            "-m",
+            "{}",
+            "-W",
+            "5",
+        ],
+    )
+    .output()
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("\"mode\":\"x\""),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_device_cannot_touch_another_devices_shadow() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let a = server.register(TOKEN, "sh-a", dir.path());
+    server.register(TOKEN, "sh-b", dir.path());
+    patch(&server, "sh-b", json!({"state": {"desired": {"secret": 1}}}));
+    let out = paho(
+        &server,
+        &a,
+        "request",
+        &[
+            "--topic",
+            "devices/sh-b/shadow/update",
+            "--payload",
+            r#"{"state":{"desired":{"secret":2}}}"#,
+            "--reply",
+            "devices/sh-a/shadow/update/+",
+            "--timeout",
+            "2",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(!out.status.success());
+    let doc: Value = server.get_json(TOKEN, "/v1/devices/sh-b/shadow");
+    assert_eq!(
+        (doc["state"]["desired"]["secret"].clone(), doc["version"].clone()),
+        (json!(1), json!(1))
+    );
+    assert!(eventually(Duration::from_secs(3), || server
+        .metric("antumbra_mqtt_acl_violations_total")
+        >= 1.0));
+}
