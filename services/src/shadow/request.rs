@@ -384,3 +384,53 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+
+    use super::*;
+    use crate::shadow::document::Document;
+
+    /// Any JSON at all, nulls and deep nesting included.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Value::from),
+            ".{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(10, 64, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,4}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Arbitrary JSON as `state.desired` / `state.reported`, parsed and merged into an arbitrary document:
+        /// never a panic, and anything accepted leaves a document within the limits' shape rules.
+        #[test]
+        fn parse_and_merge_never_panic(desired in any_json(), reported in any_json(), base in any_json(), token in any_json(), version in any_json()) {
+            let limits = Limits::default();
+            let body = json!({"state": {"desired": desired, "reported": reported}, "clientToken": token, "version": version});
+            let base_body = json!({"state": {"desired": base}});
+            let mut doc = Document::default();
+            if let Ok(start) = parse_update(base_body.to_string().as_bytes(), &limits) {
+                doc = doc.updated(&start.desired, &start.reported, 1);
+            }
+            if let Ok(request) = parse_update(body.to_string().as_bytes(), &limits) {
+                let next = doc.updated(&request.desired, &request.reported, 2);
+                let _ = next.to_json();
+                let _ = next.delta_message();
+                prop_assert_eq!(Document::from_stored(&next.to_stored()), Some(next));
+            }
+        }
+    }
+}
