@@ -1,12 +1,42 @@
 //! # antumbra-sdk
 //!
-//! The device side of [Antumbra](https://example.invalid/antumbra): everything a device needs to join the
-//! platform and stay in sync with it.
+//! The device side of Antumbra: connect with the device's certificate, stay in sync with its shadow through
+//! every reconnect, and provision keys on the device.
 //!
-//! Today the crate provides **provisioning**: a device makes its own key pair and a PKCS#10 certificate
-//! signing request, sends only the CSR to the platform (`POST /v1/devices` with `"csr"`), and gets back a
-//! certificate for a key that never left it. Shadow sync and OTA over MQTT follow in this crate as the
-//! platform's broker lands.
+//! ## A shadow-synced device
+//!
+//! ```no_run
+//! use antumbra_sdk::{Config, Credentials, Device};
+//! use serde::Deserialize;
+//!
+//! #[derive(Deserialize)]
+//! struct Desired { target: Option<f64> }
+//!
+//! # async fn run() -> Result<(), antumbra_sdk::Error> {
+//! let credentials = Credentials::from_files("device.crt", "device.key", "ca.crt")?;
+//! let device = Device::connect(Config::new("localhost", 8883, credentials))?; // client id = certificate CN
+//! let shadow = device.shadow();
+//! let mut deltas = shadow.deltas();
+//! shadow.report(serde_json::json!({ "temperature": 19.5 })).await?;
+//! while let Some(Ok((desired, _version))) = deltas.next_as::<Desired>().await {
+//!     if let Some(target) = desired.target {
+//!         // … apply it, then say so:
+//!         shadow.report(serde_json::json!({ "target": target })).await?;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The connection reconnects by itself (jittered exponential backoff). After every (re)connect the SDK
+//! resubscribes and asks for every shadow in use, so a delta set while the device was away arrives on the same
+//! stream — application code never has to think about reconnects. Deltas older than the last one delivered are
+//! dropped. Requests carry a `clientToken`, time out with [`Error::Timeout`], and a rejection is a typed
+//! [`Error::Rejected`] (a version conflict carries the current version).
+//!
+//! ## Provisioning
+//!
+//! A device can make its own key pair and a CSR, send only the CSR to the platform (`POST /v1/devices` with
+//! `"csr"`), and get back a certificate for a key that never left it:
 //!
 //! ```no_run
 //! use antumbra_sdk::{provisioning, DeviceId};
@@ -21,15 +51,14 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod client;
+mod config;
+mod error;
 pub mod provisioning;
+mod shadow;
 
 pub use antumbra_wire::{topics, DeviceId, DeviceIdError};
-
-/// Errors of the SDK.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// Generating a key or a CSR failed.
-    #[error("key or CSR generation failed: {0}")]
-    Crypto(String),
-}
+pub use client::Device;
+pub use config::{Config, Credentials};
+pub use error::Error;
+pub use shadow::{Delta, Deltas, Document, Shadow};

@@ -82,6 +82,28 @@ pub fn parse_shadow_request<'a>(id: &DeviceId, topic: &'a str) -> Option<ShadowR
     Some(ShadowRequestTopic { name, op })
 }
 
+/// Parses a reply topic the platform publishes for `id`: the shadow's name (`None` for the classic shadow)
+/// and the suffix after it (`update/accepted`, `update/delta`, `get/rejected`, …).
+pub fn parse_shadow_reply<'a>(id: &DeviceId, topic: &'a str) -> Option<(Option<&'a str>, &'a str)> {
+    let rest = topic
+        .strip_prefix("devices/")?
+        .strip_prefix(id.as_str())?
+        .strip_prefix("/shadow/")?;
+    let (name, suffix) = match rest.strip_prefix("name/") {
+        Some(named) => {
+            let (name, suffix) = named.split_once('/')?;
+            (Some(name), suffix)
+        }
+        None => (None, rest),
+    };
+    suffix.contains('/').then_some((name, suffix))
+}
+
+/// The filter that covers every shadow topic of a device, classic and named.
+pub fn shadow_filter(id: &DeviceId) -> String {
+    format!("devices/{id}/shadow/#")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,6 +117,24 @@ mod tests {
         assert_eq!(
             shadow_topic(&id, Some("cfg"), "get/accepted"),
             "devices/lamp-1/shadow/name/cfg/get/accepted"
+        );
+    }
+
+    #[test]
+    fn replies_parse() {
+        let id = DeviceId::parse("lamp-1").unwrap();
+        assert_eq!(
+            parse_shadow_reply(&id, "devices/lamp-1/shadow/update/delta"),
+            Some((None, "update/delta"))
+        );
+        assert_eq!(
+            parse_shadow_reply(&id, "devices/lamp-1/shadow/name/cfg/get/accepted"),
+            Some((Some("cfg"), "get/accepted"))
+        );
+        assert_eq!(parse_shadow_reply(&id, "devices/lamp-1/shadow/update"), None);
+        assert_eq!(
+            parse_shadow_reply(&id, "devices/lamp-2/shadow/update/delta"),
+            None
         );
     }
 
