@@ -31,6 +31,8 @@ pub(crate) struct Inner {
     pub(crate) request_timeout: Duration,
     pub(crate) pending: Mutex<HashMap<String, oneshot::Sender<Reply>>>,
     pub(crate) shadows: Mutex<HashMap<Option<String>, ShadowState>>,
+    pub(crate) jobs: broadcast::Sender<antumbra_wire::ota::JobDocument>,
+    last_job: Mutex<Option<(String, antumbra_wire::ota::JobStatus)>>,
     next_token: AtomicU64,
     token_prefix: String,
     connected: watch::Sender<bool>,
@@ -103,7 +105,81 @@ impl Inner {
         let _ = entry.deltas.send(Delta { state, version });
     }
 
+    /// Publishes an OTA report and waits for the platform's verdict (keyed by job id).
+    pub(crate) async fn ota_request(&self, update: &antumbra_wire::ota::JobUpdate) -> Reply {
+        let key = format!("ota:{}", update.job_id);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(key.clone(), tx);
+        let body = serde_json::to_vec(update).map_err(|e| Error::Payload(e.to_string()))?;
+        let topic = antumbra_wire::ota::update_topic(&self.device_id);
+        if self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+            .is_err()
+        {
+            self.pending.lock().expect("pending lock").remove(&key);
+            return Err(Error::Closed);
+        }
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err(Error::Disconnected),
+            Err(_) => {
+                self.pending.lock().expect("pending lock").remove(&key);
+                Err(Error::Timeout(self.request_timeout))
+            }
+        }
+    }
+
+    fn route_ota(&self, topic: &str, payload: &[u8]) {
+        let job_topic = antumbra_wire::ota::job_topic(&self.device_id);
+        let update_topic = antumbra_wire::ota::update_topic(&self.device_id);
+        if topic == job_topic {
+            match serde_json::from_slice::<antumbra_wire::ota::JobDocument>(payload) {
+                Ok(job) => {
+                    let key = (job.job_id.clone(), job.status);
+                    let mut last = self.last_job.lock().expect("job lock");
+                    if last.as_ref() != Some(&key) {
+                        *last = Some(key);
+                        let _ = self.jobs.send(job);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "job document is not what the SDK expects"),
+            }
+            return;
+        }
+        let Ok(body) = serde_json::from_slice::<Value>(payload) else {
+            return;
+        };
+        let (key, reply) = if topic == format!("{update_topic}/accepted") {
+            (body["id"].as_str().map(str::to_owned), Ok(body.clone()))
+        } else if topic == format!("{update_topic}/rejected") {
+            let error = Error::Rejected {
+                code: body["code"].as_u64().unwrap_or(0) as u16,
+                message: body["message"].as_str().unwrap_or_default().to_owned(),
+                version: None,
+            };
+            (body["jobId"].as_str().map(str::to_owned), Err(error))
+        } else {
+            return;
+        };
+        if let Some(job) = key {
+            if let Some(waiter) = self
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&format!("ota:{job}"))
+            {
+                let _ = waiter.send(reply);
+            }
+        }
+    }
+
     fn route(&self, topic: &str, payload: &[u8]) {
+        if topic.starts_with(&format!("devices/{}/ota/", self.device_id)) {
+            self.route_ota(topic, payload);
+            return;
+        }
         let Some((name, suffix)) = parse_shadow_reply(&self.device_id, topic) else {
             return;
         };
@@ -155,6 +231,10 @@ impl Inner {
         let _ = self
             .client
             .try_subscribe(shadow_filter(&self.device_id), QoS::AtLeastOnce);
+        // The platform sends the open OTA job, if any, as soon as this subscription is in place.
+        let _ = self
+            .client
+            .try_subscribe(format!("devices/{}/ota/#", self.device_id), QoS::AtLeastOnce);
         let names: Vec<Option<String>> = self
             .shadows
             .lock()
@@ -216,6 +296,8 @@ impl Device {
             request_timeout: config.request_timeout,
             pending: Mutex::new(HashMap::new()),
             shadows: Mutex::new(HashMap::new()),
+            jobs: broadcast::channel(16).0,
+            last_job: Mutex::new(None),
             next_token: AtomicU64::new(1),
             token_prefix: format!("{:08x}", rand::random::<u32>()),
             connected: connected_tx,
@@ -261,6 +343,11 @@ impl Device {
     /// A named shadow.
     pub fn named_shadow(&self, name: &str) -> Shadow {
         Shadow::new(self.inner.clone(), Some(name.to_owned()))
+    }
+
+    /// Firmware updates: the job stream and progress reports.
+    pub fn ota(&self) -> crate::ota::Ota {
+        crate::ota::Ota::new(self.inner.clone(), self.shadow())
     }
 
     /// Disconnects cleanly (MQTT DISCONNECT: no will) and stops reconnecting.

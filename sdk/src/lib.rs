@@ -54,11 +54,14 @@
 mod client;
 mod config;
 mod error;
+mod ota;
 pub mod provisioning;
 mod shadow;
 
+pub use antumbra_wire::ota::{FirmwareRef, JobDocument, JobStatus, JobStep};
 pub use antumbra_wire::{topics, DeviceId, DeviceIdError};
 pub use client::Device;
 pub use config::{Config, Credentials};
 pub use error::Error;
+pub use ota::{Jobs, Ota};
 pub use shadow::{Delta, Deltas, Document, Shadow};

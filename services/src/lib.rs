@@ -17,6 +17,7 @@ pub mod db;
 pub mod events;
 pub mod http;
 pub mod mqtt;
+pub mod ota;
 pub mod pki;
 pub mod presence;
 pub mod provisioning;

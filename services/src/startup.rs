@@ -88,6 +88,8 @@ impl Application {
             ),
         };
         let (shadows, outbox) = Shadows::new(store, settings.shadow_limits, registry.clone(), events.clone());
+        let ota = crate::ota::Ota::new(registry.clone(), shadows.clone(), events.clone());
+        ota.clone().spawn(std::time::Duration::from_millis(250));
         let mqtt_metrics = Arc::new(Metrics::default());
         let door = FrontDoor::start(
             settings.mqtt.clone(),
@@ -96,6 +98,7 @@ impl Application {
             events.clone(),
             mqtt_metrics.clone(),
             shadows.clone(),
+            ota.clone(),
             outbox,
         )
         .await?;
@@ -106,6 +109,7 @@ impl Application {
             events,
             mqtt_metrics,
             shadows,
+            ota,
         };
         Ok(Self {
             settings,

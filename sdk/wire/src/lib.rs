@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 mod device_id;
+pub mod ota;
 pub mod topics;
 
 pub use device_id::{DeviceId, DeviceIdError};

@@ -68,6 +68,16 @@ pub enum ErrorCode {
     TooManyRequests,
     /// 503: the shadow store (Redis) does not answer; retry later.
     ShadowStoreUnavailable,
+    /// 404: no such firmware.
+    FirmwareNotFound,
+    /// 409: that version exists already for one of the models.
+    FirmwareVersionExists,
+    /// 409: a deployment uses the firmware.
+    FirmwareInUse,
+    /// 404: no such deployment.
+    DeploymentNotFound,
+    /// 409: the deployment cannot do that in its current state.
+    InvalidDeploymentState,
 }
 
 impl ErrorCode {
@@ -80,9 +90,9 @@ impl ErrorCode {
             }
             Unauthorized => StatusCode::UNAUTHORIZED,
             Forbidden => StatusCode::FORBIDDEN,
-            DeviceNotFound | CertificateNotFound | ApiKeyNotFound | NotFound | ShadowNotFound => {
-                StatusCode::NOT_FOUND
-            }
+            DeviceNotFound | CertificateNotFound | ApiKeyNotFound | NotFound | ShadowNotFound
+            | FirmwareNotFound | DeploymentNotFound => StatusCode::NOT_FOUND,
+            FirmwareVersionExists | FirmwareInUse | InvalidDeploymentState => StatusCode::CONFLICT,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             DeviceAlreadyExists
             | CertificateAlreadyRevoked

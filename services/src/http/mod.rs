@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod openapi;
 pub mod ops;
+pub mod ota;
 pub mod shadow;
 
 use actix_web::web;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub mqtt_metrics: Arc<Metrics>,
     /// Device shadows.
     pub shadows: crate::shadow::Shadows,
+    /// OTA firmware and deployments.
+    pub ota: crate::ota::Ota,
 }
 
 /// Registers every route, the extractor error mappings and the body limit.
@@ -56,7 +59,8 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: AppState, max_body_bytes: 
                 .configure(certificates::configure)
                 .configure(api_keys::configure)
                 .configure(events::configure)
-                .configure(shadow::configure),
+                .configure(shadow::configure)
+                .configure(ota::configure),
         );
 }
 

@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_scalar::{Scalar, Servable};
 
-use super::{api_keys, certificates, devices, error, events, ops, shadow};
+use super::{api_keys, certificates, devices, error, events, ops, ota, shadow};
 
 /// The API description.
 #[derive(OpenApi)]
@@ -25,6 +25,8 @@ use super::{api_keys, certificates, devices, error, events, ops, shadow};
         certificates::rotate, certificates::revoke,
         api_keys::create, api_keys::list, api_keys::revoke,
         devices::status, events::stream, shadow::get, shadow::patch, shadow::delete,
+        ota::create_firmware, ota::list_firmware, ota::get_firmware, ota::delete_firmware,
+        ota::create_deployment, ota::list_deployments, ota::get_deployment, ota::jobs, ota::pause, ota::resume, ota::cancel,
         ops::healthz, ops::readyz, ops::metrics,
     ),
     components(schemas(error::ErrorCode, error::ErrorBody, crate::provisioning::RevocationReason, crate::events::DisconnectReason)),
@@ -34,6 +36,7 @@ use super::{api_keys, certificates, devices, error, events, ops, shadow};
         (name = "certificates", description = "Device certificates and the platform CA"),
         (name = "api-keys", description = "API keys for this REST API"),
         (name = "shadows", description = "Device shadows: desired, reported, delta"),
+        (name = "ota", description = "Firmware catalogue and staged deployments"),
         (name = "events", description = "Live platform events (server-sent events)"),
         (name = "operations", description = "Health and readiness"),
     )

@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
 use crate::events::{DisconnectReason, EventBus, PlatformEvent};
+use crate::ota::Ota;
 use crate::presence::Presence;
 use crate::registry::Registry;
 use crate::shadow::{Outgoing, Shadows};
@@ -77,6 +78,7 @@ pub struct FrontDoor {
     registry: Registry,
     metrics: Arc<Metrics>,
     shadows: Shadows,
+    ota: Ota,
 }
 
 impl std::fmt::Debug for FrontDoor {
@@ -106,6 +108,7 @@ impl FrontDoor {
         events: EventBus,
         metrics: Arc<Metrics>,
         shadows: Shadows,
+        ota: Ota,
         outbox: mpsc::UnboundedReceiver<Outgoing>,
     ) -> Result<Arc<Self>, BrokerError> {
         let router_tx = Router::new(0, router_config(&settings)).spawn();
@@ -135,6 +138,7 @@ impl FrontDoor {
             registry,
             metrics,
             shadows,
+            ota,
         });
         tokio::spawn(drop_revoked(door.clone(), events.subscribe()));
         Ok(door)

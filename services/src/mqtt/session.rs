@@ -462,7 +462,7 @@ where
                 }
                 // After the router has the packets: a SUBSCRIBE is in place before its replayed delta is queued.
                 for work in shadow_work {
-                    shadow::perform(&door.shadows, device, work).await;
+                    shadow::perform(&door.shadows, &door.ota, device, work).await;
                 }
                 if buf.capacity() > 64 * 1024 && buf.is_empty() {
                     *buf = BytesMut::with_capacity(512);

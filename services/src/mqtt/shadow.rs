@@ -1,6 +1,6 @@
-//! The shadow side of a device session: requests the device publishes on its shadow topics, and the offline
-//! replay when it subscribes to a delta topic. The packets still go to the router as usual (acks, retained
-//! messages, other subscriptions); this is what the platform does with them besides.
+//! The platform side of a device session: requests the device publishes on its shadow and OTA topics, and the
+//! replays when it subscribes (its pending shadow delta, its open OTA job). The packets still go to the router
+//! as usual (acks, retained messages, other subscriptions); this is what the platform does with them besides.
 
 use antumbra_wire::topics::{parse_shadow_request, shadow_delta, ShadowOp};
 use antumbra_wire::DeviceId;
@@ -20,6 +20,10 @@ pub(super) enum Work {
     },
     /// The device subscribed to this shadow's delta topic.
     Replay(ShadowKey),
+    /// An OTA progress or outcome report.
+    OtaUpdate(Bytes),
+    /// The device subscribed to its OTA job topic.
+    OtaReplay,
 }
 
 /// Notes the shadow work a packet from `device` asks for.
@@ -29,6 +33,9 @@ pub(super) fn collect(device: &DeviceId, packet: &Packet, work: &mut Vec<Work>) 
             let Ok(topic) = std::str::from_utf8(&publish.topic) else {
                 return;
             };
+            if topic == antumbra_wire::ota::update_topic(device) {
+                work.push(Work::OtaUpdate(publish.payload.clone()));
+            }
             if let Some(request) = parse_shadow_request(device, topic) {
                 work.push(Work::Request {
                     name: request.name.map(str::to_owned),
@@ -44,6 +51,9 @@ pub(super) fn collect(device: &DeviceId, packet: &Packet, work: &mut Vec<Work>) 
                         .into_iter()
                         .map(Work::Replay),
                 );
+                if matches(&antumbra_wire::ota::job_topic(device), &filter.path) {
+                    work.push(Work::OtaReplay);
+                }
             }
         }
         _ => {}
@@ -74,9 +84,15 @@ fn delta_subscriptions(device: &DeviceId, filter: &str) -> Vec<ShadowKey> {
     keys
 }
 
-/// Does the work; replies go out through the shadow service's outbox.
-pub(super) async fn perform(shadows: &Shadows, device: &DeviceId, work: Work) {
+/// Does the work; replies go out through the outbox.
+pub(super) async fn perform(shadows: &Shadows, ota: &crate::ota::Ota, device: &DeviceId, work: Work) {
     match work {
+        Work::OtaUpdate(payload) => ota.handle_device_update(device, &payload).await,
+        Work::OtaReplay => {
+            if let Err(e) = ota.replay(device).await {
+                tracing::warn!(device_id = %device, error = %e, "could not replay the OTA job");
+            }
+        }
         Work::Request { name, op, payload } => {
             shadows
                 .handle_device_request(device, name.as_deref(), op, &payload)

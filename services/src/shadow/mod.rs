@@ -92,6 +92,11 @@ impl Shadows {
         )
     }
 
+    /// A sender into the outbox, for other services that message devices (OTA).
+    pub fn outbox(&self) -> mpsc::UnboundedSender<Outgoing> {
+        self.outbox.clone()
+    }
+
     /// The limits in force.
     pub fn limits(&self) -> &Limits {
         &self.limits
