@@ -25,6 +25,17 @@ pub fn antumbra_bin() -> PathBuf {
     bin
 }
 
+/// Path of an SDK example binary (built by `cargo test --workspace`, which builds examples).
+pub fn example_bin(name: &str) -> PathBuf {
+    let bin = antumbra_bin().with_file_name("examples").join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p antumbra-sdk --examples`",
+        bin.display()
+    );
+    bin
+}
+
 /// A running `antumbra serve`.
 pub struct Server {
     /// The child process.

@@ -211,3 +211,103 @@ fn a_server_restart_mid_session_loses_no_desired_state() {
     let doc: Value = server.get_json(TOKEN, "/v1/devices/purifier-3/shadow");
     assert!(doc["state"].get("delta").is_none(), "{doc}");
 }
+
+#[test]
+fn the_thermostat_and_ota_examples_run_as_the_readme_says() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
+    let d = server.register(TOKEN, "thermostat-17", dir.path());
+    let port = server.mqtts_port.to_string();
+    let args = [
+        port.as_str(),
+        d.cert.to_str().unwrap(),
+        d.key.to_str().unwrap(),
+        d.ca.to_str().unwrap(),
+    ];
+    let mut thermostat = antumbra_e2e::Proc(
+        Command::new(antumbra_e2e::example_bin("thermostat"))
+            .arg("localhost")
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = thermostat.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    assert_eq!(
+        lines.recv_timeout(Duration::from_secs(20)).unwrap(),
+        "connected as thermostat-17"
+    );
+    assert!(antumbra_e2e::eventually(Duration::from_secs(10), || {
+        server.get_json(TOKEN, "/v1/devices/thermostat-17/shadow")["state"]["reported"]["target"] == 20.0
+    }));
+    patch(
+        &server.base,
+        "thermostat-17",
+        json!({"state": {"desired": {"target": 22.5}}}),
+    );
+    let line = lines.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(line.starts_with("desired target 22.5"), "{line}");
+    assert!(antumbra_e2e::eventually(Duration::from_secs(10), || {
+        server.get_json(TOKEN, "/v1/devices/thermostat-17/shadow")["state"]
+            .get("delta")
+            .is_none()
+    }));
+    thermostat.kill();
+
+    // The OTA client takes a deployment's job through to SUCCEEDED.
+    let (status, _) = {
+        let res = reqwest::blocking::Client::new()
+            .patch(format!("{}/v1/devices/thermostat-17", server.base))
+            .bearer_auth(TOKEN)
+            .json(&json!({"attributes": {"model": "th-1"}}))
+            .send()
+            .unwrap();
+        (res.status().as_u16(), ())
+    };
+    assert_eq!(status, 200);
+    let mut client = antumbra_e2e::Proc(
+        Command::new(antumbra_e2e::example_bin("ota_client"))
+            .arg("localhost")
+            .args(args)
+            .arg("1.0.0")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(client.0.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok);
+    assert!(out.next().unwrap().contains("runs firmware 1.0.0"));
+    let http = reqwest::blocking::Client::new();
+    let fw: Value = http
+        .post(format!("{}/v1/firmware", server.base))
+        .bearer_auth(TOKEN)
+        .json(&json!({"version": "1.1.0", "models": ["th-1"], "url": "https://fw.example/th-1.1.0.bin", "sha256": "cd".repeat(32), "size": 2048}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let dep: Value = http
+        .post(format!("{}/v1/deployments", server.base))
+        .bearer_auth(TOKEN)
+        .json(&json!({"firmware_id": fw["id"], "target": {"device_ids": ["thermostat-17"]}, "policy": {}}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = dep["id"].as_str().unwrap().to_owned();
+    assert!(out.next().unwrap().contains("install 1.1.0"));
+    assert!(out.next().unwrap().ends_with("is \"SUCCEEDED\""));
+    assert!(antumbra_e2e::eventually(Duration::from_secs(10), || server
+        .get_json(TOKEN, &format!("/v1/deployments/{id}"))["status"]
+        == "completed"));
+    client.kill();
+}
