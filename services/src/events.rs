@@ -4,13 +4,13 @@
 //! oldest events and learns how many (the SSE stream tells its client). The MQTT front door listens for
 //! revocations here to drop live connections; `/v1/events` streams everything to applications.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
 /// Why a device's MQTT session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DisconnectReason {
     /// The client sent DISCONNECT.
@@ -61,7 +61,7 @@ impl DisconnectReason {
 }
 
 /// Something that happened on the platform.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type")]
 pub enum PlatformEvent {
     /// A device's MQTT session started.
@@ -109,7 +109,7 @@ pub enum PlatformEvent {
         /// The device.
         device_id: String,
         /// The named shadow, absent for the classic shadow.
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
         /// The new version.
         version: u64,
@@ -123,13 +123,21 @@ pub enum PlatformEvent {
         /// The device.
         device_id: String,
         /// The named shadow, absent for the classic shadow.
-        #[serde(skip_serializing_if = "Option::is_none")]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
         /// The version deleted.
         version: u64,
         /// When.
         #[serde(with = "time::serde::rfc3339")]
         at: OffsetDateTime,
+    },
+    /// In a cluster: another instance started session `session` of the device; a local session of it is stale.
+    #[serde(rename = "device.session_moved")]
+    SessionMoved {
+        /// The device.
+        device_id: String,
+        /// The newer session.
+        session: u64,
     },
     /// A device was deleted; its connections are dropped.
     #[serde(rename = "device.deleted")]
@@ -151,6 +159,7 @@ impl PlatformEvent {
             | Self::CertificateRevoked { device_id, .. }
             | Self::DeviceDeleted { device_id, .. }
             | Self::ShadowUpdated { device_id, .. }
+            | Self::SessionMoved { device_id, .. }
             | Self::ShadowDeleted { device_id, .. } => device_id,
         }
     }

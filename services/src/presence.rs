@@ -71,6 +71,8 @@ struct Entry {
 pub struct Presence {
     entries: Mutex<HashMap<DeviceId, Entry>>,
     next_session: AtomicU64,
+    /// In a cluster: a Redis counter shared by every instance, so session numbers grow fleet-wide.
+    shared_counter: Option<(redis::aio::ConnectionManager, String)>,
     events: EventBus,
     writer: mpsc::UnboundedSender<(DeviceId, DeviceStatus)>,
 }
@@ -126,14 +128,88 @@ impl Presence {
         Ok(Arc::new(Self {
             entries: Mutex::new(entries),
             next_session: AtomicU64::new(max_session + 1),
+            shared_counter: None,
             events,
             writer,
         }))
     }
 
+    /// Draws session numbers from the Redis counter `key` (raised above every number stored here), so they
+    /// only ever grow across every instance of a cluster.
+    pub async fn share_counter(
+        self: Arc<Self>,
+        conn: redis::aio::ConnectionManager,
+        key: String,
+    ) -> Arc<Self> {
+        let floor = self.next_session.load(Ordering::Relaxed);
+        let mut c = conn.clone();
+        let current: Option<u64> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut c)
+            .await
+            .unwrap_or(None);
+        if current.is_none_or(|v| v < floor) {
+            let _: Result<(), _> = redis::cmd("SET").arg(&key).arg(floor).query_async(&mut c).await;
+        }
+        let mut this = Arc::try_unwrap(self)
+            .unwrap_or_else(|_| panic!("presence is shared before the cluster is set up"));
+        this.shared_counter = Some((conn, key));
+        Arc::new(this)
+    }
+
+    async fn next_session(&self) -> u64 {
+        if let Some((conn, key)) = &self.shared_counter {
+            let mut c = conn.clone();
+            match redis::cmd("INCR").arg(key).query_async::<u64>(&mut c).await {
+                Ok(n) => {
+                    self.next_session.fetch_max(n + 1, Ordering::Relaxed);
+                    return n;
+                }
+                Err(e) => tracing::warn!(error = %e, "shared session counter unavailable; counting locally"),
+            }
+        }
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Another instance started a session of `device`: it is online there, with that session number.
+    pub fn remote_connected(&self, device: &DeviceId, session: u64, remote_addr: String, at: OffsetDateTime) {
+        let mut entries = self.entries.lock().expect("presence lock");
+        let entry = entries.entry(device.clone()).or_insert_with(|| Entry {
+            status: DeviceStatus::never(),
+            seen: None,
+        });
+        if session >= entry.status.session {
+            entry.status.online = true;
+            entry.status.session = session;
+            entry.status.connected_at = Some(at);
+            entry.status.last_seen_at = Some(at);
+            entry.status.remote_addr = Some(remote_addr);
+            entry.seen = None;
+        }
+        self.next_session.fetch_max(session + 1, Ordering::Relaxed);
+    }
+
+    /// Another instance ended session `session` of `device`.
+    pub fn remote_disconnected(
+        &self,
+        device: &DeviceId,
+        session: u64,
+        reason: DisconnectReason,
+        at: OffsetDateTime,
+    ) {
+        let mut entries = self.entries.lock().expect("presence lock");
+        if let Some(entry) = entries.get_mut(device) {
+            if entry.status.session == session && reason != DisconnectReason::Takeover {
+                entry.status.online = false;
+                entry.status.disconnected_at = Some(at);
+                entry.status.last_disconnect_reason = Some(reason);
+            }
+        }
+    }
+
     /// A session of `device` started: returns its number and the clock it reports activity on.
-    pub fn connected(&self, device: &DeviceId, remote_addr: String) -> (u64, SeenClock) {
-        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+    pub async fn connected(&self, device: &DeviceId, remote_addr: String) -> (u64, SeenClock) {
+        let session = self.next_session().await;
         let now = registry::now();
         let seen = Arc::new(AtomicI64::new(to_millis(now)));
         let status = {
@@ -240,7 +316,8 @@ async fn upsert(
             "INSERT INTO device_presence (device_id, online, session, connected_at, disconnected_at, last_seen_at, \
              last_disconnect_reason, remote_addr) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (device_id) DO UPDATE SET online = $2, session = $3, connected_at = $4, \
-             disconnected_at = $5, last_seen_at = $6, last_disconnect_reason = $7, remote_addr = $8",
+             disconnected_at = $5, last_seen_at = $6, last_disconnect_reason = $7, remote_addr = $8 \
+             WHERE device_presence.session <= $3",
         )
         .bind(id.as_str())
         .bind(i64::from(s.online))

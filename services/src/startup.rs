@@ -72,7 +72,7 @@ impl Application {
             .transpose()?;
 
         let events = EventBus::new();
-        let presence = Presence::load(&registry, events.clone())
+        let mut presence = Presence::load(&registry, events.clone())
             .await
             .context("loading presence")?;
         let store = match &settings.redis_url {
@@ -88,6 +88,29 @@ impl Application {
             ),
         };
         let (shadows, outbox) = Shadows::new(store, settings.shadow_limits, registry.clone(), events.clone());
+        // With Redis, this instance is one of a cluster: session numbers come from one shared counter, and
+        // device messages and session events travel through Redis to whichever instance needs them.
+        let outbox = match &settings.redis_url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str()).context("REDIS_URL")?;
+                let conn = redis::aio::ConnectionManager::new(client)
+                    .await
+                    .context("connecting to Redis (REDIS_URL)")?;
+                presence = presence
+                    .share_counter(conn, format!("{}session-seq", settings.redis_prefix))
+                    .await;
+                crate::cluster::bridge(
+                    url,
+                    &settings.redis_prefix,
+                    outbox,
+                    events.clone(),
+                    presence.clone(),
+                )
+                .await
+                .context("joining the cluster over Redis")?
+            }
+            None => outbox,
+        };
         let ota = crate::ota::Ota::new(registry.clone(), shadows.clone(), events.clone());
         ota.clone().spawn(std::time::Duration::from_millis(250));
         let mqtt_metrics = Arc::new(Metrics::default());

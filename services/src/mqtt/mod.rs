@@ -220,6 +220,11 @@ async fn drop_revoked(door: Arc<FrontDoor>, mut events: tokio::sync::broadcast::
                         .kick(&device, Some(&serial), DisconnectReason::Revoked);
                 }
             }
+            Ok(PlatformEvent::SessionMoved { device_id, .. }) => {
+                if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
+                    door.sessions.kick(&device, None, DisconnectReason::Takeover);
+                }
+            }
             Ok(PlatformEvent::DeviceDeleted { device_id, .. }) => {
                 if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
                     door.sessions.kick(&device, None, DisconnectReason::Revoked);

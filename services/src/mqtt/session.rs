@@ -149,7 +149,7 @@ where
             ..Default::default()
         }),
     );
-    let (session, seen) = door.presence.connected(&device, remote.to_string());
+    let (session, seen) = door.presence.connected(&device, remote.to_string()).await;
     door.metrics.connected();
     tracing::info!(device_id = %device, session, %remote, version = ?codec.version(), "device connected");
 
