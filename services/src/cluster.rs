@@ -48,6 +48,7 @@ pub async fn bridge(
     let (to_broker, from_cluster) = mpsc::unbounded_channel();
 
     tokio::spawn(publish_loop(
+        client.clone(),
         publisher,
         channel.clone(),
         instance.clone(),
@@ -71,6 +72,7 @@ fn shared(event: &PlatformEvent) -> bool {
 }
 
 async fn publish_loop(
+    client: redis::Client,
     mut conn: redis::aio::ConnectionManager,
     channel: String,
     instance: String,
@@ -98,15 +100,27 @@ async fn publish_loop(
             message,
         })
         .unwrap_or_default();
-        // The connection manager reconnects by itself; a message lost while Redis is away is a device message
-        // (the device resyncs from the store on its next subscribe) or an event that the database also holds.
-        if let Err(e) = redis::cmd("PUBLISH")
-            .arg(&channel)
-            .arg(text)
-            .query_async::<i64>(&mut conn)
-            .await
-        {
-            tracing::warn!(error = %e, "could not publish to the cluster");
+        // A message that cannot be published while Redis is away is dropped: device messages are resynced from
+        // the store when the device next subscribes, and events are also held by the database. After a failure
+        // the connection is rebuilt, however the old one died, and the message tried once more.
+        let publish = |mut conn: redis::aio::ConnectionManager, text: String, channel: String| async move {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(text)
+                .query_async::<i64>(&mut conn)
+                .await
+        };
+        if let Err(e) = publish(conn.clone(), text.clone(), channel.clone()).await {
+            tracing::warn!(error = %e, "could not publish to the cluster; reconnecting");
+            let fresh = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                redis::aio::ConnectionManager::new(client.clone()),
+            )
+            .await;
+            if let Ok(Ok(fresh)) = fresh {
+                conn = fresh;
+                let _ = publish(conn.clone(), text, channel.clone()).await;
+            }
         }
     }
 }

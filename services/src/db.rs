@@ -54,7 +54,7 @@ pub async fn connect(url: &str) -> Result<AnyPool, DbError> {
     let pool = AnyPoolOptions::new()
         // SQLite serialises writers anyway; a few connections let readers run beside the writer under WAL.
         .max_connections(if engine == Engine::Sqlite { 4 } else { 16 })
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_secs(3))
         .connect_with(options)
         .await?;
     if engine == Engine::Sqlite {

@@ -228,7 +228,9 @@ return 1
 /// plus a set `{prefix}shadows/{device}` of a device's names for purging.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: redis::aio::ConnectionManager,
+    client: redis::Client,
+    conn: std::sync::Arc<std::sync::RwLock<redis::aio::ConnectionManager>>,
+    rebuilding: std::sync::Arc<std::sync::atomic::AtomicBool>,
     prefix: String,
     cas: redis::Script,
 }
@@ -249,14 +251,55 @@ impl RedisStore {
             .set_connection_timeout(std::time::Duration::from_secs(2))
             .set_response_timeout(std::time::Duration::from_secs(2))
             .set_number_of_retries(2);
-        let conn = redis::aio::ConnectionManager::new_with_config(client, config)
+        let conn = redis::aio::ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(backend)?;
         Ok(Self {
-            conn,
+            client,
+            conn: std::sync::Arc::new(std::sync::RwLock::new(conn)),
+            rebuilding: Default::default(),
             prefix: prefix.to_owned(),
             cas: redis::Script::new(CAS_SCRIPT),
         })
+    }
+
+    fn connection(&self) -> redis::aio::ConnectionManager {
+        self.conn.read().expect("redis connection lock").clone()
+    }
+
+    /// After a failure, builds a fresh connection in the background (one at a time, retrying until Redis is
+    /// back) and swaps it in, so the store recovers on its own however the old connection died.
+    fn rebuild(&self) {
+        use std::sync::atomic::Ordering;
+        if self.rebuilding.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (client, slot, flag) = (self.client.clone(), self.conn.clone(), self.rebuilding.clone());
+        tokio::spawn(async move {
+            loop {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(std::time::Duration::from_secs(2))
+                    .set_response_timeout(std::time::Duration::from_secs(2))
+                    .set_number_of_retries(1);
+                match redis::aio::ConnectionManager::new_with_config(client.clone(), config).await {
+                    Ok(conn) => {
+                        *slot.write().expect("redis connection lock") = conn;
+                        tracing::info!("reconnected to Redis");
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+                }
+            }
+            flag.store(false, Ordering::Release);
+        });
+    }
+
+    async fn bounded<T>(&self, call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        let result = bounded(call).await;
+        if result.is_err() {
+            self.rebuild();
+        }
+        result
     }
 
     fn key(&self, key: &ShadowKey) -> String {
@@ -268,9 +311,53 @@ impl RedisStore {
     }
 }
 
+/// Longest a Redis call may take before the store reports itself unavailable: a request fails fast with 503
+/// while Redis is away instead of waiting on reconnect attempts.
+const REDIS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn bounded<T>(call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    tokio::time::timeout(REDIS_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Backend(format!(
+                "Redis did not answer within {REDIS_DEADLINE:?}"
+            )))
+        })
+}
+
 impl ShadowStore for RedisStore {
     async fn load(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
-        let mut conn = self.conn.clone();
+        self.bounded(self.load_unbounded(key)).await
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &ShadowKey,
+        expected: u64,
+        version: u64,
+        document: Option<&Document>,
+    ) -> Result<bool, StoreError> {
+        self.bounded(self.cas_unbounded(key, expected, version, document))
+            .await
+    }
+
+    async fn purge(&self, device: &DeviceId) -> Result<(), StoreError> {
+        self.bounded(self.purge_unbounded(device)).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.bounded(async {
+            let mut conn = self.connection();
+            let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+impl RedisStore {
+    async fn load_unbounded(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
+        let mut conn = self.connection();
         let (document, version): (Option<String>, Option<u64>) = redis::cmd("HMGET")
             .arg(self.key(key))
             .arg("d")
@@ -284,14 +371,14 @@ impl ShadowStore for RedisStore {
         })
     }
 
-    async fn compare_and_set(
+    async fn cas_unbounded(
         &self,
         key: &ShadowKey,
         expected: u64,
         version: u64,
         document: Option<&Document>,
     ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let text = document.map(|d| d.to_stored().to_string()).unwrap_or_default();
         let done: i64 = self
             .cas
@@ -313,8 +400,8 @@ impl ShadowStore for RedisStore {
         Ok(done == 1)
     }
 
-    async fn purge(&self, device: &DeviceId) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+    async fn purge_unbounded(&self, device: &DeviceId) -> Result<(), StoreError> {
+        let mut conn = self.connection();
         let names: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.index(device))
             .query_async(&mut conn)
@@ -330,12 +417,6 @@ impl ShadowStore for RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
-        Ok(())
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut conn).await.map_err(backend)?;
         Ok(())
     }
 }
