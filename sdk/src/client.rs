@@ -365,8 +365,10 @@ async fn drive(inner: Arc<Inner>, mut eventloop: rumqttc::EventLoop, min: Durati
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 tracing::info!(device_id = %inner.device_id, "connected");
                 backoff = min;
-                inner.connected.send_replace(true);
+                // Subscriptions are queued before anyone learns of the connection, so a request made right after
+                // `wait_connected` cannot overtake them and miss its reply.
                 inner.resync();
+                inner.connected.send_replace(true);
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => inner.route(&publish.topic, &publish.payload),
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {

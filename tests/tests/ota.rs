@@ -528,3 +528,87 @@ fn the_firmware_catalogue_validates_every_field() {
     );
     assert_eq!((status, body["code"].clone()), (400, json!("invalid_request")));
 }
+
+#[test]
+fn downgrades_are_refused_devices_time_out_and_an_abort_cancels_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let ahead = register(&server, dir.path(), "gw-ahead", "g1", &[]);
+    register(&server, dir.path(), "gw-silent-1", "g1", &[]);
+    register(&server, dir.path(), "gw-silent-2", "g1", &[]);
+    register(&server, dir.path(), "gw-later", "g1", &[]);
+    let runtime = rt();
+    let port = server.mqtts_port;
+    // gw-ahead already runs 5.0.0.
+    runtime.block_on(async {
+        let device = connect(port, &ahead);
+        device.wait_connected(Duration::from_secs(10)).await.unwrap();
+        device.ota().report_version("5.0.0").await.unwrap();
+        device.disconnect().await;
+    });
+    let old = firmware(&server, "4.0.0", &["g1"]);
+    let (_, dep) = api(
+        &server,
+        reqwest::Method::POST,
+        "/v1/deployments",
+        Some(json!({"firmware_id": old, "target": {"device_ids": ["gw-ahead"]}, "policy": {}})),
+    );
+    let (_, jobs) = api(
+        &server,
+        reqwest::Method::GET,
+        &format!("/v1/deployments/{}/jobs", dep["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!(jobs[0]["status"], "REJECTED");
+    assert!(
+        jobs[0]["reason"].as_str().unwrap().contains("downgrade"),
+        "{jobs}"
+    );
+    let (_, allowed) = api(
+        &server,
+        reqwest::Method::POST,
+        "/v1/deployments",
+        Some(
+            json!({"firmware_id": old, "target": {"device_ids": ["gw-ahead"]}, "policy": {}, "allow_downgrade": true}),
+        ),
+    );
+    assert_eq!(
+        allowed["counts"]["queued"], 1,
+        "allowed when the deployment says so"
+    );
+
+    // Two silent devices time out after 1 s; the threshold (count 2) aborts; the last wave never starts.
+    let new = firmware(&server, "6.0.0", &["g1"]);
+    let (status, dep) = api(
+        &server,
+        reqwest::Method::POST,
+        "/v1/deployments",
+        Some(
+            json!({"firmware_id": new, "target": {"device_ids": ["gw-silent-1", "gw-silent-2", "gw-later"]},
+            "policy": {"wave_size": 2, "device_timeout_secs": 1, "failure_threshold": {"count": 2, "action": "abort"}}}),
+        ),
+    );
+    assert_eq!(status, 201, "{dep}");
+    let id = dep["id"].as_str().unwrap().to_owned();
+    assert!(
+        eventually(Duration::from_secs(10), || deployment(&server, &id)["status"]
+            == "aborted"),
+        "{}",
+        deployment(&server, &id)
+    );
+    let d = deployment(&server, &id);
+    assert_eq!(d["counts"]["timed_out"], 2, "{d}");
+    assert_eq!(d["waves"][1]["started"], false, "{d}");
+    assert!(d["status_reason"].as_str().unwrap().contains("failure threshold"));
+    let (_, jobs) = api(
+        &server,
+        reqwest::Method::GET,
+        &format!("/v1/deployments/{id}/jobs"),
+        None,
+    );
+    let timed_out = &jobs.as_array().unwrap()[0];
+    assert_eq!(
+        timed_out["transitions"].as_array().unwrap().last().unwrap()["status"],
+        "TIMED_OUT"
+    );
+}
