@@ -178,7 +178,8 @@ impl Default for EventBus {
 }
 
 impl EventBus {
-    /// A bus that keeps up to 4096 events for slow subscribers.
+    /// A bus that keeps up to 65,536 events for slow subscribers (a burst of 10,000 connects must not make the
+    /// revocation listener miss a revocation).
     pub fn new() -> Self {
         Self {
             tx: broadcast::channel(4096).0,
