@@ -182,7 +182,7 @@ impl EventBus {
     /// revocation listener miss a revocation).
     pub fn new() -> Self {
         Self {
-            tx: broadcast::channel(4096).0,
+            tx: broadcast::channel(65_536).0,
         }
     }
 
