@@ -47,7 +47,9 @@ pub async fn bridge(
     let publisher = redis::aio::ConnectionManager::new(client.clone()).await?;
     let (to_broker, from_cluster) = mpsc::unbounded_channel();
 
+    let lost = std::sync::Arc::new(tokio::sync::Notify::new());
     tokio::spawn(publish_loop(
+        lost.clone(),
         client.clone(),
         publisher,
         channel.clone(),
@@ -56,7 +58,7 @@ pub async fn bridge(
         events.subscribe(),
     ));
     tokio::spawn(subscribe_loop(
-        client, channel, instance, to_broker, events, presence,
+        lost, client, channel, instance, to_broker, events, presence,
     ));
     Ok(from_cluster)
 }
@@ -72,6 +74,7 @@ fn shared(event: &PlatformEvent) -> bool {
 }
 
 async fn publish_loop(
+    lost: std::sync::Arc<tokio::sync::Notify>,
     client: redis::Client,
     mut conn: redis::aio::ConnectionManager,
     channel: String,
@@ -112,6 +115,8 @@ async fn publish_loop(
         };
         if let Err(e) = publish(conn.clone(), text.clone(), channel.clone()).await {
             tracing::warn!(error = %e, "could not publish to the cluster; reconnecting");
+            // The subscription may be just as dead without noticing (no traffic, no keep-alive): renew it too.
+            lost.notify_one();
             let fresh = tokio::time::timeout(
                 std::time::Duration::from_secs(2),
                 redis::aio::ConnectionManager::new(client.clone()),
@@ -126,6 +131,7 @@ async fn publish_loop(
 }
 
 async fn subscribe_loop(
+    lost: std::sync::Arc<tokio::sync::Notify>,
     client: redis::Client,
     channel: String,
     instance: String,
@@ -148,7 +154,14 @@ async fn subscribe_loop(
             continue;
         }
         let mut stream = pubsub.on_message();
-        while let Some(msg) = stream.next().await {
+        loop {
+            let msg = tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(msg) => msg,
+                    None => break,
+                },
+                _ = lost.notified() => break,
+            };
             let Ok(text) = msg.get_payload::<String>() else {
                 continue;
             };
