@@ -22,7 +22,6 @@ mod shadow;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -315,13 +314,4 @@ pub async fn serve_plain(
         ));
     }
     tracing::info!("MQTT plain listener stopped");
-}
-
-/// Where the broker listens.
-#[derive(Debug, Clone, Copy)]
-pub struct BoundAddrs {
-    /// Mutual-TLS listener.
-    pub mqtts: SocketAddr,
-    /// Development plain listener, if enabled.
-    pub plain: Option<SocketAddr>,
 }

@@ -117,20 +117,16 @@ pub fn parse_update(payload: &[u8], limits: &Limits) -> Result<UpdateRequest, Sh
     let Value::Object(top) = value else {
         return Err(bad("the request must be a JSON object"));
     };
-    let mut state = None;
     let mut plain = PlainRequest::default();
-    for (key, value) in &top {
-        match key.as_str() {
-            "state" => state = Some(value),
-            "clientToken" | "version" => {}
-            other => {
-                return Err(bad(&format!(
-                    "unexpected field {other:?}; expected state, clientToken, version"
-                )))
-            }
-        }
-        let _ = value;
+    if let Some(other) = top
+        .keys()
+        .find(|k| !matches!(k.as_str(), "state" | "clientToken" | "version"))
+    {
+        return Err(bad(&format!(
+            "unexpected field {other:?}; expected state, clientToken, version"
+        )));
     }
+    let state = top.get("state");
     read_common(&top, limits, &mut plain)?;
     let Some(state) = state else {
         return Err(bad("missing field \"state\""));
