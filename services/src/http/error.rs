@@ -155,22 +155,20 @@ impl ResponseError for ApiError {
 
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
-        match e {
-            RegistryError::Sql(
-                sqlx::Error::PoolTimedOut
-                | sqlx::Error::Io(_)
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::Tls(_),
-            ) => {
-                tracing::warn!(error = %e, "database unavailable");
-                Self::new(
-                    ErrorCode::DatabaseUnavailable,
-                    "the database does not answer; retry later",
-                )
-            }
-            e => internal(e),
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            return database_unavailable();
         }
+        internal(e)
     }
+}
+
+/// 503 `database_unavailable`: the database is down, unreachable or restarting; the client should retry.
+pub fn database_unavailable() -> ApiError {
+    ApiError::new(
+        ErrorCode::DatabaseUnavailable,
+        "the database does not answer; retry later",
+    )
 }
 
 impl From<ProvisioningError> for ApiError {

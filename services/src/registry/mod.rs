@@ -34,6 +34,35 @@ pub enum RegistryError {
     Sql(sqlx::Error),
 }
 
+impl RegistryError {
+    /// Whether the database is away (down, unreachable, restarting, out of connections) rather than the
+    /// request being wrong: worth a 503 and a retry, not a 500.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Sql(e) => sql_unavailable(e),
+            _ => false,
+        }
+    }
+}
+
+fn sql_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed
+        // A connection that died mid-conversation (the server went away) surfaces as a protocol error.
+        | sqlx::Error::Protocol(_) => true,
+        // SQLSTATE class 08: connection exception; 57P01..57P03: the server is shutting down, crashed or is
+        // not accepting connections yet; 53300: too many connections.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+        _ => false,
+    }
+}
+
 impl From<sqlx::Error> for RegistryError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
