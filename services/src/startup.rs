@@ -51,13 +51,19 @@ impl Application {
             .context("opening the registry database")?;
         let registry = Registry::new(pool);
 
+        // Instances sharing a database share its CA, unless the operator gives CA files (see pki::shared).
         let pki_dir = settings.data_dir.join("pki");
         let source = CaSource {
             dir: pki_dir.clone(),
             provided: settings.ca.clone(),
+            keep_files: crate::db::Engine::of(&settings.database_url) == Some(crate::db::Engine::Sqlite),
         };
         let validity = time::Duration::days(i64::from(settings.cert_validity_days));
-        let ca = Arc::new(CertificateAuthority::load_or_create(&source, validity).context("loading the CA")?);
+        let (ca, provenance) = CertificateAuthority::load_shared(&source, &registry, validity)
+            .await
+            .context("loading the CA")?;
+        tracing::info!(from = %provenance, "device CA loaded");
+        let ca = Arc::new(ca);
         let server = ca
             .write_server_identity(&pki_dir, &settings.mqtt_dns_names)
             .context("issuing the MQTT server certificate")?;

@@ -13,28 +13,39 @@ pub(super) fn read(path: &Path) -> Result<String, PkiError> {
     })
 }
 
-/// Reads `dir/ca.crt` and `dir/ca.key`, or creates both with `create` when neither exists. One without the
-/// other is an error: silently replacing a CA would orphan every certificate it issued.
+/// Reads `dir/ca.crt` and `dir/ca.key`, or creates both with `create` when neither exists.
 pub(super) fn load_or_create_ca(
     dir: &Path,
     create: impl FnOnce() -> Result<(String, String), PkiError>,
 ) -> Result<(String, String), PkiError> {
+    if let Some(pair) = read_ca(dir)? {
+        return Ok(pair);
+    }
+    let (cert, key) = create()?;
+    write_ca(dir, &cert, &key)?;
+    tracing::info!(path = %dir.join("ca.crt").display(), "created a new device CA");
+    Ok((cert, key))
+}
+
+/// Reads `dir/ca.crt` and `dir/ca.key` when both exist; `None` when neither does. One without the other is an
+/// error: silently replacing a CA would orphan every certificate it issued.
+pub(super) fn read_ca(dir: &Path) -> Result<Option<(String, String)>, PkiError> {
     let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
     match (cert_path.exists(), key_path.exists()) {
-        (true, true) => Ok((read(&cert_path)?, read(&key_path)?)),
-        (false, false) => {
-            let (cert, key) = create()?;
-            write_secret(&key_path, &key)?;
-            write_public(&cert_path, &cert)?;
-            tracing::info!(path = %cert_path.display(), "created a new device CA");
-            Ok((cert, key))
-        }
+        (true, true) => Ok(Some((read(&cert_path)?, read(&key_path)?))),
+        (false, false) => Ok(None),
         (has_cert, _) => Err(PkiError::InvalidCa {
             path: if has_cert { key_path } else { cert_path },
             reason: "missing, while its partner file exists; restore it or remove both to create a new CA"
                 .into(),
         }),
     }
+}
+
+/// Writes `dir/ca.key` (0600) and then `dir/ca.crt`.
+pub(super) fn write_ca(dir: &Path, cert: &str, key: &str) -> Result<(), PkiError> {
+    write_secret(&dir.join("ca.key"), key)?;
+    write_public(&dir.join("ca.crt"), cert)
 }
 
 pub(super) fn write_public(path: &Path, contents: &str) -> Result<(), PkiError> {

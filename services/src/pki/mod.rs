@@ -1,10 +1,12 @@
 //! The platform's certificate authority: creates or loads the CA, issues device and server certificates.
 //!
-//! Everything here is pure CPU work on keys and certificates; nothing touches the database. The provisioning
-//! service calls it before it writes anything, so a failed issuance never leaves a half-registered device.
+//! Issuing is pure CPU work on keys and certificates and never touches the database: the provisioning service
+//! calls it before it writes anything, so a failed issuance never leaves a half-registered device. Only loading
+//! the CA at start does ([`shared`]): instances sharing a database share the CA kept there.
 
 mod csr;
 mod files;
+mod shared;
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +19,7 @@ use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 pub use csr::CsrError;
+pub use shared::CaProvenance;
 
 /// How long a newly created CA is valid.
 const CA_VALIDITY: Duration = Duration::days(3650);
@@ -32,6 +35,12 @@ pub enum PkiError {
     /// The operator-provided CA could not be used.
     #[error("CA {path}: {reason}")]
     InvalidCa { path: PathBuf, reason: String },
+    /// The CA on record in the database could not be used.
+    #[error("the CA stored in the database (table certificate_authority) is unusable: {0}")]
+    InvalidStoredCa(String),
+    /// Reading or storing the CA record failed.
+    #[error("the CA record in the database: {0}")]
+    Store(#[from] crate::registry::RegistryError),
     /// Reading or writing the CA files failed.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
@@ -47,6 +56,8 @@ pub struct CaSource {
     pub dir: PathBuf,
     /// Operator-provided CA certificate and key, both PEM; when set they are used instead of `dir/ca.*`.
     pub provided: Option<(PathBuf, PathBuf)>,
+    /// Keep a copy of a CA that lives in the database in `dir` too (when the database is a local file anyway).
+    pub keep_files: bool,
 }
 
 /// A certificate the CA has just signed, with the facts the registry stores about it.

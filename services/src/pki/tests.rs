@@ -9,6 +9,7 @@ fn ca_in(dir: &Path) -> CertificateAuthority {
     let source = CaSource {
         dir: dir.to_owned(),
         provided: None,
+        keep_files: true,
     };
     CertificateAuthority::load_or_create(&source, Duration::days(30)).unwrap()
 }
@@ -115,6 +116,7 @@ fn half_a_ca_is_refused_rather_than_replaced() {
     let source = CaSource {
         dir: dir.path().to_owned(),
         provided: None,
+        keep_files: true,
     };
     let err = CertificateAuthority::load_or_create(&source, Duration::days(1)).unwrap_err();
     assert!(matches!(err, PkiError::InvalidCa { .. }), "{err}");
@@ -150,6 +152,7 @@ fn operator_provided_ca_made_by_openssl_is_used() {
     let source = CaSource {
         dir: dir.path().join("unused"),
         provided: Some((dir.path().join("op.crt"), dir.path().join("op.key"))),
+        keep_files: true,
     };
     let ca = CertificateAuthority::load_or_create(&source, Duration::days(30)).unwrap();
     let (cert, _) = ca.issue_with_new_key(&device("op-device")).unwrap();
@@ -171,6 +174,7 @@ fn operator_ca_with_the_wrong_key_is_refused() {
     let source = CaSource {
         dir: dir.path().to_owned(),
         provided: Some((a.path().join("ca.crt"), b.path().join("ca.key"))),
+        keep_files: true,
     };
     let err = CertificateAuthority::load_or_create(&source, Duration::days(1)).unwrap_err();
     assert!(err.to_string().contains("does not match"), "{err}");

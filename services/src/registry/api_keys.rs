@@ -67,23 +67,21 @@ impl Registry {
     }
 
     /// Inserts the key or, when its id exists, replaces its secret and un-revokes it (the configured admin key).
+    /// One statement, so instances of a cluster starting at once with the same key do not trip over each other
+    /// (a delete-then-insert lets the second instance's insert collide with the first's).
     pub async fn upsert_api_key(&self, key: &ApiKeyRecord, secret_hash: &str) -> Result<(), RegistryError> {
-        let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM api_keys WHERE id = $1")
-            .bind(key.id.clone())
-            .execute(&mut *tx)
-            .await?;
         sqlx::query(&format!(
-            "INSERT INTO api_keys ({COLUMNS}, secret_hash) VALUES ($1, $2, $3, $4, NULL, $5)"
+            "INSERT INTO api_keys ({COLUMNS}, secret_hash) VALUES ($1, $2, $3, $4, NULL, $5) \
+             ON CONFLICT (id) DO UPDATE SET name = $2, scope = $3, created_at = $4, revoked_at = NULL, \
+             secret_hash = $5"
         ))
         .bind(key.id.clone())
         .bind(key.name.clone())
         .bind(key.scope.as_str())
         .bind(to_millis(key.created_at))
         .bind(secret_hash.to_owned())
-        .execute(&mut *tx)
+        .execute(self.pool())
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 

@@ -1,13 +1,15 @@
-//! The device registry in SQL: devices and their tags, certificates, API keys.
+//! The device registry in SQL: devices and their tags, certificates, API keys, and the platform CA's record.
 //!
 //! Repository code only: it stores and finds records and knows nothing of HTTP or of how certificates are
 //! made. Writes that belong together take a [`Tx`] so the caller decides where the transaction ends.
 
 mod api_keys;
+mod ca;
 mod certificates;
 mod devices;
 
 pub use api_keys::{ApiKeyRecord, Scope};
+pub use ca::{CaOrigin, StoredCa};
 pub use certificates::{CertificateRecord, CertificateStatus, KeyOrigin, NewCertificate};
 pub use devices::{Device, DeviceChanges, DeviceQuery, NewDevice};
 
