@@ -10,6 +10,8 @@
 //!
 //! No consensus of our own: Redis orders the messages, PostgreSQL and the shadow store hold the state.
 
+use std::time::Duration;
+
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -32,6 +34,19 @@ struct Envelope {
     message: Message,
 }
 
+/// Longest a Redis call of the bridge may take. A call that hangs (a connection half-dead, a reconnect that
+/// does not finish) must not stall every device message behind it.
+const REDIS_DEADLINE: Duration = Duration::from_secs(2);
+/// After a failed publish, how long messages are dropped at once instead of each trying to reconnect.
+const PUBLISH_BACKOFF: Duration = Duration::from_millis(250);
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(REDIS_DEADLINE)
+        .set_response_timeout(REDIS_DEADLINE)
+        .set_number_of_retries(1)
+}
+
 /// Starts the bridge: drains `outbox` to Redis, feeds what Redis carries into the returned receiver (for the
 /// broker), forwards the local events other instances need, and applies theirs here.
 pub async fn bridge(
@@ -44,19 +59,18 @@ pub async fn bridge(
     let instance = format!("{:016x}", rand::random::<u64>());
     let channel = format!("{prefix}cluster");
     let client = redis::Client::open(url)?;
-    let publisher = redis::aio::ConnectionManager::new(client.clone()).await?;
+    let publisher = redis::aio::ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
     let (to_broker, from_cluster) = mpsc::unbounded_channel();
 
     let lost = std::sync::Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(publish_loop(
-        lost.clone(),
-        client.clone(),
-        publisher,
-        channel.clone(),
-        instance.clone(),
-        outbox,
-        events.subscribe(),
-    ));
+    let publisher = Publisher {
+        client: client.clone(),
+        conn: Some(publisher),
+        retry_after: None,
+        channel: channel.clone(),
+        lost: lost.clone(),
+    };
+    tokio::spawn(publish_loop(publisher, instance.clone(), outbox, events.subscribe()));
     tokio::spawn(subscribe_loop(
         lost, client, channel, instance, to_broker, events, presence,
     ));
@@ -73,11 +87,71 @@ fn shared(event: &PlatformEvent) -> bool {
     )
 }
 
-async fn publish_loop(
-    lost: std::sync::Arc<tokio::sync::Notify>,
+/// The publishing side's connection, rebuilt after any failure.
+struct Publisher {
     client: redis::Client,
-    mut conn: redis::aio::ConnectionManager,
+    /// `None` after a failure, until a new connection is made.
+    conn: Option<redis::aio::ConnectionManager>,
+    /// No reconnect attempt before this, after a failure.
+    retry_after: Option<tokio::time::Instant>,
     channel: String,
+    /// Told after a failure: the subscription may be just as dead without noticing (no traffic, no keep-alive).
+    lost: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Publisher {
+    /// Publishes `text`, every step bounded by [`REDIS_DEADLINE`]. While Redis is away a message is dropped:
+    /// device messages are resynced from the store when the device next subscribes, and events are also held
+    /// by the database.
+    async fn publish(&mut self, text: String) {
+        let conn = match &self.conn {
+            Some(conn) => conn.clone(),
+            None => {
+                if self.retry_after.is_some_and(|t| tokio::time::Instant::now() < t) {
+                    return;
+                }
+                let fresh = tokio::time::timeout(
+                    REDIS_DEADLINE,
+                    redis::aio::ConnectionManager::new_with_config(self.client.clone(), manager_config()),
+                )
+                .await;
+                match fresh {
+                    Ok(Ok(conn)) => {
+                        tracing::info!("cluster publisher reconnected to Redis");
+                        self.retry_after = None;
+                        self.conn = Some(conn.clone());
+                        conn
+                    }
+                    _ => {
+                        self.retry_after = Some(tokio::time::Instant::now() + PUBLISH_BACKOFF);
+                        return;
+                    }
+                }
+            }
+        };
+        let mut conn = conn;
+        let sent = tokio::time::timeout(
+            REDIS_DEADLINE,
+            redis::cmd("PUBLISH")
+                .arg(&self.channel)
+                .arg(text)
+                .query_async::<i64>(&mut conn),
+        )
+        .await;
+        let error = match sent {
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("Redis did not answer within {REDIS_DEADLINE:?}"),
+        };
+        tracing::warn!(%error, "could not publish to the cluster; reconnecting");
+        self.conn = None;
+        self.retry_after = None;
+        self.lost.notify_one();
+    }
+}
+
+async fn publish_loop(
+    mut publisher: Publisher,
     instance: String,
     mut outbox: mpsc::UnboundedReceiver<Outgoing>,
     mut events: tokio::sync::broadcast::Receiver<PlatformEvent>,
@@ -103,31 +177,9 @@ async fn publish_loop(
             message,
         })
         .unwrap_or_default();
-        // A message that cannot be published while Redis is away is dropped: device messages are resynced from
-        // the store when the device next subscribes, and events are also held by the database. After a failure
-        // the connection is rebuilt, however the old one died, and the message tried once more.
-        let publish = |mut conn: redis::aio::ConnectionManager, text: String, channel: String| async move {
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(text)
-                .query_async::<i64>(&mut conn)
-                .await
-        };
-        if let Err(e) = publish(conn.clone(), text.clone(), channel.clone()).await {
-            tracing::warn!(error = %e, "could not publish to the cluster; reconnecting");
-            // The subscription may be just as dead without noticing (no traffic, no keep-alive): renew it too.
-            lost.notify_one();
-            let fresh = tokio::time::timeout(
-                std::time::Duration::from_secs(2),
-                redis::aio::ConnectionManager::new(client.clone()),
-            )
-            .await;
-            if let Ok(Ok(fresh)) = fresh {
-                conn = fresh;
-                let _ = publish(conn.clone(), text, channel.clone()).await;
-            }
-        }
+        publisher.publish(text).await;
     }
+    tracing::info!("cluster publisher stopped");
 }
 
 async fn subscribe_loop(
@@ -140,19 +192,27 @@ async fn subscribe_loop(
     presence: std::sync::Arc<Presence>,
 ) {
     loop {
-        let mut pubsub = match client.get_async_pubsub().await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "cluster subscription failed; retrying");
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let subscribed = tokio::time::timeout(REDIS_DEADLINE, async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        let mut pubsub = match subscribed {
+            Ok(Ok(pubsub)) => pubsub,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("Redis did not answer within {REDIS_DEADLINE:?}"),
+                };
+                tracing::warn!(%error, "cluster subscription failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
-        if let Err(e) = pubsub.subscribe(&channel).await {
-            tracing::warn!(error = %e, "cluster subscription failed; retrying");
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            continue;
-        }
+        // A failed publish from before this subscription says nothing about it.
+        let _ = tokio::time::timeout(Duration::ZERO, lost.notified()).await;
+        tracing::info!(%channel, "subscribed to the cluster channel");
         let mut stream = pubsub.on_message();
         loop {
             let msg = tokio::select! {
