@@ -1,0 +1,272 @@
+//! Faults: Redis restarting mid-traffic, PostgreSQL going away and coming back, an instance killed with SIGKILL.
+
+use std::time::Duration;
+
+use antumbra_e2e::{eventually, pub_, Server};
+use serde_json::{json, Value};
+
+use super::servers::{PrivatePostgres, PrivateRedis};
+use super::{api, cluster_on, readiness, rt, sdk_device, status, TOKEN};
+
+/// Reports `field_{i}` one by one for `duration`; returns the fields whose report was accepted.
+async fn report_for(device: &antumbra_sdk::Device, duration: Duration, start: usize) -> Vec<String> {
+    let shadow = device.shadow();
+    let mut accepted = Vec::new();
+    let deadline = tokio::time::Instant::now() + duration;
+    let mut i = start;
+    while tokio::time::Instant::now() < deadline {
+        let field = format!("f{i}");
+        if shadow.report(json!({ &field: i })).await.is_ok() {
+            accepted.push(field);
+        }
+        i += 1;
+    }
+    accepted
+}
+
+#[test]
+fn a_redis_restart_mid_traffic_loses_no_accepted_update_and_readiness_follows_it() {
+    let mut redis = PrivateRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("REDIS_URL", redis.url()),
+        ("ANTUMBRA_ADMIN_TOKEN", TOKEN.to_owned()),
+        ("RUST_LOG", "info,antumbra=debug".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(
+        &[
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+            "--mqtts",
+            "127.0.0.1:0",
+        ],
+        &env,
+    );
+    let d = server.register(TOKEN, "busy-1", dir.path());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let device = runtime.block_on(async {
+        let device = sdk_device(server.mqtts_port, &d);
+        device.wait_connected(Duration::from_secs(10)).await.unwrap();
+        device
+    });
+    let traffic = {
+        let device = device.clone();
+        runtime.spawn(async move { report_for(&device, Duration::from_secs(6), 0).await })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    redis.kill();
+    // Redis gone: readiness turns red and the REST shadow answers 503 with a code, quickly.
+    let ready = reqwest::blocking::Client::new()
+        .get(format!("{}/readyz", server.base))
+        .send()
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let started = std::time::Instant::now();
+    let res = reqwest::blocking::Client::new()
+        .get(format!("{}/v1/devices/busy-1/shadow", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.json::<Value>().unwrap()["code"], "shadow_store_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no hanging: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        server.metric("antumbra_mqtt_connections"),
+        1.0,
+        "MQTT connections stay up"
+    );
+    redis.spawn();
+    let accepted = runtime.block_on(traffic).unwrap();
+    assert!(!accepted.is_empty());
+    assert!(eventually(Duration::from_secs(10), || reqwest::blocking::get(
+        format!("{}/readyz", server.base)
+    )
+    .unwrap()
+    .status()
+        == 200));
+    let doc: Value = server.get_json(TOKEN, "/v1/devices/busy-1/shadow");
+    let reported = doc["state"]["reported"].as_object().unwrap();
+    for field in &accepted {
+        assert!(reported.contains_key(field), "accepted update {field} was lost");
+    }
+    // And it goes on after the restart.
+    let more = runtime.block_on(async { report_for(&device, Duration::from_secs(15), 100_000).await });
+    if more.is_empty() {
+        let logs: Vec<String> = server.logs.try_iter().collect();
+        panic!("updates resume once Redis is back; logs:\n{}", logs.join("\n"));
+    }
+    // A clean restart (SIGTERM, append-only file) keeps every accepted update too.
+    redis.restart();
+    assert!(eventually(Duration::from_secs(10), || reqwest::blocking::get(
+        format!("{}/readyz", server.base)
+    )
+    .unwrap()
+    .status()
+        == 200));
+    let doc: Value = server.get_json(TOKEN, "/v1/devices/busy-1/shadow");
+    assert!(more
+        .iter()
+        .chain(&accepted)
+        .all(|f| doc["state"]["reported"].get(f).is_some()));
+}
+
+#[test]
+fn an_instance_killed_with_sigkill_loses_no_accepted_update() {
+    let redis = PrivateRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis.url();
+    let env = [("REDIS_URL", url.as_str()), ("ANTUMBRA_ADMIN_TOKEN", TOKEN)];
+    let args = |http: &str, mqtts: &str| {
+        vec![
+            "--data-dir".to_owned(),
+            dir.path().join("data").display().to_string(),
+            "--http".into(),
+            http.into(),
+            "--mqtts".into(),
+            mqtts.into(),
+        ]
+    };
+    let first_args = args("127.0.0.1:0", "127.0.0.1:0");
+    let first: Vec<&str> = first_args.iter().map(String::as_str).collect();
+    let mut server = Server::start(&first, &env);
+    let d = server.register(TOKEN, "crashy", dir.path());
+    let (http, port) = (
+        server.base.trim_start_matches("http://").to_owned(),
+        server.mqtts_port,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let device = runtime.block_on(async {
+        let device = sdk_device(port, &d);
+        device.wait_connected(Duration::from_secs(10)).await.unwrap();
+        device
+    });
+    let traffic = {
+        let device = device.clone();
+        runtime.spawn(async move { report_for(&device, Duration::from_secs(3), 0).await })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    server.child.kill().unwrap();
+    let _ = server.child.wait();
+    let accepted = runtime.block_on(traffic).unwrap();
+    assert!(!accepted.is_empty());
+    let again_args = args(&http, &format!("127.0.0.1:{port}"));
+    let again: Vec<&str> = again_args.iter().map(String::as_str).collect();
+    let server = Server::start(&again, &env);
+    let doc: Value = server.get_json(TOKEN, "/v1/devices/crashy/shadow");
+    let reported = doc["state"]["reported"].as_object().unwrap();
+    for field in &accepted {
+        assert!(reported.contains_key(field), "accepted update {field} was lost");
+    }
+}
+
+#[test]
+fn postgresql_going_away_turns_readiness_red_and_rest_to_503_while_mqtt_stays_up_and_then_all_resumes() {
+    let pg = PrivatePostgres::start();
+    let c = cluster_on(&pg.url());
+    let dir = tempfile::tempdir().unwrap();
+    let steady = c.a.register(TOKEN, "steady", dir.path());
+    let late = c.a.register(TOKEN, "late", dir.path());
+    let runtime = rt();
+    let device = runtime.block_on(async {
+        let device = sdk_device(c.b.mqtts_port, &steady);
+        device.wait_connected(Duration::from_secs(10)).await.unwrap();
+        device
+    });
+    assert!(eventually(Duration::from_secs(5), || status(&c.a, "steady")
+        ["online"]
+        == true));
+    let session = status(&c.b, "steady")["session"].as_u64().unwrap();
+
+    pg.stop();
+
+    for server in [&c.a, &c.b] {
+        assert!(
+            eventually(Duration::from_secs(10), || readiness(server) != 200),
+            "readiness turns red"
+        );
+    }
+    // REST calls that need the database answer 503 with a code, in seconds rather than hanging.
+    let calls = [
+        (reqwest::Method::GET, "/v1/devices", None),
+        (reqwest::Method::GET, "/v1/devices/steady/status", None),
+        (
+            reqwest::Method::POST,
+            "/v1/devices",
+            Some(json!({"id": "during"})),
+        ),
+        (reqwest::Method::GET, "/v1/devices/steady/shadow", None),
+    ];
+    for (method, path, body) in calls {
+        for server in [&c.a, &c.b] {
+            let (code, body, took) = api(server, method.clone(), path, body.clone());
+            assert_eq!(code, 503, "{method} {path}: {body}");
+            assert_eq!(body["code"], "database_unavailable", "{method} {path}: {body}");
+            assert!(took < Duration::from_secs(10), "{method} {path} took {took:?}");
+        }
+    }
+    // The MQTT session stays up, and its shadow (in Redis) keeps working.
+    assert_eq!(c.b.metric("antumbra_mqtt_connections"), 1.0);
+    runtime
+        .block_on(device.shadow().report(json!({"during_outage": true})))
+        .expect("a connected device reports while the database is away");
+    // A new CONNECT cannot be checked against the registry: it is refused promptly, not left hanging.
+    let started = std::time::Instant::now();
+    let out = pub_(&c.b, &late, "late", "devices/late/hello", "1", &[]);
+    assert!(
+        !out.status.success(),
+        "a CONNECT is refused while the registry is away"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "refused in {:?}",
+        started.elapsed()
+    );
+
+    pg.start_server();
+
+    for server in [&c.a, &c.b] {
+        assert!(
+            eventually(Duration::from_secs(30), || readiness(server) == 200),
+            "readiness turns green again"
+        );
+    }
+    let after = c.a.register(TOKEN, "after", dir.path());
+    let out = pub_(&c.b, &after, "after", "devices/after/hello", "1", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = pub_(&c.b, &late, "late", "devices/late/hello", "1", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The session that was up all along is still the same one, and a change made on A reaches it on B.
+    let s = status(&c.a, "steady");
+    assert_eq!(s["online"], true, "{s}");
+    assert_eq!(s["session"].as_u64(), Some(session), "never dropped: {s}");
+    let mut deltas = device.shadow().deltas();
+    let (code, body, _) = api(
+        &c.a,
+        reqwest::Method::PATCH,
+        "/v1/devices/steady/shadow",
+        Some(json!({"state": {"desired": {"mode": "eco"}}})),
+    );
+    assert_eq!(code, 200, "{body}");
+    let delta = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), deltas.next()).await })
+        .expect("the delta arrives")
+        .expect("the delta stream is open");
+    assert_eq!(delta.state["mode"], "eco", "{:?}", delta.state);
+    let doc = c.a.get_json(TOKEN, "/v1/devices/steady/shadow");
+    assert_eq!(doc["state"]["reported"]["during_outage"], true, "{doc}");
+}
