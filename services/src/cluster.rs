@@ -70,7 +70,12 @@ pub async fn bridge(
         channel: channel.clone(),
         lost: lost.clone(),
     };
-    tokio::spawn(publish_loop(publisher, instance.clone(), outbox, events.subscribe()));
+    tokio::spawn(publish_loop(
+        publisher,
+        instance.clone(),
+        outbox,
+        events.subscribe(),
+    ));
     tokio::spawn(subscribe_loop(
         lost, client, channel, instance, to_broker, events, presence,
     ));
