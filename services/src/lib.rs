@@ -9,7 +9,7 @@
 //! - [`provisioning`] and [`access`]: the service layer that REST (and later MQTT) call — business rules live
 //!   here, not in handlers.
 //! - [`http`]: actix-web handlers, the error-code table, authentication extractors, the OpenAPI document.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod access;
 pub mod cluster;

@@ -15,11 +15,13 @@
 
 mod acl;
 mod codec;
+mod memory;
 pub mod metrics;
 mod session;
 mod sessions;
 mod shadow;
 pub mod tls;
+mod verifier;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -140,6 +142,7 @@ impl FrontDoor {
             ota,
         });
         tokio::spawn(drop_revoked(door.clone(), events.subscribe()));
+        tokio::spawn(memory::trim_after_departures(Arc::downgrade(&door)));
         Ok(door)
     }
 
@@ -279,7 +282,12 @@ pub async fn serve_tls(
                 }
             };
             match tls::identity(tls.get_ref().1.peer_certificates()) {
-                Ok(peer) => session::serve(door, tls, session::Identity::Certificate(peer), remote).await,
+                // A task of its own: a task keeps the allocation of its largest state for life, and the
+                // handshake's state is not worth keeping next to every idle device.
+                Ok(peer) => {
+                    let identity = session::Identity::Certificate(peer);
+                    drop(tokio::spawn(session::serve(door, tls, identity, remote)));
+                }
                 Err(e) => {
                     door.metrics.auth_failed(metrics::AuthFailure::Handshake);
                     tracing::info!(%remote, error = %e, "client certificate names no device");

@@ -83,7 +83,8 @@ where
         return;
     };
 
-    let (device, serial) = match admit(&door, &identity, &connect.client_id, will.as_ref()).await {
+    // One-off steps are boxed: an idle session's task should not carry their state (see `serve_tls`).
+    let (device, serial) = match Box::pin(admit(&door, &identity, &connect.client_id, will.as_ref())).await {
         Ok(admitted) => admitted,
         Err((failure, v4, v5, why)) => {
             door.metrics.auth_failed(failure);
@@ -99,7 +100,7 @@ where
     };
 
     let mut claim = door.sessions.claim(&device, serial);
-    if let Some(reason) = claim.take_over().await {
+    if let Some(reason) = Box::pin(claim.take_over()).await {
         tracing::info!(device_id = %device, reason = reason.as_str(), "connection superseded before it attached");
         return;
     }
@@ -149,7 +150,7 @@ where
             ..Default::default()
         }),
     );
-    let (session, seen) = door.presence.connected(&device, remote.to_string()).await;
+    let (session, seen) = Box::pin(door.presence.connected(&device, remote.to_string())).await;
     door.metrics.connected();
     tracing::info!(device_id = %device, session, %remote, version = ?codec.version(), "device connected");
 
@@ -187,7 +188,7 @@ where
             .await;
         }
     }
-    link.detach().await;
+    Box::pin(link.detach()).await;
     if end.fires_will() {
         if let Some(will) = will {
             publish_will(&door, &device, claim.token(), will, will_props);
@@ -462,7 +463,7 @@ where
                 }
                 // After the router has the packets: a SUBSCRIBE is in place before its replayed delta is queued.
                 for work in shadow_work {
-                    shadow::perform(&door.shadows, &door.ota, device, work).await;
+                    Box::pin(shadow::perform(&door.shadows, &door.ota, device, work)).await;
                 }
                 if buf.capacity() > 64 * 1024 && buf.is_empty() {
                     *buf = BytesMut::with_capacity(512);

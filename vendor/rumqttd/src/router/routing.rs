@@ -413,7 +413,7 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -433,7 +433,7 @@ impl Router {
             let outgoing = match self.obufs.get_mut(id) {
                 Some(v) => v,
                 None => {
-                    error!("no-connection id {} is already gone", id);
+                    debug!("no-connection id {} is already gone", id);
                     return;
                 }
             };
@@ -522,10 +522,9 @@ impl Router {
                 outgoing.unacked_pubrels,
             );
         } else {
-            tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
+            // Antumbra: a clean session leaves nothing behind. Upstream kept its metrics here forever, one
+            // entry per client id that ever connected, so memory never came back after devices left.
+            drop(tracker);
         }
         self.router_meters.total_connections -= 1;
     }
@@ -536,7 +535,7 @@ impl Router {
         let incoming = match self.ibufs.get_mut(id) {
             Some(v) => v,
             None => {
-                error!("no-connection id {} is already gone", id);
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
