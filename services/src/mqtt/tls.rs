@@ -54,7 +54,7 @@ pub fn server_config(
     })?;
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(super::verifier::CachingVerifier::new(verifier)))
         .with_single_cert(chain, key)?;
     Ok(Arc::new(config))
 }

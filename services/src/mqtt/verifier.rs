@@ -1,0 +1,208 @@
+//! Client-certificate verification that remembers the chains it has already verified.
+//!
+//! A device presents the same certificate on every connect, and checking its chain (parse, build the path to
+//! the CA, one ECDSA verification) is a sizeable part of a handshake's CPU (measured with `perf` during
+//! `mqtt-bench --scenario conn-10k`: P-256 arithmetic is the broker's largest cost). What cannot be cached is
+//! still done on every handshake: the proof that the client holds the certificate's key (the signature over
+//! the handshake, `verify_tls13_signature`), and the validity window, checked against the clock each time.
+//! Revocation is not the verifier's job here: the registry is asked at every CONNECT.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use sha2::{Digest, Sha256};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Chains remembered at most; the table is emptied when full (a fleet larger than this just verifies more).
+const CAPACITY: usize = 200_000;
+
+/// Wraps a verifier (the WebPKI one, against the platform CA) with a table of verified chains.
+#[derive(Debug)]
+pub struct CachingVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    /// SHA-256 of the presented chain → its validity window (seconds since the epoch).
+    verified: Mutex<HashMap<[u8; 32], (u64, u64)>>,
+}
+
+impl CachingVerifier {
+    /// Remembers what `inner` accepts.
+    pub fn new(inner: Arc<dyn ClientCertVerifier>) -> Self {
+        Self {
+            inner,
+            verified: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn chain_digest(end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    for cert in std::iter::once(end_entity).chain(intermediates) {
+        hash.update((cert.len() as u64).to_be_bytes());
+        hash.update(cert.as_ref());
+    }
+    hash.finalize().into()
+}
+
+fn validity(end_entity: &CertificateDer<'_>) -> Option<(u64, u64)> {
+    let (_, cert) = X509Certificate::from_der(end_entity.as_ref()).ok()?;
+    let validity = cert.validity();
+    let from = u64::try_from(validity.not_before.timestamp()).ok()?;
+    let until = u64::try_from(validity.not_after.timestamp()).ok()?;
+    Some((from, until))
+}
+
+impl ClientCertVerifier for CachingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let digest = chain_digest(end_entity, intermediates);
+        let known = self
+            .verified
+            .lock()
+            .expect("verifier cache")
+            .get(&digest)
+            .copied();
+        if let Some((from, until)) = known {
+            let now = now.as_secs();
+            if from <= now && now <= until {
+                return Ok(ClientCertVerified::assertion());
+            }
+        }
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        if let Some(window) = validity(end_entity) {
+            let mut table = self.verified.lock().expect("verifier cache");
+            if table.len() >= CAPACITY {
+                table.clear();
+            }
+            table.insert(digest, window);
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    use rustls::server::WebPkiClientVerifier;
+    use rustls::RootCertStore;
+    use time::{Duration, OffsetDateTime};
+
+    struct Ca {
+        der: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    fn ca() -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let der = cert.der().clone();
+        Ca {
+            der,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn device_cert(ca: &Ca, not_after: OffsetDateTime) -> CertificateDer<'static> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "dev-1");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
+        params.not_after = not_after;
+        params.signed_by(&key, &ca.issuer).unwrap().der().clone()
+    }
+
+    fn verifier(ca: &Ca) -> CachingVerifier {
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.der.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+        CachingVerifier::new(inner)
+    }
+
+    fn at(t: OffsetDateTime) -> UnixTime {
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(t.unix_timestamp() as u64))
+    }
+
+    #[test]
+    fn remembers_a_verified_chain_but_still_checks_its_validity_window() {
+        let ca = ca();
+        let verifier = verifier(&ca);
+        let now = OffsetDateTime::now_utc();
+        let cert = device_cert(&ca, now + Duration::days(1));
+        verifier.verify_client_cert(&cert, &[], at(now)).unwrap();
+        assert_eq!(verifier.verified.lock().unwrap().len(), 1);
+        verifier.verify_client_cert(&cert, &[], at(now)).unwrap();
+        // Past its end the cached chain is verified again, and refused.
+        assert!(verifier
+            .verify_client_cert(&cert, &[], at(now + Duration::days(2)))
+            .is_err());
+        // Before its start too.
+        assert!(verifier
+            .verify_client_cert(&cert, &[], at(now - Duration::days(2)))
+            .is_err());
+    }
+
+    #[test]
+    fn never_remembers_a_refused_chain() {
+        let (ours, theirs) = (ca(), ca());
+        let verifier = verifier(&ours);
+        let now = OffsetDateTime::now_utc();
+        let foreign = device_cert(&theirs, now + Duration::days(1));
+        for _ in 0..2 {
+            assert!(verifier.verify_client_cert(&foreign, &[], at(now)).is_err());
+        }
+        assert!(verifier.verified.lock().unwrap().is_empty());
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        assert!(verifier.verify_client_cert(&garbage, &[], at(now)).is_err());
+    }
+}
