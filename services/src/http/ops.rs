@@ -28,8 +28,9 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(StatusBody { status: "ok" })
 }
 
-/// Readiness: the database and the shadow store both answer within 2 s. Both are asked at once, so a
-/// readiness probe has its answer in about 2 s whatever is down.
+/// Readiness: the database and the shadow store both answer.
+///
+/// Both are asked at once, each with a 2 s limit, so a probe has its answer in about 2 s whatever is down.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = StatusBody, example = json!({"status": "ready"})),
