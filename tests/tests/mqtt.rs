@@ -708,3 +708,51 @@ fn connection_limit_and_maximum_packet_size_come_from_configuration() {
         ["last_disconnect_reason"]
         == "network_error"));
 }
+
+/// A device that reconnects resumes its TLS session (a stateless ticket), skipping the certificate checks of a
+/// full handshake, and is still the device its certificate names: shown with a stock `openssl s_client`.
+#[test]
+fn a_reconnecting_device_resumes_its_tls_session_and_keeps_its_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "resumer-1", dir.path());
+    let session = dir.path().join("tls-session.pem");
+    // MQTT 3.1.1 CONNECT, clean session, keep-alive 60 s, client id "resumer-1".
+    let mut connect = vec![
+        0x10, 0x15, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x09,
+    ];
+    connect.extend_from_slice(b"resumer-1");
+    let handshake = |session_flag: &str| -> Vec<u8> {
+        use std::io::Write;
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{}", server.mqtts_port),
+            ])
+            .args(["-servername", "localhost", "-CAfile", d.ca.to_str().unwrap()])
+            .args(["-cert", d.cert.to_str().unwrap(), "-key", d.key.to_str().unwrap()])
+            .args([session_flag, session.to_str().unwrap()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(&connect).unwrap();
+        // Long enough for the CONNACK and the session ticket, then EOF ends s_client.
+        std::thread::sleep(Duration::from_millis(1500));
+        drop(stdin);
+        finish(Proc(child)).stdout
+    };
+    let connack = |out: &[u8]| out.windows(4).any(|w| w == [0x20, 0x02, 0x00, 0x00]);
+
+    let first = handshake("-sess_out");
+    assert!(connack(&first), "{}", String::from_utf8_lossy(&first));
+    assert!(String::from_utf8_lossy(&first).contains("New, TLSv1.3"));
+    let second = handshake("-sess_in");
+    let text = String::from_utf8_lossy(&second);
+    assert!(text.contains("Reused, TLSv1.3"), "not resumed: {text}");
+    assert!(connack(&second), "resumed session refused: {text}");
+    assert_eq!(status(&server, "resumer-1")["session"], 2);
+}

@@ -52,10 +52,16 @@ pub fn server_config(
         what: "server key",
         reason: e.to_string(),
     })?;
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(Arc::new(super::verifier::CachingVerifier::new(verifier)))
         .with_single_cert(chain, key)?;
+    // Stateless session tickets (keys rotate every 6 h): a device reconnecting after a network blip resumes
+    // without a certificate chain to check or a signature to make, which is what a reconnect storm needs. The
+    // default (a 256-entry server-side cache, two tickets per handshake) cannot hold a fleet. A resumed session
+    // carries the original client certificate; `identity` checks its validity window on every connection.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    config.send_tls13_tickets = 1;
     Ok(Arc::new(config))
 }
 
@@ -80,6 +86,9 @@ pub enum IdentityError {
     /// The subject CN is missing or not a valid device id.
     #[error("client certificate CN is not a valid device id")]
     BadCommonName,
+    /// Outside its validity window (a resumed TLS session skips the verifier, so it is checked here too).
+    #[error("client certificate is expired or not yet valid")]
+    OutsideValidity,
 }
 
 /// Reads the device id and serial from the end-entity certificate of a verified chain.
@@ -95,8 +104,48 @@ pub fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentit
         return Err(IdentityError::BadCommonName);
     }
     let device = DeviceId::parse(cn).map_err(|_| IdentityError::BadCommonName)?;
+    if !cert.validity().is_valid() {
+        return Err(IdentityError::OutsideValidity);
+    }
     Ok(PeerIdentity {
         device,
         serial: hex::encode(cert.raw_serial()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DnType, KeyPair};
+    use time::{Duration, OffsetDateTime};
+
+    fn cert(cn: &str, from: OffsetDateTime, until: OffsetDateTime) -> CertificateDer<'static> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.not_before = from;
+        params.not_after = until;
+        params
+            .self_signed(&KeyPair::generate().unwrap())
+            .unwrap()
+            .der()
+            .clone()
+    }
+
+    #[test]
+    fn identity_is_the_cn_of_a_certificate_within_its_validity() {
+        let now = OffsetDateTime::now_utc();
+        let day = Duration::days(1);
+        let ok = identity(Some(&[cert("dev-7", now - day, now + day)])).unwrap();
+        assert_eq!(ok.device.as_str(), "dev-7");
+        // A resumed TLS session skips the verifier: the window is checked here as well.
+        let expired = identity(Some(&[cert("dev-7", now - day * 2, now - day)]));
+        assert_eq!(expired, Err(IdentityError::OutsideValidity));
+        let early = identity(Some(&[cert("dev-7", now + day, now + day * 2)]));
+        assert_eq!(early, Err(IdentityError::OutsideValidity));
+        assert_eq!(identity(None), Err(IdentityError::Missing));
+        assert_eq!(
+            identity(Some(&[cert("a/b", now - day, now + day)])),
+            Err(IdentityError::BadCommonName)
+        );
+    }
 }
