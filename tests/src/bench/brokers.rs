@@ -29,15 +29,43 @@ pub struct Broker {
 }
 
 /// A child process that is killed and reaped when dropped.
-struct Guard(Child);
+pub struct Guard(Child);
 
 impl Guard {
-    fn new(child: Child) -> Self {
+    /// Takes charge of `child` (and lists it for the watchdog).
+    pub fn new(child: Child) -> Self {
         CHILDREN
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(child.id());
         Self(child)
+    }
+}
+
+// Used by shadow-bench only (this module is compiled into both tools).
+#[allow(dead_code)]
+impl Guard {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+
+    /// What it printed on its piped stdout and stderr (read to the end: call it once it has exited).
+    pub fn output(&mut self) -> Result<(Vec<u8>, String)> {
+        let mut out = Vec::new();
+        let mut err = String::new();
+        if let Some(mut stdout) = self.0.stdout.take() {
+            stdout.read_to_end(&mut out)?;
+        }
+        if let Some(mut stderr) = self.0.stderr.take() {
+            stderr.read_to_string(&mut err)?;
+        }
+        Ok((out, err))
     }
 }
 
@@ -228,6 +256,19 @@ impl Antumbra {
         log_filter: &str,
         logs: Arc<LogLines>,
     ) -> Result<Self> {
+        Self::start_with(bin, dir, token, max_connections, log_filter, logs, &[])
+    }
+
+    /// [`Antumbra::start`] with extra environment (e.g. `REDIS_URL` for the Redis shadow store).
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        token: &str,
+        max_connections: usize,
+        log_filter: &str,
+        logs: Arc<LogLines>,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let data_dir = dir.join("data");
         let mut cmd = Command::new(bin);
         cmd.arg("serve")
@@ -245,7 +286,8 @@ impl Antumbra {
         }
         cmd.env("ANTUMBRA_ADMIN_TOKEN", token)
             .env("RUST_LOG", log_filter)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied());
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
@@ -430,7 +472,7 @@ pub fn mosquitto_bin() -> Result<PathBuf> {
 }
 
 /// A free loopback port (bound, then released: a small race we accept for a local tool).
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 

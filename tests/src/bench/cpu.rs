@@ -20,7 +20,7 @@ fn ticks() -> f64 {
 }
 
 /// CPU seconds (user + system) a process has used, from `/proc/<pid>/stat` (all its threads).
-fn process_secs(pid: u32) -> Option<f64> {
+pub fn process_secs(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start at field 3; utime and stime are 14 and 15.
     let (_, after) = stat.rsplit_once(')')?;

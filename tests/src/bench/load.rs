@@ -16,7 +16,7 @@ use super::packet::{self, Packet};
 use super::CONNECT_CONCURRENCY;
 
 /// Packet ids (and so the most unacked publishes) per connection.
-const SLOTS: usize = 1024;
+pub const SLOTS: usize = 1024;
 /// At QoS 0 a message not back within this long is counted lost and leaves the window.
 const LOSS_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long after the run a connection waits for what is still in flight.
@@ -73,14 +73,22 @@ impl Outcome {
 }
 
 /// Send stamps by packet id, for QoS 1 publishes not yet acknowledged.
-struct Inflight {
+pub struct Inflight {
     sent_at: Vec<Option<u64>>,
     next: usize,
-    len: usize,
+    /// Publishes not yet acknowledged.
+    pub len: usize,
+}
+
+impl Default for Inflight {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Inflight {
-    fn new() -> Self {
+    /// No publish in flight; at most [`SLOTS`] at once.
+    pub fn new() -> Self {
         Self {
             sent_at: vec![None; SLOTS],
             next: 0,
@@ -89,7 +97,7 @@ impl Inflight {
     }
 
     /// A free packet id for a publish sent at `stamp`. The caller keeps `len` below [`SLOTS`].
-    fn take(&mut self, stamp: u64) -> u16 {
+    pub fn take(&mut self, stamp: u64) -> u16 {
         loop {
             let slot = self.next;
             self.next = (self.next + 1) % SLOTS;
@@ -101,7 +109,8 @@ impl Inflight {
         }
     }
 
-    fn release(&mut self, packet_id: u16) -> Option<u64> {
+    /// Frees `packet_id`; its send stamp, or `None` when it was not in flight.
+    pub fn release(&mut self, packet_id: u16) -> Option<u64> {
         let stamp = self
             .sent_at
             .get_mut(usize::from(packet_id).checked_sub(1)?)?
@@ -112,11 +121,12 @@ impl Inflight {
 }
 
 /// Nanoseconds since `clock`.
-fn now_ns(clock: Instant) -> u64 {
+pub fn now_ns(clock: Instant) -> u64 {
     clock.elapsed().as_nanos() as u64
 }
 
-fn histogram() -> Histogram<u64> {
+/// A latency histogram in microseconds, 1 µs to 60 s, 2 significant digits.
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid histogram bounds")
 }
 

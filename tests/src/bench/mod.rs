@@ -12,14 +12,14 @@
 //! Everything runs on 127.0.0.1; every loop is bounded by a count and a deadline, and a watchdog ends the
 //! run (and the brokers it started) if it overstays its cap. It prints figures and asserts nothing.
 
-mod brokers;
-mod client;
+pub mod brokers;
+pub mod client;
 mod conn;
-mod cpu;
-mod load;
-mod packet;
+pub mod cpu;
+pub mod load;
+pub mod packet;
 mod pair;
-mod report;
+pub mod report;
 mod scenarios;
 
 use std::io::Read;
@@ -130,17 +130,17 @@ impl Plan {
 }
 
 /// A 32-character admin token from the kernel's random source.
-fn random_token() -> Result<String> {
+pub fn random_token() -> Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Ends the brokers we started and the process if the run overstays `limit`.
-fn watchdog(limit: Duration) {
+pub fn watchdog(limit: Duration) {
     std::thread::spawn(move || {
         std::thread::sleep(limit);
-        eprintln!("mqtt-bench: over its time cap of {} s, stopping", limit.as_secs());
+        eprintln!("over the time cap of {} s, stopping", limit.as_secs());
         let pids = brokers::CHILDREN.lock().map(|p| p.clone()).unwrap_or_default();
         for pid in pids {
             let _ = std::process::Command::new("kill")

@@ -96,6 +96,19 @@ pub fn publish(buf: &mut Vec<u8>, topic: &str, qos: u8, packet_id: u16, stamp: u
     buf.resize(buf.len() + size - 8, b'.');
 }
 
+/// PUBLISH of `payload` as it is (a JSON shadow request, say). `packet_id` is used only for QoS > 0.
+#[allow(dead_code)] // used by shadow-bench only (this module is compiled into both tools)
+pub fn publish_payload(buf: &mut Vec<u8>, topic: &str, qos: u8, packet_id: u16, payload: &[u8]) {
+    let id_len = if qos > 0 { 2 } else { 0 };
+    buf.push((PUBLISH << 4) | (qos << 1));
+    put_remaining_length(buf, 2 + topic.len() + id_len + payload.len());
+    put_str(buf, topic.as_bytes());
+    if qos > 0 {
+        buf.extend_from_slice(&packet_id.to_be_bytes());
+    }
+    buf.extend_from_slice(payload);
+}
+
 /// PUBACK for a QoS 1 message the broker delivered to us.
 pub fn puback(buf: &mut Vec<u8>, packet_id: u16) {
     buf.push(PUBACK << 4);

@@ -157,6 +157,24 @@ pub fn machine(
     mosquitto_bin: &std::path::Path,
     workspace: &std::path::Path,
 ) -> String {
+    let mut out = machine_and_antumbra(antumbra_bin, workspace);
+    let _ = writeln!(
+        out,
+        "  mosquitto        : {}",
+        first_line(&mosquitto_bin.display().to_string(), &["-h"])
+    );
+    let _ = writeln!(out, "  load generator   : this tool, tokio multi-thread runtime with 2 workers, rustls (ring), on the same cores");
+    out
+}
+
+/// The first line a program prints for `args` (its version), or `unknown`.
+#[allow(dead_code)] // used by shadow-bench only (this module is compiled into both tools)
+pub fn version_of(program: &str, args: &[&str]) -> String {
+    first_line(program, args)
+}
+
+/// `machine` and the lines that describe it (nproc, CPU model, memory, kernel) and antumbra's version.
+pub fn machine_and_antumbra(antumbra_bin: &std::path::Path, workspace: &std::path::Path) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -198,11 +216,5 @@ pub fn machine(
         first_line(&antumbra_bin.display().to_string(), &["--version"]),
         antumbra_bin.display()
     );
-    let _ = writeln!(
-        out,
-        "  mosquitto        : {}",
-        first_line(&mosquitto_bin.display().to_string(), &["-h"])
-    );
-    let _ = writeln!(out, "  load generator   : this tool, tokio multi-thread runtime with 2 workers, rustls (ring), on the same cores");
     out
 }
