@@ -361,3 +361,40 @@ fn a_device_cannot_touch_another_devices_shadow() {
         .metric("antumbra_mqtt_acl_violations_total")
         >= 1.0));
 }
+
+/// The embedded store answers an update only once it is in its file: PATCHes answered 200 from several
+/// clients at once, then SIGKILL, then a restart on the same data directory shows every one of them.
+#[test]
+fn acknowledged_updates_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path());
+    server.register(TOKEN, "durable-1", dir.path());
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let base = server.base.clone();
+            std::thread::spawn(move || {
+                let http = reqwest::blocking::Client::new();
+                for i in 0..25 {
+                    let res = http
+                        .patch(format!("{base}/v1/devices/durable-1/shadow"))
+                        .bearer_auth(TOKEN)
+                        .json(&json!({"state": {"desired": {format!("t{t}_{i}"): i}}}))
+                        .send()
+                        .unwrap();
+                    assert_eq!(res.status(), 200);
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().unwrap();
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(server);
+
+    let server = start(dir.path());
+    let doc: Value = server.get_json(TOKEN, "/v1/devices/durable-1/shadow");
+    assert_eq!(doc["version"], 100, "{doc}");
+    assert_eq!(doc["state"]["desired"].as_object().unwrap().len(), 100);
+}

@@ -102,7 +102,8 @@ pub async fn get(
     let document = state.shadows.get(&key, false).await?;
     Ok(HttpResponse::Ok()
         .insert_header((header::ETAG, etag(document.version)))
-        .json(document.to_json()))
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(document.to_json_bytes(None)))
 }
 
 /// Change a device's shadow (usually its desired state). The device gets the resulting delta at once if it is

@@ -264,6 +264,87 @@ async fn the_service_applies_aws_rules_end_to_end(store: Store) {
     );
 }
 
+/// Two instances, each with its own connection to Redis (and so its own memory of what it last wrote), update
+/// one shadow in turns: each update starts from what its instance last saw, which is stale every time, and the
+/// version-checked write must catch it.
+#[tokio::test]
+async fn redis_instances_with_stale_memories_never_lose_an_update() {
+    let url = std::env::var("ANTUMBRA_TEST_REDIS_URL").expect("ANTUMBRA_TEST_REDIS_URL (run tests/run.sh)");
+    let prefix = format!("test{:016x}:", rand::random::<u64>());
+    let dir = tempfile::tempdir().unwrap();
+    let a = service(
+        Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap()),
+        &dir,
+    )
+    .await;
+    let b = Shadows::new(
+        Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap()),
+        Limits::default(),
+        a.registry.clone(),
+        EventBus::new(),
+    )
+    .0;
+    let k = key("shared", None);
+    for i in 0..40 {
+        let body = json!({"state": {"reported": {format!("f{i}"): i}}});
+        let request = parse_update(body.to_string().as_bytes(), &Limits::default()).unwrap();
+        let shadows = if i % 2 == 0 { &a } else { &b };
+        let updated = shadows.update(&k, &request, true).await.unwrap();
+        assert_eq!(updated.document.version, i + 1);
+    }
+    for shadows in [&a, &b] {
+        let document = shadows.get(&k, true).await.unwrap();
+        assert_eq!(document.version, 40);
+        assert_eq!(document.reported.unwrap().len(), 40, "no update was lost");
+    }
+    // A conditional update naming the current version succeeds even where the memory is stale.
+    let request = parse_update(
+        br#"{"state":{"reported":{"x":1}},"version":40}"#,
+        &Limits::default(),
+    )
+    .unwrap();
+    assert_eq!(a.update(&k, &request, true).await.unwrap().document.version, 41);
+}
+
+/// Every acknowledged write is in the file: a store opened afresh on it reads back the last version of each
+/// shadow, deletes included.
+#[tokio::test]
+async fn the_embedded_store_reads_back_every_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shadows.db");
+    {
+        let store = EmbeddedStore::open(&path).await.unwrap();
+        let mut tasks = Vec::new();
+        for device in 0..20 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let k = key(&format!("d{device}"), None);
+                for v in 1..=10u64 {
+                    assert!(store
+                        .compare_and_set(&k, v - 1, v, Some(&doc(v, json!({ "v": v }))))
+                        .await
+                        .unwrap());
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert!(store
+            .compare_and_set(&key("d0", None), 10, 10, None)
+            .await
+            .unwrap());
+    }
+    let reopened = EmbeddedStore::open(&path).await.unwrap();
+    for device in 1..20 {
+        let stored = reopened.load(&key(&format!("d{device}"), None)).await.unwrap();
+        assert_eq!(stored.version, 10);
+        assert_eq!(stored.document, Some(doc(10, json!({"v": 10}))));
+    }
+    let deleted = reopened.load(&key("d0", None)).await.unwrap();
+    assert_eq!((deleted.document, deleted.version), (None, 10));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod embedded_store {

@@ -7,6 +7,7 @@
 //!   last change.
 //! - `version` grows by one on every accepted change.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 /// A JSON object.
@@ -119,6 +120,174 @@ impl Document {
             timestamp: value.get("timestamp")?.as_i64()?,
         })
     }
+}
+
+// ---- wire and storage forms, serialized straight from the document (no intermediate `Value`, no clone) -----
+//
+// Field order is alphabetical, as in a `serde_json::Map` (a BTreeMap here), so these bytes are the same as
+// those of `to_json()` / `to_stored()` serialized.
+
+#[derive(Serialize)]
+struct Sections<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    desired: Option<&'a Object>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reported: Option<&'a Object>,
+}
+
+#[derive(Serialize)]
+struct State<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a Object>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    desired: Option<&'a Object>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reported: Option<&'a Object>,
+}
+
+/// The client view (`to_json`), or the `documents` view (no delta, no timestamp).
+#[derive(Serialize)]
+struct View<'a> {
+    #[serde(rename = "clientToken", skip_serializing_if = "Option::is_none")]
+    client_token: Option<&'a str>,
+    metadata: Sections<'a>,
+    state: State<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timestamp: Option<i64>,
+    version: u64,
+}
+
+impl<'a> View<'a> {
+    fn new(
+        d: &'a Document,
+        delta: Option<&'a Object>,
+        timestamp: Option<i64>,
+        token: Option<&'a str>,
+    ) -> Self {
+        View {
+            client_token: token,
+            metadata: Sections {
+                desired: d.desired.as_ref().map(|_| &d.desired_meta),
+                reported: d.reported.as_ref().map(|_| &d.reported_meta),
+            },
+            state: State {
+                delta,
+                desired: d.desired.as_ref(),
+                reported: d.reported.as_ref(),
+            },
+            timestamp,
+            version: d.version,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct DocumentsMessage<'a> {
+    #[serde(rename = "clientToken", skip_serializing_if = "Option::is_none")]
+    client_token: Option<&'a str>,
+    current: View<'a>,
+    previous: Option<View<'a>>,
+    timestamp: i64,
+}
+
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    desired: &'a Option<Object>,
+    desired_meta: &'a Object,
+    reported: &'a Option<Object>,
+    reported_meta: &'a Object,
+    timestamp: i64,
+    version: u64,
+}
+
+#[derive(Deserialize)]
+struct StoredOwned {
+    desired: Option<Object>,
+    desired_meta: Object,
+    reported: Option<Object>,
+    reported_meta: Object,
+    timestamp: i64,
+    version: u64,
+}
+
+/// Counts bytes instead of keeping them.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Document {
+    /// [`Document::to_json`], serialized, with an optional `clientToken` (the `get` reply).
+    pub fn to_json_bytes(&self, client_token: Option<&str>) -> Vec<u8> {
+        let delta = self.delta();
+        let delta = (!delta.is_empty()).then_some(&delta);
+        serde_json::to_vec(&View::new(self, delta, Some(self.timestamp), client_token)).unwrap_or_default()
+    }
+
+    /// [`Document::to_stored`], serialized.
+    pub fn to_stored_string(&self) -> String {
+        serde_json::to_string(&StoredRef {
+            desired: &self.desired,
+            desired_meta: &self.desired_meta,
+            reported: &self.reported,
+            reported_meta: &self.reported_meta,
+            timestamp: self.timestamp,
+            version: self.version,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Reads a serialized storage form back.
+    pub fn from_stored_str(text: &str) -> Result<Document, String> {
+        let s: StoredOwned = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        Ok(Document {
+            desired: s.desired,
+            reported: s.reported,
+            desired_meta: s.desired_meta,
+            reported_meta: s.reported_meta,
+            version: s.version,
+            timestamp: s.timestamp,
+        })
+    }
+
+    /// Bytes of `{"desired":…,"reported":…}` serialized: the size the state limit applies to.
+    pub fn state_size(&self) -> usize {
+        #[derive(Serialize)]
+        struct Both<'a> {
+            desired: &'a Option<Object>,
+            reported: &'a Option<Object>,
+        }
+        let mut counter = Counter(0);
+        match serde_json::to_writer(
+            &mut counter,
+            &Both {
+                desired: &self.desired,
+                reported: &self.reported,
+            },
+        ) {
+            Ok(()) => counter.0,
+            Err(_) => usize::MAX,
+        }
+    }
+}
+
+/// The `…/update/documents` message: both versions (state and metadata, no delta), the time, the token.
+pub fn documents_message(previous: Option<&Document>, current: &Document, token: Option<&str>) -> Vec<u8> {
+    serde_json::to_vec(&DocumentsMessage {
+        client_token: token,
+        current: View::new(current, None, None, None),
+        previous: previous.map(|p| View::new(p, None, None, None)),
+        timestamp: current.timestamp,
+    })
+    .unwrap_or_default()
 }
 
 fn apply_patch(section: &mut Option<Object>, meta: &mut Object, patch: &Patch, now: i64) {

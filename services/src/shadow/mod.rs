@@ -10,6 +10,8 @@ pub mod document;
 pub mod request;
 pub mod store;
 
+use std::collections::HashMap;
+
 use antumbra_wire::topics::shadow_topic;
 use antumbra_wire::DeviceId;
 use serde_json::{json, Value};
@@ -19,13 +21,19 @@ use crate::events::{EventBus, PlatformEvent};
 use crate::registry::{self, Registry, RegistryError};
 use document::{request_metadata, Document, Patch};
 use request::{Limits, PlainRequest, ShadowError, UpdateRequest};
-use store::{ShadowKey, ShadowName, ShadowStore, Store, StoreError};
+use store::{ShadowKey, ShadowName, ShadowStore, Store, StoreError, Stored};
 
 /// How often an update retries when another writer (another instance) got in between.
 const MAX_ATTEMPTS: usize = 32;
 /// Lock stripes: updates to one shadow queue behind each other inside this process, so compare-and-set only
 /// ever races against other instances.
 const STRIPES: usize = 256;
+/// How long a device found in the registry is taken to exist without asking again (REST requests only; the
+/// MQTT side knows its device). Deleting a device forgets it at once on every instance (see [`Shadows::purge`]);
+/// this bounds how stale the answer can be should that notice be missed.
+const KNOWN_DEVICE_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most devices remembered as existing; past it the memory starts again empty.
+const KNOWN_DEVICES: usize = 100_000;
 
 /// A message for a device topic, queued for the broker.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,6 +62,9 @@ pub struct Shadows {
     events: EventBus,
     outbox: mpsc::UnboundedSender<Outgoing>,
     stripes: std::sync::Arc<Vec<tokio::sync::Mutex<()>>>,
+    /// Devices recently found in the registry, and when (a plain mutex: held for a map lookup, never across an
+    /// await).
+    known: std::sync::Arc<std::sync::Mutex<HashMap<DeviceId, std::time::Instant>>>,
 }
 
 impl From<StoreError> for ShadowError {
@@ -87,6 +98,7 @@ impl Shadows {
                 events,
                 outbox,
                 stripes,
+                known: Default::default(),
             },
             rx,
         )
@@ -127,8 +139,23 @@ impl Shadows {
     }
 
     async fn ensure_device(&self, device: &DeviceId) -> Result<(), ShadowError> {
+        let known = |known: &HashMap<DeviceId, std::time::Instant>| {
+            known
+                .get(device)
+                .is_some_and(|at| at.elapsed() < KNOWN_DEVICE_FOR)
+        };
+        if known(&self.known.lock().expect("known devices")) {
+            return Ok(());
+        }
         match self.registry.device_exists(device).await {
-            Ok(true) => Ok(()),
+            Ok(true) => {
+                let mut known = self.known.lock().expect("known devices");
+                if known.len() >= KNOWN_DEVICES {
+                    known.clear();
+                }
+                known.insert(device.clone(), std::time::Instant::now());
+                Ok(())
+            }
             Ok(false) => Err(ShadowError::UnknownDevice(format!("device {device} not found"))),
             Err(RegistryError::Sql(e)) => Err(ShadowError::Unavailable(e.to_string())),
             Err(e) => Err(ShadowError::Internal(e.to_string())),
@@ -147,51 +174,42 @@ impl Shadows {
         if !known_device {
             self.ensure_device(&key.device).await?;
         }
-        let _turn = self.stripe(key).lock().await;
-        for attempt in 0..MAX_ATTEMPTS {
-            if attempt > 0 {
-                backoff(attempt).await;
-            }
-            let stored = self.store.load(key).await?;
-            if let Some(expected) = request.version {
-                if expected != stored.version {
-                    return Err(ShadowError::VersionConflict {
-                        current: stored.version,
-                    });
+        let now = now_secs();
+        let limits = self.limits;
+        let (_turn, stored, write) = self
+            .write(key, |stored| {
+                check_version(request.version, stored.version)?;
+                let next = match &stored.document {
+                    Some(document) => document.updated(&request.desired, &request.reported, now),
+                    None => Document {
+                        version: stored.version,
+                        ..Document::default()
+                    }
+                    .updated(&request.desired, &request.reported, now),
+                };
+                let size = next.state_size();
+                if size > limits.max_state_bytes {
+                    return Err(request::too_large(size, &limits));
                 }
-            }
-            let previous = stored.document.clone();
-            let base = previous.clone().unwrap_or(Document {
-                version: stored.version,
-                ..Document::default()
-            });
-            let now = now_secs();
-            let next = base.updated(&request.desired, &request.reported, now);
-            let size = state_size(&next);
-            if size > self.limits.max_state_bytes {
-                return Err(request::too_large(size, &self.limits));
-            }
-            if !self
-                .store
-                .compare_and_set(key, stored.version, next.version, Some(&next))
-                .await?
-            {
-                continue;
-            }
-            let accepted = accepted_reply(request, &next, now);
-            self.announce_update(
-                key,
-                previous.as_ref(),
-                &next,
-                &accepted,
-                request.client_token.as_deref(),
-            );
-            return Ok(Updated {
-                accepted,
-                document: next,
-            });
-        }
-        Err(ShadowError::TooManyRequests)
+                Ok(Write {
+                    version: next.version,
+                    document: Some(next),
+                })
+            })
+            .await?;
+        let next = write.document.expect("an update writes a document");
+        let accepted = accepted_reply(request, &next, now);
+        self.announce_update(
+            key,
+            stored.document.as_ref(),
+            &next,
+            &accepted,
+            request.client_token.as_deref(),
+        );
+        Ok(Updated {
+            accepted,
+            document: next,
+        })
     }
 
     /// The current document; 404 when there is none.
@@ -212,47 +230,71 @@ impl Shadows {
         if !known_device {
             self.ensure_device(&key.device).await?;
         }
-        let _turn = self.stripe(key).lock().await;
+        let (_turn, stored, _) = self
+            .write(key, |stored| {
+                if stored.document.is_none() {
+                    return Err(not_found(key));
+                }
+                check_version(request.version, stored.version)?;
+                Ok(Write {
+                    version: stored.version,
+                    document: None,
+                })
+            })
+            .await?;
+        let version = stored.document.map_or(stored.version, |d| d.version);
+        let mut reply = json!({ "version": version, "timestamp": now_secs() });
+        if let Some(token) = &request.client_token {
+            reply["clientToken"] = json!(token);
+        }
+        self.send(key, "delete/accepted", &reply);
+        self.events.publish(PlatformEvent::ShadowDeleted {
+            device_id: key.device.to_string(),
+            name: key.name.as_ref().map(|n| n.as_str().to_owned()),
+            version,
+            at: registry::now(),
+        });
+        Ok(reply)
+    }
+
+    /// Read → decide → compare-and-set under this shadow's stripe, retrying (after a short random pause) when
+    /// another instance wrote in between. Returns the stripe's guard, so the caller announces the change before
+    /// the next change of the same shadow is made, and what was stored when the change was decided.
+    async fn write(
+        &self,
+        key: &ShadowKey,
+        mut decide: impl FnMut(&Stored) -> Result<Write, ShadowError>,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Stored, Write), ShadowError> {
+        let turn = self.stripe(key).lock().await;
         for attempt in 0..MAX_ATTEMPTS {
-            if attempt > 0 {
+            if attempt > 1 {
                 backoff(attempt).await;
             }
-            let stored = self.store.load(key).await?;
-            let Some(document) = stored.document else {
-                return Err(not_found(key));
+            // The first attempt may start from what this process last saw (one store round trip per update
+            // instead of two); a lost compare-and-set, or a version conflict found on it, reads afresh.
+            let stored = if attempt == 0 {
+                self.store.load_for_update(key).await?
+            } else {
+                self.store.load(key).await?
             };
-            if let Some(expected) = request.version {
-                if expected != stored.version {
-                    return Err(ShadowError::VersionConflict {
-                        current: stored.version,
-                    });
-                }
-            }
-            if !self
+            let write = match decide(&stored) {
+                Err(ShadowError::VersionConflict { .. }) if attempt == 0 => continue,
+                decided => decided?,
+            };
+            if self
                 .store
-                .compare_and_set(key, stored.version, stored.version, None)
+                .compare_and_set(key, stored.version, write.version, write.document.as_ref())
                 .await?
             {
-                continue;
+                return Ok((turn, stored, write));
             }
-            let mut reply = json!({ "version": document.version, "timestamp": now_secs() });
-            if let Some(token) = &request.client_token {
-                reply["clientToken"] = json!(token);
-            }
-            self.send(key, "delete/accepted", &reply);
-            self.events.publish(PlatformEvent::ShadowDeleted {
-                device_id: key.device.to_string(),
-                name: key.name.as_ref().map(|n| n.as_str().to_owned()),
-                version: document.version,
-                at: registry::now(),
-            });
-            return Ok(reply);
         }
         Err(ShadowError::TooManyRequests)
     }
 
-    /// Forgets every shadow of a deleted device.
+    /// Forgets every shadow of a deleted device (called on every instance when a device is deleted).
     pub async fn purge(&self, device: &DeviceId) -> Result<(), ShadowError> {
+        self.known.lock().expect("known devices").remove(device);
         Ok(self.store.purge(device).await?)
     }
 
@@ -299,11 +341,8 @@ impl Shadows {
             },
             ShadowOp::Get => match request::parse_plain(payload, &self.limits) {
                 Ok(request) => self.get(&key, true).await.map(|doc| {
-                    let mut reply = doc.to_json();
-                    if let Some(token) = &request.client_token {
-                        reply["clientToken"] = json!(token);
-                    }
-                    self.send(&key, "get/accepted", &reply);
+                    let reply = doc.to_json_bytes(request.client_token.as_deref());
+                    self.send_bytes(&key, "get/accepted", reply);
                 }),
                 Err(e) => Err(e),
             },
@@ -331,23 +370,11 @@ impl Shadows {
         token: Option<&str>,
     ) {
         self.send(key, "update/accepted", accepted);
-        let view = |d: &Document| {
-            let mut v = d.to_json();
-            if let Some(state) = v["state"].as_object_mut() {
-                state.remove("delta");
-            }
-            v.as_object_mut().map(|o| o.remove("timestamp"));
-            v
-        };
-        let mut documents = json!({
-            "previous": previous.map(view).unwrap_or(Value::Null),
-            "current": view(next),
-            "timestamp": next.timestamp,
-        });
-        if let Some(token) = token {
-            documents["clientToken"] = json!(token);
-        }
-        self.send(key, "update/documents", &documents);
+        self.send_bytes(
+            key,
+            "update/documents",
+            document::documents_message(previous, next, token),
+        );
         if let Some(delta) = next.delta_message() {
             self.send(key, "update/delta", &delta);
         }
@@ -360,11 +387,12 @@ impl Shadows {
     }
 
     fn send(&self, key: &ShadowKey, suffix: &str, payload: &Value) {
+        self.send_bytes(key, suffix, serde_json::to_vec(payload).unwrap_or_default());
+    }
+
+    fn send_bytes(&self, key: &ShadowKey, suffix: &str, payload: Vec<u8>) {
         let topic = shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
-        let _ = self.outbox.send(Outgoing {
-            topic,
-            payload: payload.to_string().into_bytes(),
-        });
+        let _ = self.outbox.send(Outgoing { topic, payload });
     }
 }
 
@@ -385,9 +413,18 @@ fn not_found(key: &ShadowKey) -> ShadowError {
     }
 }
 
-fn state_size(document: &Document) -> usize {
-    let state = json!({ "desired": document.desired, "reported": document.reported });
-    serde_json::to_vec(&state).map(|v| v.len()).unwrap_or(usize::MAX)
+/// 409 unless the request names no version or the current one.
+fn check_version(expected: Option<u64>, current: u64) -> Result<(), ShadowError> {
+    match expected {
+        Some(expected) if expected != current => Err(ShadowError::VersionConflict { current }),
+        _ => Ok(()),
+    }
+}
+
+/// What a change writes: the document (`None` deletes it) and the version.
+struct Write {
+    document: Option<Document>,
+    version: u64,
 }
 
 /// The `accepted` reply: the request's state, metadata stamped for each field in it, version, timestamp, token.

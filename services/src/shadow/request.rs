@@ -423,8 +423,15 @@ mod fuzz {
             }
             if let Ok(request) = parse_update(body.to_string().as_bytes(), &limits) {
                 let next = doc.updated(&request.desired, &request.reported, 2);
-                let _ = next.to_json();
+                // The serialized forms are byte for byte those of the `Value` forms.
+                prop_assert_eq!(next.to_json_bytes(None), serde_json::to_vec(&next.to_json()).unwrap());
+                prop_assert_eq!(next.to_stored_string(), next.to_stored().to_string());
+                prop_assert_eq!(
+                    next.state_size(),
+                    json!({"desired": next.desired, "reported": next.reported}).to_string().len()
+                );
                 let _ = next.delta_message();
+                prop_assert_eq!(Document::from_stored_str(&next.to_stored_string()).ok(), Some(next.clone()));
                 prop_assert_eq!(Document::from_stored(&next.to_stored()), Some(next));
             }
         }

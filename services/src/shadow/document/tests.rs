@@ -92,7 +92,36 @@ fn the_client_view_has_state_delta_metadata_version_and_timestamp() {
         (view["version"].clone(), view["timestamp"].clone()),
         (json!(1), json!(100))
     );
-    assert_eq!(Document::from_stored(&d.to_stored()), Some(d));
+    assert_eq!(Document::from_stored(&d.to_stored()), Some(d.clone()));
+    let mut with_token = view.clone();
+    with_token["clientToken"] = json!("c-9");
+    assert_eq!(
+        d.to_json_bytes(Some("c-9")),
+        serde_json::to_vec(&with_token).unwrap()
+    );
+}
+
+#[test]
+fn the_documents_message_has_both_views_without_delta_or_their_timestamps() {
+    let before = doc(json!({"t": 21}), json!({"t": 19}));
+    let after = before.updated(&Patch::Absent, &Patch::Merge(obj(json!({"t": 21}))), 130);
+    let view = |d: &Document| {
+        let mut v = d.to_json();
+        v["state"].as_object_mut().unwrap().remove("delta");
+        v.as_object_mut().unwrap().remove("timestamp");
+        v
+    };
+    let expected =
+        json!({"previous": view(&before), "current": view(&after), "timestamp": 130, "clientToken": "k"});
+    assert_eq!(
+        documents_message(Some(&before), &after, Some("k")),
+        serde_json::to_vec(&expected).unwrap()
+    );
+    let first = json!({"previous": null, "current": view(&before), "timestamp": 100});
+    assert_eq!(
+        documents_message(None, &before, None),
+        serde_json::to_vec(&first).unwrap()
+    );
 }
 
 // ---- laws, over arbitrary documents and patches -------------------------------------------------------------

@@ -1,0 +1,376 @@
+//! The embedded, durable store: a SQLite file of its own in the data dir (WAL), the default when no Redis is
+//! configured. It belongs to one antumbra process, which is therefore its only writer.
+//!
+//! So the store keeps in memory every shadow it has read or written, with its version: reads are answered
+//! from there and compare-and-set is decided there, without a query. Writes go to the file through one writer
+//! task, which commits whatever is queued as a single statement (group commit: one transaction, one WAL write
+//! for many updates). A compare-and-set returns only once its write is committed, so no update is acknowledged
+//! before it is in the file; with `synchronous = NORMAL` under WAL a commit is in the operating system once
+//! written, so killing the process loses nothing acknowledged (only a power loss can take the last commits).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use antumbra_wire::DeviceId;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{ConnectOptions, Row, SqlitePool};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{backend, decode, ShadowKey, ShadowStore, StoreError, Stored};
+use crate::shadow::document::Document;
+
+/// Most shadows kept in memory; past it, some that have nothing left to write are forgotten (and read from the
+/// file again when needed).
+const REMEMBERED: usize = 50_000;
+/// Most rows in one commit (4 parameters each, well under SQLite's 32,766).
+const BATCH: usize = 1_000;
+/// How often a compare-and-set re-reads a shadow that was forgotten while it read it.
+const READ_ATTEMPTS: usize = 8;
+
+/// The embedded store (cheap to clone: clones share the memory and the writer).
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    pool: SqlitePool,
+    memory: Arc<Mutex<Memory>>,
+    writer: mpsc::UnboundedSender<Job>,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore").finish_non_exhaustive()
+    }
+}
+
+/// What the store knows. A plain mutex: it is held for a map lookup and a clone, never across an await.
+#[derive(Default)]
+struct Memory {
+    shadows: HashMap<ShadowKey, Known>,
+    /// Grows whenever shadows are forgotten, so that a read from the file that began before cannot put back a
+    /// state older than one written in between.
+    forgotten: u64,
+}
+
+struct Known {
+    version: u64,
+    document: Option<Document>,
+    /// Writes queued and not yet committed: such a shadow is never forgotten.
+    unwritten: u32,
+}
+
+impl Known {
+    fn stored(&self) -> Stored {
+        Stored {
+            document: self.document.clone(),
+            version: self.version,
+        }
+    }
+}
+
+impl Memory {
+    fn remember(&mut self, key: &ShadowKey, stored: Stored) {
+        if self.shadows.len() >= REMEMBERED {
+            let mut excess = self.shadows.len() - REMEMBERED * 3 / 4;
+            self.shadows.retain(|_, known| {
+                let forget = excess > 0 && known.unwritten == 0;
+                excess -= usize::from(forget);
+                !forget
+            });
+            self.forgotten += 1;
+        }
+        self.shadows.insert(
+            key.clone(),
+            Known {
+                version: stored.version,
+                document: stored.document,
+                unwritten: 0,
+            },
+        );
+    }
+
+    fn forget_device(&mut self, device: &DeviceId) {
+        self.shadows.retain(|key, _| key.device != *device);
+        self.forgotten += 1;
+    }
+}
+
+/// Work for the writer task, done in the order queued.
+enum Job {
+    Put {
+        key: ShadowKey,
+        version: u64,
+        text: Option<String>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Purge {
+        device: DeviceId,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+impl EmbeddedStore {
+    /// Opens (creating) `path` and starts its writer task.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))
+            .map_err(backend)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL under WAL: a crash never corrupts, and the last commits survive a process crash; only a
+            // power loss can take the most recent ones.
+            .synchronous(SqliteSynchronous::Normal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.clone())
+            .await
+            .map_err(backend)?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS shadows (device_id TEXT NOT NULL, name TEXT NOT NULL, document TEXT, \
+             version INTEGER NOT NULL, PRIMARY KEY (device_id, name))",
+        )
+        .execute(&pool)
+        .await
+        .map_err(backend)?;
+        let connection = options.connect().await.map_err(backend)?;
+        let memory = Arc::new(Mutex::new(Memory::default()));
+        let (writer, jobs) = mpsc::unbounded_channel();
+        tokio::spawn(write_loop(connection, jobs, memory.clone()));
+        Ok(Self { pool, memory, writer })
+    }
+
+    fn memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn read(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
+        let row = sqlx::query("SELECT document, version FROM shadows WHERE device_id = ? AND name = ?")
+            .bind(key.device.as_str())
+            .bind(key.name_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(backend)?;
+        let Some(row) = row else {
+            return Ok(Stored::default());
+        };
+        let document: Option<String> = row.try_get("document").map_err(backend)?;
+        let version: i64 = row.try_get("version").map_err(backend)?;
+        Ok(Stored {
+            document: document.as_deref().map(decode).transpose()?,
+            version: version as u64,
+        })
+    }
+
+    async fn queue(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<(), String>>) -> Job,
+    ) -> Result<(), StoreError> {
+        let (done, result) = oneshot::channel();
+        self.writer
+            .send(job(done))
+            .map_err(|_| StoreError::Backend("the shadow store's writer has stopped".into()))?;
+        result
+            .await
+            .map_err(|_| StoreError::Backend("the shadow store's writer has stopped".into()))?
+            .map_err(StoreError::Backend)
+    }
+}
+
+impl ShadowStore for EmbeddedStore {
+    async fn load(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
+        let since = {
+            let memory = self.memory();
+            if let Some(known) = memory.shadows.get(key) {
+                return Ok(known.stored());
+            }
+            memory.forgotten
+        };
+        let stored = self.read(key).await?;
+        let mut memory = self.memory();
+        if let Some(known) = memory.shadows.get(key) {
+            // Filled in meanwhile, by a read or a write: at least as new as ours.
+            return Ok(known.stored());
+        }
+        if memory.forgotten == since {
+            memory.remember(key, stored.clone());
+        }
+        Ok(stored)
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &ShadowKey,
+        expected: u64,
+        version: u64,
+        document: Option<&Document>,
+    ) -> Result<bool, StoreError> {
+        // Serialized and copied before taking the lock.
+        let mut text = Some(document.map(Document::to_stored_string));
+        let mut copy = Some(document.cloned());
+        for _ in 0..READ_ATTEMPTS {
+            // Decided under the lock: lost, queued (its commit to wait for), or not known yet.
+            let decided = {
+                let mut memory = self.memory();
+                match memory.shadows.get_mut(key) {
+                    Some(known) if known.version != expected => return Ok(false),
+                    Some(known) => {
+                        known.version = version;
+                        known.document = copy.take().flatten();
+                        known.unwritten += 1;
+                        // Queued under the lock, so the writer commits in the order versions were given out.
+                        let (done, result) = oneshot::channel();
+                        let job = Job::Put {
+                            key: key.clone(),
+                            version,
+                            text: text.take().flatten(),
+                            done,
+                        };
+                        if self.writer.send(job).is_err() {
+                            return Err(StoreError::Backend(
+                                "the shadow store's writer has stopped".into(),
+                            ));
+                        }
+                        Ok(result)
+                    }
+                    None => Err(memory.forgotten),
+                }
+            };
+            match decided {
+                Ok(result) => {
+                    return match result.await {
+                        Ok(Ok(())) => Ok(true),
+                        Ok(Err(e)) => Err(StoreError::Backend(e)),
+                        Err(_) => Err(StoreError::Backend(
+                            "the shadow store's writer has stopped".into(),
+                        )),
+                    }
+                }
+                Err(since) => {
+                    let stored = self.read(key).await?;
+                    let mut memory = self.memory();
+                    if !memory.shadows.contains_key(key) && memory.forgotten == since {
+                        memory.remember(key, stored);
+                    }
+                }
+            }
+        }
+        Err(StoreError::Backend(
+            "the shadow store is too busy forgetting; retry".into(),
+        ))
+    }
+
+    async fn purge(&self, device: &DeviceId) -> Result<(), StoreError> {
+        self.memory().forget_device(device);
+        let result = self
+            .queue(|done| Job::Purge {
+                device: device.clone(),
+                done,
+            })
+            .await;
+        // Anything read from the file before the purge was committed is stale now.
+        self.memory().forget_device(device);
+        result
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+/// Commits the queued writes: consecutive puts as one statement, a purge on its own, in queue order.
+async fn write_loop(
+    mut connection: SqliteConnection,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+    memory: Arc<Mutex<Memory>>,
+) {
+    let mut held = None;
+    loop {
+        let job = match held.take() {
+            Some(job) => job,
+            None => match jobs.recv().await {
+                Some(job) => job,
+                None => break,
+            },
+        };
+        match job {
+            Job::Purge { device, done } => {
+                let result = sqlx::query("DELETE FROM shadows WHERE device_id = ?")
+                    .bind(device.as_str())
+                    .execute(&mut connection)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let _ = done.send(result);
+            }
+            put => {
+                let mut batch = vec![put];
+                while batch.len() < BATCH {
+                    match jobs.try_recv() {
+                        Ok(job @ Job::Put { .. }) => batch.push(job),
+                        Ok(other) => {
+                            held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let result = commit(&mut connection, &batch).await;
+                let mut memory = memory.lock().unwrap_or_else(|e| e.into_inner());
+                for job in &batch {
+                    if let Job::Put { key, .. } = job {
+                        if result.is_err() {
+                            // Not in the file: read it again from there next time.
+                            memory.shadows.remove(key);
+                        } else if let Some(known) = memory.shadows.get_mut(key) {
+                            known.unwritten = known.unwritten.saturating_sub(1);
+                        }
+                    }
+                }
+                drop(memory);
+                for job in batch {
+                    if let Job::Put { done, .. } = job {
+                        let _ = done.send(result.clone());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes every shadow of the batch (the last write of each) in one statement.
+async fn commit(connection: &mut SqliteConnection, batch: &[Job]) -> Result<(), String> {
+    let mut last: HashMap<&ShadowKey, (u64, Option<&str>)> = HashMap::with_capacity(batch.len());
+    for job in batch {
+        if let Job::Put {
+            key, version, text, ..
+        } = job
+        {
+            last.insert(key, (*version, text.as_deref()));
+        }
+    }
+    let mut sql = String::from("INSERT INTO shadows (device_id, name, document, version) VALUES ");
+    for i in 0..last.len() {
+        sql.push_str(if i == 0 { "(?, ?, ?, ?)" } else { ", (?, ?, ?, ?)" });
+    }
+    sql.push_str(
+        " ON CONFLICT (device_id, name) DO UPDATE SET document = excluded.document, version = excluded.version",
+    );
+    let mut query = sqlx::query(&sql);
+    for (key, (version, text)) in &last {
+        query = query
+            .bind(key.device.as_str())
+            .bind(key.name_str())
+            .bind(*text)
+            .bind(*version as i64);
+    }
+    query
+        .execute(&mut *connection)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}

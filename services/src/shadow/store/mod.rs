@@ -1,0 +1,172 @@
+//! Where shadow documents live: one trait, two implementations that pass one conformance suite.
+//!
+//! Both keep a version counter apart from the document, so a version never goes back, not even after a delete
+//! and a re-create. Writes are compare-and-set on that version: the service reads, merges in Rust, and writes
+//! only if nobody wrote in between, retrying otherwise — so concurrent updates never lose one and the store does
+//! only a small, fixed amount of work per update.
+
+mod embedded;
+mod redis;
+
+use std::future::Future;
+
+use antumbra_wire::DeviceId;
+
+use super::document::Document;
+pub use embedded::EmbeddedStore;
+pub use redis::RedisStore;
+
+/// A shadow name: 1–64 of `A-Z a-z 0-9 - _ :` (the AWS rule); the classic shadow has none.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShadowName(String);
+
+impl ShadowName {
+    /// Parses a name.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | ':'));
+        if ok {
+            Ok(Self(s.to_owned()))
+        } else {
+            Err(format!(
+                "shadow name {s:?} is invalid: 1 to 64 characters of A-Z a-z 0-9 - _ :"
+            ))
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Which shadow: a device's classic shadow or one of its named shadows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShadowKey {
+    /// The device.
+    pub device: DeviceId,
+    /// The name, `None` for the classic shadow.
+    pub name: Option<ShadowName>,
+}
+
+impl ShadowKey {
+    /// The classic shadow of `device`.
+    pub fn classic(device: DeviceId) -> Self {
+        Self { device, name: None }
+    }
+
+    pub(crate) fn name_str(&self) -> &str {
+        self.name.as_ref().map_or("", ShadowName::as_str)
+    }
+}
+
+/// What a store holds for a key.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Stored {
+    /// The document, if one exists (not deleted).
+    pub document: Option<Document>,
+    /// The last version ever written (0: never).
+    pub version: u64,
+}
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend failed or is unreachable.
+    #[error("{0}")]
+    Backend(String),
+    /// A stored value is not a document.
+    #[error("corrupt shadow document: {0}")]
+    Corrupt(String),
+}
+
+/// A shadow store.
+pub trait ShadowStore: Send + Sync {
+    /// The document and version stored under `key`.
+    fn load(&self, key: &ShadowKey) -> impl Future<Output = Result<Stored, StoreError>> + Send;
+
+    /// What to base an update on: like [`ShadowStore::load`], but it may be what this process last saw rather
+    /// than a fresh read, when the compare-and-set that follows would catch anything newer (the caller then
+    /// loads again).
+    fn load_for_update(&self, key: &ShadowKey) -> impl Future<Output = Result<Stored, StoreError>> + Send {
+        self.load(key)
+    }
+
+    /// Writes `document` (or deletes the document when `None`) and sets the version to `version`, only if the
+    /// stored version is still `expected`. Returns false when it is not (someone wrote in between).
+    fn compare_and_set(
+        &self,
+        key: &ShadowKey,
+        expected: u64,
+        version: u64,
+        document: Option<&Document>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Forgets every shadow of a device (when the device is deleted), versions included.
+    fn purge(&self, device: &DeviceId) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Checks the backend answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+fn decode(text: &str) -> Result<Document, StoreError> {
+    Document::from_stored_str(text).map_err(StoreError::Corrupt)
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+/// The configured store.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// Embedded SQLite file.
+    Embedded(EmbeddedStore),
+    /// Redis.
+    Redis(RedisStore),
+}
+
+impl ShadowStore for Store {
+    async fn load(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
+        match self {
+            Store::Embedded(s) => s.load(key).await,
+            Store::Redis(s) => s.load(key).await,
+        }
+    }
+
+    async fn load_for_update(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
+        match self {
+            Store::Embedded(s) => s.load(key).await,
+            Store::Redis(s) => s.load_for_update(key).await,
+        }
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &ShadowKey,
+        expected: u64,
+        version: u64,
+        document: Option<&Document>,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Embedded(s) => s.compare_and_set(key, expected, version, document).await,
+            Store::Redis(s) => s.compare_and_set(key, expected, version, document).await,
+        }
+    }
+
+    async fn purge(&self, device: &DeviceId) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.purge(device).await,
+            Store::Redis(s) => s.purge(device).await,
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.ping().await,
+            Store::Redis(s) => s.ping().await,
+        }
+    }
+}
