@@ -164,27 +164,37 @@ impl Registry {
         changes: &DeviceChanges,
         at: OffsetDateTime,
     ) -> Result<Device, RegistryError> {
+        // The transaction writes before it reads. On SQLite a transaction that reads first and then writes
+        // fails at once with "database is locked" (SQLITE_BUSY_SNAPSHOT) when another connection wrote in
+        // between, e.g. the presence writer; one that starts with its write waits its turn instead.
         let mut tx = self.begin().await?;
+        let (set_name, name) = match &changes.name {
+            Some(name) => (1_i64, name.clone()),
+            None => (0, None),
+        };
+        let attributes = changes
+            .attributes
+            .as_ref()
+            .map(|a| serde_json::Value::Object(a.clone()).to_string());
+        let done = sqlx::query(
+            "UPDATE devices SET name = CASE WHEN $2 = 1 THEN $3 ELSE name END, \
+             attributes = COALESCE($4, attributes), updated_at = $5 WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(set_name)
+        .bind(name)
+        .bind(attributes)
+        .bind(to_millis(at))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(RegistryError::NotFound);
+        }
         let current = sqlx::query(&format!("SELECT {COLUMNS} FROM devices d WHERE d.id = $1"))
             .bind(id.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(RegistryError::NotFound)?;
-        let mut device = device_from_row(&current, Vec::new())?;
-        if let Some(name) = &changes.name {
-            device.name = name.clone();
-        }
-        if let Some(attributes) = &changes.attributes {
-            device.attributes = attributes.clone();
-        }
-        device.updated_at = at;
-        sqlx::query("UPDATE devices SET name = $2, attributes = $3, updated_at = $4 WHERE id = $1")
-            .bind(id.as_str())
-            .bind(device.name.clone())
-            .bind(serde_json::Value::Object(device.attributes.clone()).to_string())
-            .bind(to_millis(at))
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+        let mut device = device_from_row(&current, Vec::new())?;
         device.tags = match &changes.tags {
             Some(tags) => replace_tags(&mut tx, id, tags).await?,
             None => tags_of(&mut *tx, id).await?,
