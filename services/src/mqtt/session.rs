@@ -19,7 +19,7 @@ use tokio::time::{sleep_until, timeout, Instant};
 
 use super::codec::{sniff, Codec, Sniff, Version};
 use super::metrics::AuthFailure;
-use super::{acl, shadow, FrontDoor};
+use super::{acl, sessions, shadow, FrontDoor};
 use crate::events::DisconnectReason;
 use crate::registry::{CertificateStatus, RegistryError};
 
@@ -63,46 +63,80 @@ impl End {
 }
 
 /// Serves one connection until it ends.
+///
+/// The task of an idle device holds this future for hours, and a future is as large as its largest state, so
+/// the opening (CONNECT, checks, takeover, attach) and the closing run boxed: only the loop's state stays.
 pub(super) async fn serve<S>(door: Arc<FrontDoor>, mut io: S, identity: Identity, remote: SocketAddr)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(512);
-    let connect = timeout(
-        door.settings.connect_timeout,
-        read_connect(&door, &mut io, &mut buf),
+    let mut buf = BytesMut::new();
+    let Some(mut open) = Box::pin(open(&door, &mut io, &mut buf, identity, remote)).await else {
+        return;
+    };
+    let end = run(
+        &door,
+        &open.device,
+        &mut open.codec,
+        &mut io,
+        &mut buf,
+        &mut open.link,
+        &mut open.claim.kicked,
+        open.keep_alive,
+        &open.seen,
     )
     .await;
-    let Ok(Some((mut codec, packet))) = connect else {
+    Box::pin(close(&door, &mut io, open, end)).await;
+}
+
+/// A session between its CONNACK and its end.
+struct Open<'a> {
+    device: DeviceId,
+    codec: Codec,
+    link: Link,
+    claim: sessions::Claim<'a>,
+    keep_alive: Duration,
+    session: u64,
+    seen: crate::presence::SeenClock,
+    will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
+}
+
+/// From the first byte to the CONNACK: `None` when the connection was refused or went away.
+async fn open<'a, S>(
+    door: &'a Arc<FrontDoor>,
+    io: &mut S,
+    buf: &mut BytesMut,
+    identity: Identity,
+    remote: SocketAddr,
+) -> Option<Open<'a>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let connect = timeout(door.settings.connect_timeout, read_connect(door, io, buf)).await;
+    let Ok(Some((codec, packet))) = connect else {
         door.metrics.auth_failed(AuthFailure::BadConnect);
         tracing::debug!(%remote, "no valid CONNECT in time");
-        return;
+        return None;
     };
-    let Packet::Connect(connect, _props, will, will_props, _login) = packet else {
+    let Packet::Connect(connect, _, will, will_props, _) = packet else {
         door.metrics.auth_failed(AuthFailure::BadConnect);
-        return;
+        return None;
     };
 
-    // One-off steps are boxed: an idle session's task should not carry their state (see `serve_tls`).
-    let (device, serial) = match Box::pin(admit(&door, &identity, &connect.client_id, will.as_ref())).await {
+    let (device, serial) = match admit(door, &identity, &connect.client_id, will.as_ref()).await {
         Ok(admitted) => admitted,
         Err((failure, v4, v5, why)) => {
             door.metrics.auth_failed(failure);
             tracing::info!(%remote, client_id = %connect.client_id, reason = why, "MQTT connection refused");
-            refuse(
-                &codec,
-                &mut io,
-                if codec.version() == Version::V4 { v4 } else { v5 },
-            )
-            .await;
-            return;
+            refuse(&codec, io, if codec.version() == Version::V4 { v4 } else { v5 }).await;
+            return None;
         }
     };
 
     let mut claim = door.sessions.claim(&device, serial);
-    if let Some(reason) = Box::pin(claim.take_over()).await {
+    if let Some(reason) = claim.take_over().await {
         tracing::info!(device_id = %device, reason = reason.as_str(), "connection superseded before it attached");
-        return;
+        return None;
     }
     if door.sessions.attached() >= door.settings.max_connections {
         door.metrics.auth_failed(AuthFailure::ConnectionLimit);
@@ -112,8 +146,8 @@ where
         } else {
             ConnectReturnCode::ServerBusy
         };
-        refuse(&codec, &mut io, code).await;
-        return;
+        refuse(&codec, io, code).await;
+        return None;
     }
     let attach = door.attach.clone();
     let (client_id, clean) = (device.to_string(), connect.clean_session);
@@ -125,8 +159,8 @@ where
         } else {
             ConnectReturnCode::ServerUnavailable
         };
-        refuse(&codec, &mut io, code).await;
-        return;
+        refuse(&codec, io, code).await;
+        return None;
     };
     claim.mark_attached();
     let session_present = match ack {
@@ -150,55 +184,64 @@ where
             ..Default::default()
         }),
     );
-    let (session, seen) = Box::pin(door.presence.connected(&device, remote.to_string())).await;
+    let (session, seen) = door.presence.connected(&device, remote.to_string()).await;
     door.metrics.connected();
     tracing::info!(device_id = %device, session, %remote, version = ?codec.version(), "device connected");
 
-    let mut link = Link {
-        tx,
-        rx,
-        bytes_out: BytesMut::with_capacity(256),
+    let mut open = Open {
+        device,
+        codec,
+        link: Link {
+            tx,
+            rx,
+            bytes_out: BytesMut::new(),
+        },
+        claim,
+        keep_alive: Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2,
+        session,
+        seen,
+        will: will.map(|will| Box::new((will, will_props))),
     };
-    let keep_alive = Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2;
-    let end = if link.write(&door, &codec, &mut io, vec![connack]).await.is_err() {
-        End::Network
-    } else {
-        run(
-            &door,
-            &device,
-            &mut codec,
-            &mut io,
-            &mut buf,
-            &mut link,
-            &mut claim.kicked,
-            keep_alive,
-            &seen,
-        )
+    if open
+        .link
+        .write(door, &open.codec, io, vec![connack])
         .await
-    };
+        .is_err()
+    {
+        close(door, io, open, End::Network).await;
+        return None;
+    }
+    Some(open)
+}
 
+/// The end of a session: the MQTT 5 reason, the router let go, the will, presence.
+async fn close<S>(door: &Arc<FrontDoor>, io: &mut S, mut open: Open<'_>, end: End)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (device, session) = (&open.device, open.session);
     let reason = end.reason();
-    if codec.version() == Version::V5 {
+    if open.codec.version() == Version::V5 {
         if let Some(code) = server_reason_code(&end) {
             let packet = Packet::Disconnect(Disconnect { reason_code: code }, None);
             let _ = timeout(
                 Duration::from_secs(1),
-                link.write(&door, &codec, &mut io, vec![packet]),
+                open.link.write(door, &open.codec, io, vec![packet]),
             )
             .await;
         }
     }
-    Box::pin(link.detach()).await;
+    open.link.detach().await;
     if end.fires_will() {
-        if let Some(will) = will {
-            publish_will(&door, &device, claim.token(), will, will_props);
+        if let Some(will) = open.will.take() {
+            let (will, props) = *will;
+            publish_will(door, device, open.claim.token(), will, props);
         }
     }
-    door.presence.disconnected(&device, session, reason);
+    door.presence.disconnected(device, session, reason);
     door.metrics.disconnected(reason);
     tracing::info!(device_id = %device, session, reason = reason.as_str(), "device disconnected");
     let _ = timeout(Duration::from_secs(1), io.shutdown()).await;
-    drop(claim);
 }
 
 /// Reads until a whole CONNECT is buffered; `None` for anything else (a 3.1 client gets its refusal first).
@@ -384,10 +427,10 @@ impl Link {
     }
 
     /// Hands packets to the router: all but the last through the buffer, the last with one notification.
-    async fn forward(&mut self, mut packets: Vec<Packet>) -> bool {
+    fn forward(&mut self, mut packets: Vec<Packet>) -> bool {
         let Some(last) = packets.pop() else { return true };
         self.tx.buffer().extend(packets);
-        self.tx.send(last).await.is_ok()
+        self.tx.push(last).is_ok()
     }
 
     /// Tells the router the session is over and waits (bounded) until it has let go: this frees the router's
@@ -458,7 +501,7 @@ where
                     }
                 };
                 door.metrics.received(packets.len() as u64, n as u64);
-                if !link.forward(packets).await {
+                if !link.forward(packets) {
                     return End::RouterClosed;
                 }
                 // After the router has the packets: a SUBSCRIBE is in place before its replayed delta is queued.
@@ -495,7 +538,8 @@ where
                 if !packets.is_empty() && link.write(door, codec, io, packets).await.is_err() {
                     return End::Network;
                 }
-                if unschedule && link.rx.wake().await.is_err() {
+                // Boxed: its future carries a whole router event, and this loop's state lives as long as the device.
+                if unschedule && Box::pin(link.rx.wake()).await.is_err() {
                     return End::RouterClosed;
                 }
             }

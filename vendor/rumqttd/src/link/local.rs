@@ -163,8 +163,8 @@ impl LinkTx {
         self.recv_buffer.lock()
     }
 
-    /// Send raw device data
-    fn push(&mut self, data: Packet) -> Result<usize, LinkError> {
+    /// Send raw device data (Antumbra: public, a synchronous `send` that adds no state to the caller's future)
+    pub fn push(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {
             let mut buffer = self.recv_buffer.lock();
             buffer.push_back(data);
