@@ -64,7 +64,7 @@ async fn conflict(
 ) -> HttpResponse {
     let document = state
         .shadows
-        .get(key, true)
+        .get_shared(key, true)
         .await
         .map(|d| d.to_json())
         .unwrap_or(Value::Null);
@@ -99,7 +99,7 @@ pub async fn get(
     query: web::Query<ShadowQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let key = Shadows::key(&device_id(&id)?, query.name.as_deref())?;
-    let document = state.shadows.get(&key, false).await?;
+    let document = state.shadows.get_shared(&key, false).await?;
     Ok(HttpResponse::Ok()
         .insert_header((header::ETAG, etag(document.version)))
         .content_type(actix_web::http::header::ContentType::json())

@@ -20,14 +20,14 @@ fn key(device: &str, name: Option<&str>) -> ShadowKey {
     }
 }
 
-fn doc(version: u64, reported: serde_json::Value) -> Document {
+fn doc(version: u64, reported: serde_json::Value) -> Arc<Document> {
     let mut d = Document::default().updated(
         &Patch::Absent,
         &Patch::Merge(reported.as_object().unwrap().clone()),
         10,
     );
     d.version = version;
-    d
+    Arc::new(d)
 }
 
 async fn embedded(dir: &tempfile::TempDir) -> Store {

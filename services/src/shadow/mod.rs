@@ -11,6 +11,7 @@ pub mod request;
 pub mod store;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use antumbra_wire::topics::shadow_topic;
 use antumbra_wire::DeviceId;
@@ -50,7 +51,7 @@ pub struct Updated {
     /// The `accepted` reply.
     pub accepted: Value,
     /// The document as it now is.
-    pub document: Document,
+    pub document: Arc<Document>,
 }
 
 /// The shadow service.
@@ -193,7 +194,7 @@ impl Shadows {
                 }
                 Ok(Write {
                     version: next.version,
-                    document: Some(next),
+                    document: Some(Arc::new(next)),
                 })
             })
             .await?;
@@ -201,7 +202,7 @@ impl Shadows {
         let accepted = accepted_reply(request, &next, now);
         self.announce_update(
             key,
-            stored.document.as_ref(),
+            stored.document.as_deref(),
             &next,
             &accepted,
             request.client_token.as_deref(),
@@ -214,6 +215,15 @@ impl Shadows {
 
     /// The current document; 404 when there is none.
     pub async fn get(&self, key: &ShadowKey, known_device: bool) -> Result<Document, ShadowError> {
+        self.get_shared(key, known_device).await.map(Arc::unwrap_or_clone)
+    }
+
+    /// [`Shadows::get`] without copying the document out of the store's memory.
+    pub async fn get_shared(
+        &self,
+        key: &ShadowKey,
+        known_device: bool,
+    ) -> Result<Arc<Document>, ShadowError> {
         if !known_device {
             self.ensure_device(&key.device).await?;
         }
@@ -302,7 +312,7 @@ impl Shadows {
     /// subscribes to that topic, so desired state set while it was away reaches it as one delta, latest version.
     pub async fn replay(&self, key: &ShadowKey) -> Result<bool, ShadowError> {
         let stored = self.store.load(key).await?;
-        match stored.document.as_ref().and_then(Document::delta_message) {
+        match stored.document.as_deref().and_then(Document::delta_message) {
             Some(delta) => {
                 self.send(key, "update/delta", &delta);
                 Ok(true)
@@ -320,7 +330,8 @@ impl Shadows {
         payload: &[u8],
     ) {
         use antumbra_wire::topics::ShadowOp;
-        let token = request::client_token_of(payload, &self.limits);
+        // Only a rejection needs the token read apart from the request (which may not parse).
+        let token = || request::client_token_of(payload, &self.limits);
         let key = match Self::key(device, name) {
             Ok(key) => key,
             Err(e) => {
@@ -329,7 +340,7 @@ impl Shadows {
                 self.send(
                     &key,
                     &format!("{}/rejected", op.as_str()),
-                    &rejection(&e, token.as_deref()),
+                    &rejection(&e, token().as_deref()),
                 );
                 return;
             }
@@ -340,7 +351,7 @@ impl Shadows {
                 Err(e) => Err(e),
             },
             ShadowOp::Get => match request::parse_plain(payload, &self.limits) {
-                Ok(request) => self.get(&key, true).await.map(|doc| {
+                Ok(request) => self.get_shared(&key, true).await.map(|doc| {
                     let reply = doc.to_json_bytes(request.client_token.as_deref());
                     self.send_bytes(&key, "get/accepted", reply);
                 }),
@@ -356,7 +367,7 @@ impl Shadows {
             self.send(
                 &key,
                 &format!("{}/rejected", op.as_str()),
-                &rejection(&e, token.as_deref()),
+                &rejection(&e, token().as_deref()),
             );
         }
     }
@@ -423,7 +434,7 @@ fn check_version(expected: Option<u64>, current: u64) -> Result<(), ShadowError>
 
 /// What a change writes: the document (`None` deletes it) and the version.
 struct Write {
-    document: Option<Document>,
+    document: Option<Arc<Document>>,
     version: u64,
 }
 

@@ -56,7 +56,7 @@ struct Memory {
 
 struct Known {
     version: u64,
-    document: Option<Document>,
+    document: Option<Arc<Document>>,
     /// Writes queued and not yet committed: such a shadow is never forgotten.
     unwritten: u32,
 }
@@ -157,7 +157,7 @@ impl EmbeddedStore {
         let document: Option<String> = row.try_get("document").map_err(backend)?;
         let version: i64 = row.try_get("version").map_err(backend)?;
         Ok(Stored {
-            document: document.as_deref().map(decode).transpose()?,
+            document: document.as_deref().map(decode).transpose()?.map(Arc::new),
             version: version as u64,
         })
     }
@@ -203,11 +203,10 @@ impl ShadowStore for EmbeddedStore {
         key: &ShadowKey,
         expected: u64,
         version: u64,
-        document: Option<&Document>,
+        document: Option<&Arc<Document>>,
     ) -> Result<bool, StoreError> {
-        // Serialized and copied before taking the lock.
-        let mut text = Some(document.map(Document::to_stored_string));
-        let mut copy = Some(document.cloned());
+        // Serialized before taking the lock.
+        let mut text = Some(document.map(|d| d.to_stored_string()));
         for _ in 0..READ_ATTEMPTS {
             // Decided under the lock: lost, queued (its commit to wait for), or not known yet.
             let decided = {
@@ -216,7 +215,7 @@ impl ShadowStore for EmbeddedStore {
                     Some(known) if known.version != expected => return Ok(false),
                     Some(known) => {
                         known.version = version;
-                        known.document = copy.take().flatten();
+                        known.document = document.cloned();
                         known.unwritten += 1;
                         // Queued under the lock, so the writer commits in the order versions were given out.
                         let (done, result) = oneshot::channel();

@@ -9,6 +9,7 @@ mod embedded;
 mod redis;
 
 use std::future::Future;
+use std::sync::Arc;
 
 use antumbra_wire::DeviceId;
 
@@ -65,8 +66,8 @@ impl ShadowKey {
 /// What a store holds for a key.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Stored {
-    /// The document, if one exists (not deleted).
-    pub document: Option<Document>,
+    /// The document, if one exists (not deleted); shared, so handing it out copies nothing.
+    pub document: Option<Arc<Document>>,
     /// The last version ever written (0: never).
     pub version: u64,
 }
@@ -101,7 +102,7 @@ pub trait ShadowStore: Send + Sync {
         key: &ShadowKey,
         expected: u64,
         version: u64,
-        document: Option<&Document>,
+        document: Option<&Arc<Document>>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Forgets every shadow of a device (when the device is deleted), versions included.
@@ -148,7 +149,7 @@ impl ShadowStore for Store {
         key: &ShadowKey,
         expected: u64,
         version: u64,
-        document: Option<&Document>,
+        document: Option<&Arc<Document>>,
     ) -> Result<bool, StoreError> {
         match self {
             Store::Embedded(s) => s.compare_and_set(key, expected, version, document).await,

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 
 use antumbra_wire::DeviceId;
 
@@ -149,7 +150,7 @@ impl ShadowStore for RedisStore {
         key: &ShadowKey,
         expected: u64,
         version: u64,
-        document: Option<&Document>,
+        document: Option<&Arc<Document>>,
     ) -> Result<bool, StoreError> {
         let done = self
             .bounded(self.cas_unbounded(key, expected, version, document))
@@ -211,7 +212,7 @@ impl RedisStore {
             .await
             .map_err(backend)?;
         Ok(Stored {
-            document: document.as_deref().map(decode).transpose()?,
+            document: document.as_deref().map(decode).transpose()?.map(Arc::new),
             version: version.unwrap_or(0),
         })
     }
@@ -221,10 +222,10 @@ impl RedisStore {
         key: &ShadowKey,
         expected: u64,
         version: u64,
-        document: Option<&Document>,
+        document: Option<&Arc<Document>>,
     ) -> Result<bool, StoreError> {
         let mut conn = self.connection();
-        let text = document.map(Document::to_stored_string).unwrap_or_default();
+        let text = document.map(|d| d.to_stored_string()).unwrap_or_default();
         let done: i64 = self
             .cas
             .key(self.key(key))
