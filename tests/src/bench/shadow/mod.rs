@@ -199,15 +199,28 @@ impl Figures {
         (!row.1.is_empty()).then(|| row.1.iter().sum::<f64>() / row.1.len() as f64)
     }
 
-    /// CPU rows of one phase, in % of one core (the machine has 200).
-    fn cpu(&mut self, phase: &str, cpu: &Usage, redis_secs: Option<f64>) {
+    /// CPU rows of one phase, in % of one core (the machine has 200): antumbra, Redis, this tool (and wrk),
+    /// idle, steal, and what is left — other processes on the machine, which make a run noisy.
+    fn cpu(&mut self, phase: &str, cpu: &Usage, redis_secs: Option<f64>, wrk_secs: Option<f64>) {
         self.put(&format!("{phase}: antumbra CPU (%)"), cpu.percent(cpu.broker), 0);
         if let Some(secs) = redis_secs {
             self.put(&format!("{phase}: redis-server CPU (%)"), cpu.percent(secs), 0);
         }
         self.put(&format!("{phase}: load gen CPU (%)"), cpu.percent(cpu.own), 0);
+        if let Some(secs) = wrk_secs {
+            self.put(&format!("{phase}: wrk CPU (%)"), cpu.percent(secs), 0);
+        }
         self.put(&format!("{phase}: machine idle (%)"), cpu.percent(cpu.idle), 0);
         self.put(&format!("{phase}: machine steal (%)"), cpu.percent(cpu.steal), 0);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get()) as f64;
+        let accounted =
+            cpu.broker + cpu.own + redis_secs.unwrap_or(0.0) + wrk_secs.unwrap_or(0.0) + cpu.idle + cpu.steal;
+        let other = (cores * cpu.wall - accounted).max(0.0);
+        self.put(
+            &format!("{phase}: other processes CPU (%)"),
+            cpu.percent(other),
+            0,
+        );
     }
 }
 
@@ -360,8 +373,8 @@ fn bench_setup(setup: Setup, cx: &Shared) -> Result<Figures> {
                 raw_cpu.broker * 1e6 / raw.counted.max(1) as f64,
                 1,
             );
-            f.cpu("saturated", &sat_cpu, sat_redis);
-            f.cpu("raw", &raw_cpu, raw_redis);
+            f.cpu("saturated", &sat_cpu, sat_redis, None);
+            f.cpu("raw", &raw_cpu, raw_redis, None);
             f.put("saturated rejected", sat.rejected as f64, 0);
             f.put("saturated missing", sat.missing as f64 + raw.missing as f64, 0);
         }
@@ -409,7 +422,7 @@ fn bench_setup(setup: Setup, cx: &Shared) -> Result<Figures> {
         f.put(DELTA_P99, ms(&paced.delta_latency, 0.99), 2);
         f.put("PATCH response p99 (ms)", ms(&patches.response, 0.99), 2);
         f.put("deltas timed / PATCHes ok", paced.deltas as f64 / patches.ok.max(1) as f64, 3);
-        f.cpu("paced", &cpu, redis_secs);
+        f.cpu("paced", &cpu, redis_secs, None);
         f.put("paced: missing accepted", paced.missing as f64, 0);
         f.put("paced: rejected", paced.rejected as f64, 0);
         if patches.skipped > 0 {
@@ -427,6 +440,8 @@ fn bench_setup(setup: Setup, cx: &Shared) -> Result<Figures> {
         fleet.stop().await;
         anyhow::Ok(())
     })?;
+    // Let antumbra finish with the 1,000 departures (presence, memory) before measuring GET.
+    std::thread::sleep(Duration::from_secs(3));
 
     // REST GET does not depend on how devices subscribe: measured once per store.
     let first_of_store = plan.setups.iter().find(|s| s.store == store) == Some(&setup);
@@ -454,8 +469,7 @@ fn bench_setup(setup: Setup, cx: &Shared) -> Result<Figures> {
                 f.put(key, w.rate, 0);
                 f.put(&format!("{label} p50 (ms)"), w.p50, 2);
                 f.put(&format!("{label} p99 (ms)"), w.p99, 2);
-                f.cpu(label, &w.cpu, None);
-                f.put(&format!("{label}: wrk CPU (%)"), w.cpu.percent(w.wrk_cpu), 0);
+                f.cpu(label, &w.cpu, None, Some(w.wrk_cpu));
                 if w.non_2xx > 0 || w.socket_errors > 0 {
                     f.notes.push(format!(
                         "{label}: {} non-2xx responses, {} socket errors",
