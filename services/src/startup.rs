@@ -69,7 +69,9 @@ impl Application {
             .context("issuing the MQTT server certificate")?;
         let tls = mqtt::tls::server_config(ca.ca_pem(), &server.chain_pem, &server.key_pem)?;
 
-        let admin = access::bootstrap_admin(&registry, settings.admin_token.as_deref()).await?;
+        let admin = access::bootstrap_admin(&registry, settings.admin_token.as_deref())
+            .await
+            .context("ensuring the admin API key")?;
         let http_listener = bind(settings.http_addr, "REST")?;
         let mqtts_listener = bind(settings.mqtts_addr, "MQTT/TLS")?;
         let plain_listener = settings

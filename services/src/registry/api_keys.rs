@@ -67,9 +67,24 @@ impl Registry {
     }
 
     /// Inserts the key or, when its id exists, replaces its secret and un-revokes it (the configured admin key).
-    /// One statement, so instances of a cluster starting at once with the same key do not trip over each other
-    /// (a delete-then-insert lets the second instance's insert collide with the first's).
+    ///
+    /// Instances of a cluster start at once with the same key. One statement keeps them from tripping over each
+    /// other on the id, but PostgreSQL's ON CONFLICT only arbitrates the id: the second insert can still meet the
+    /// first's uncommitted row in the secret's unique index and fail. Once the first has committed, the same
+    /// statement finds the id taken and updates, so a conflict is tried again (a secret truly used by another
+    /// key conflicts every time and is returned).
     pub async fn upsert_api_key(&self, key: &ApiKeyRecord, secret_hash: &str) -> Result<(), RegistryError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.upsert_api_key_once(key, secret_hash).await {
+                Err(RegistryError::Conflict) if attempts < 3 => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn upsert_api_key_once(&self, key: &ApiKeyRecord, secret_hash: &str) -> Result<(), RegistryError> {
         sqlx::query(&format!(
             "INSERT INTO api_keys ({COLUMNS}, secret_hash) VALUES ($1, $2, $3, $4, NULL, $5) \
              ON CONFLICT (id) DO UPDATE SET name = $2, scope = $3, created_at = $4, revoked_at = NULL, \
