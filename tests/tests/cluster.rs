@@ -87,12 +87,15 @@ fn cluster() -> Cluster {
     cluster_on(&test_database())
 }
 
+/// Different on every call, also between tests running at once in this process and across runs.
 fn rand_u32() -> u32 {
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    nanos ^ std::process::id().rotate_left(16)
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (nanos ^ std::process::id().rotate_left(16)).wrapping_add(call.rotate_right(4))
 }
 
 fn status(server: &Server, id: &str) -> Value {
