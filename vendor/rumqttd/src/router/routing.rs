@@ -110,10 +110,11 @@ impl Router {
 
         let meters = Slab::with_capacity(10);
         let alerts = Slab::with_capacity(10);
-        let connections = Slab::with_capacity(config.max_connections);
-        let ibufs = Slab::with_capacity(config.max_connections);
-        let obufs = Slab::with_capacity(config.max_connections);
-        let ackslog = Slab::with_capacity(config.max_connections);
+        // Antumbra: grown on demand (and shrunk after departures) rather than sized for the limit up front.
+        let connections = Slab::new();
+        let ibufs = Slab::new();
+        let obufs = Slab::new();
+        let ackslog = Slab::new();
 
         let router_metrics = RouterMeter {
             router_id,
@@ -527,6 +528,26 @@ impl Router {
             drop(tracker);
         }
         self.router_meters.total_connections -= 1;
+        self.shrink_connection_slabs();
+    }
+
+    /// Antumbra: after a wave of departures, give the per-connection tables' memory back. The five slabs
+    /// share their keys (a connection's id is its index in each), so they are shrunk together, and only
+    /// when three quarters of the room is unused (amortised: each shrink at least quarters the room).
+    fn shrink_connection_slabs(&mut self) {
+        let room = self.connections.capacity();
+        if room < 1024 || self.connections.len() * 4 > room {
+            return;
+        }
+        self.connections.shrink_to_fit();
+        self.ibufs.shrink_to_fit();
+        self.obufs.shrink_to_fit();
+        self.ackslog.shrink_to_fit();
+        self.scheduler.trackers.shrink_to_fit();
+        self.connection_map.shrink_to_fit();
+        if self.scheduler.readyqueue.is_empty() {
+            self.scheduler.readyqueue = VecDeque::new();
+        }
     }
 
     /// Handles new incoming data on a topic
@@ -1387,6 +1408,9 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
         buffer.push_back(message);
         count += 1;
     }
+
+    // Antumbra: an idle connection keeps no ack buffer.
+    *acks = VecDeque::new();
 
     debug!(acks_count = count, "Acks sent to device");
     outgoing.handle.try_send(()).ok();

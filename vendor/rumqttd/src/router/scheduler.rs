@@ -17,8 +17,8 @@ pub struct Scheduler {
 impl Scheduler {
     pub fn with_capacity(capacity: usize) -> Scheduler {
         Scheduler {
-            trackers: Slab::with_capacity(capacity),
-            readyqueue: VecDeque::with_capacity(capacity),
+            trackers: Slab::new(),
+            readyqueue: VecDeque::new(),
         }
     }
 
