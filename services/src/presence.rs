@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use antumbra_wire::DeviceId;
 use sqlx::Row;
@@ -294,17 +295,40 @@ impl Presence {
 /// Upserts queued statuses, batching whatever accumulated while the previous batch was written.
 async fn write_behind(registry: Registry, mut queue: mpsc::UnboundedReceiver<(DeviceId, DeviceStatus)>) {
     let mut batch = Vec::new();
-    while queue.recv_many(&mut batch, 512).await > 0 {
-        // Only the newest status of each device matters.
-        let mut newest: HashMap<DeviceId, DeviceStatus> = HashMap::new();
-        for (id, status) in batch.drain(..) {
-            newest.insert(id, status);
+    // Statuses not stored yet: kept across a database outage (newer changes merge in) and retried, so a device
+    // that left while the database was away is not shown online for good.
+    let mut pending: HashMap<DeviceId, DeviceStatus> = HashMap::new();
+    loop {
+        let received = if pending.is_empty() {
+            queue.recv_many(&mut batch, 512).await
+        } else {
+            match tokio::time::timeout(RETRY, queue.recv_many(&mut batch, 512)).await {
+                Ok(n) => n,
+                Err(_) => usize::MAX,
+            }
+        };
+        if received == 0 {
+            break;
         }
-        if let Err(e) = upsert(&registry, &newest).await {
-            tracing::warn!(error = %e, devices = newest.len(), "could not store presence; will store the next change");
+        // Only the newest status of each device matters.
+        for (id, status) in batch.drain(..) {
+            pending.insert(id, status);
+        }
+        match upsert(&registry, &pending).await {
+            Ok(()) => pending.clear(),
+            Err(e) => {
+                tracing::warn!(error = %e, devices = pending.len(), "could not store presence; retrying");
+                tokio::time::sleep(RETRY).await;
+            }
         }
     }
+    if !pending.is_empty() {
+        let _ = upsert(&registry, &pending).await;
+    }
 }
+
+/// How long the presence writer waits before it tries a failed write again.
+const RETRY: Duration = Duration::from_secs(1);
 
 async fn upsert(
     registry: &Registry,

@@ -21,16 +21,19 @@ pub enum AuthFailure {
     BadConnect,
     /// The connection limit is reached.
     ConnectionLimit,
+    /// The registry could not be asked (database away): refused as "server unavailable".
+    RegistryUnavailable,
 }
 
 impl AuthFailure {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Handshake,
         Self::HandshakeTimeout,
         Self::Revoked,
         Self::ClientIdMismatch,
         Self::BadConnect,
         Self::ConnectionLimit,
+        Self::RegistryUnavailable,
     ];
 
     fn as_str(self) -> &'static str {
@@ -41,6 +44,7 @@ impl AuthFailure {
             Self::ClientIdMismatch => "client_id_mismatch",
             Self::BadConnect => "bad_connect",
             Self::ConnectionLimit => "connection_limit",
+            Self::RegistryUnavailable => "registry_unavailable",
         }
     }
 }
@@ -50,8 +54,8 @@ impl AuthFailure {
 pub struct Metrics {
     connections: AtomicI64,
     connects: AtomicU64,
-    disconnects: [AtomicU64; 7],
-    auth_failures: [AtomicU64; 6],
+    disconnects: [AtomicU64; DisconnectReason::ALL.len()],
+    auth_failures: [AtomicU64; AuthFailure::ALL.len()],
     acl_violations: AtomicU64,
     messages_in: AtomicU64,
     messages_out: AtomicU64,

@@ -294,7 +294,7 @@ async fn admit(
     };
     let lookup_failed = |_: RegistryError| {
         (
-            AuthFailure::Revoked,
+            AuthFailure::RegistryUnavailable,
             ServiceUnavailable,
             ServerUnavailable,
             "registry unavailable",

@@ -191,6 +191,23 @@ fn postgresql_going_away_turns_readiness_red_and_rest_to_503_while_mqtt_stays_up
         ["online"]
         == true));
     let session = status(&c.b, "steady")["session"].as_u64().unwrap();
+    let leaver_files = c.a.register(TOKEN, "leaver", dir.path());
+    let leaver = runtime.block_on(async {
+        let device = sdk_device(c.b.mqtts_port, &leaver_files);
+        device.wait_connected(Duration::from_secs(10)).await.unwrap();
+        device
+    });
+    let stored_online = |id: &str| -> String {
+        let out = std::process::Command::new("psql")
+            .args([pg.url().as_str(), "-tAc"])
+            .arg(format!(
+                "SELECT online FROM device_presence WHERE device_id = '{id}'"
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(eventually(Duration::from_secs(10), || stored_online("leaver") == "1"));
 
     pg.stop();
 
@@ -220,7 +237,11 @@ fn postgresql_going_away_turns_readiness_red_and_rest_to_503_while_mqtt_stays_up
         }
     }
     // The MQTT session stays up, and its shadow (in Redis) keeps working.
-    assert_eq!(c.b.metric("antumbra_mqtt_connections"), 1.0);
+    assert_eq!(
+        c.b.metric("antumbra_mqtt_connections"),
+        2.0,
+        "steady and leaver stay connected"
+    );
     runtime
         .block_on(device.shadow().report(json!({"during_outage": true})))
         .expect("a connected device reports while the database is away");
@@ -236,6 +257,10 @@ fn postgresql_going_away_turns_readiness_red_and_rest_to_503_while_mqtt_stays_up
         "refused in {:?}",
         started.elapsed()
     );
+    assert!(c.b.metric("antumbra_mqtt_auth_failures_total{reason=\"registry_unavailable\"}") >= 1.0);
+    // A device leaves while the database is away: its presence is written once the database is back.
+    runtime.block_on(leaver.disconnect());
+    drop(leaver);
 
     pg.start_server();
 
@@ -245,6 +270,10 @@ fn postgresql_going_away_turns_readiness_red_and_rest_to_503_while_mqtt_stays_up
             "readiness turns green again"
         );
     }
+    assert!(
+        eventually(Duration::from_secs(15), || stored_online("leaver") == "0"),
+        "the departure during the outage is stored afterwards"
+    );
     let after = c.a.register(TOKEN, "after", dir.path());
     let out = pub_(&c.b, &after, "after", "devices/after/hello", "1", &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
