@@ -92,6 +92,9 @@ fn shared(event: &PlatformEvent) -> bool {
     )
 }
 
+/// Most messages published in one round trip to Redis.
+const PUBLISH_BATCH: usize = 256;
+
 /// The publishing side's connection, rebuilt after any failure.
 struct Publisher {
     client: redis::Client,
@@ -105,10 +108,10 @@ struct Publisher {
 }
 
 impl Publisher {
-    /// Publishes `text`, every step bounded by [`REDIS_DEADLINE`]. While Redis is away a message is dropped:
-    /// device messages are resynced from the store when the device next subscribes, and events are also held
-    /// by the database.
-    async fn publish(&mut self, text: String) {
+    /// Publishes `texts` in order, as one pipeline (one round trip), every step bounded by [`REDIS_DEADLINE`].
+    /// While Redis is away messages are dropped: device messages are resynced from the store when the device
+    /// next subscribes, and events are also held by the database.
+    async fn publish(&mut self, texts: &[String]) {
         let conn = match &self.conn {
             Some(conn) => conn.clone(),
             None => {
@@ -135,14 +138,11 @@ impl Publisher {
             }
         };
         let mut conn = conn;
-        let sent = tokio::time::timeout(
-            REDIS_DEADLINE,
-            redis::cmd("PUBLISH")
-                .arg(&self.channel)
-                .arg(text)
-                .query_async::<i64>(&mut conn),
-        )
-        .await;
+        let mut pipe = redis::pipe();
+        for text in texts {
+            pipe.cmd("PUBLISH").arg(&self.channel).arg(text).ignore();
+        }
+        let sent = tokio::time::timeout(REDIS_DEADLINE, pipe.query_async::<()>(&mut conn)).await;
         let error = match sent {
             Ok(Ok(_)) => return,
             Ok(Err(e)) => e.to_string(),
@@ -161,10 +161,22 @@ async fn publish_loop(
     mut outbox: mpsc::UnboundedReceiver<Outgoing>,
     mut events: tokio::sync::broadcast::Receiver<PlatformEvent>,
 ) {
+    let envelope = |message: Message| {
+        serde_json::to_string(&Envelope {
+            from: instance.clone(),
+            message,
+        })
+        .unwrap_or_default()
+    };
+    let outgoing = |out: Outgoing| Message::Outgoing {
+        topic: out.topic,
+        payload: String::from_utf8_lossy(&out.payload).into_owned(),
+    };
+    let mut texts = Vec::with_capacity(PUBLISH_BATCH);
     loop {
         let message = tokio::select! {
             out = outbox.recv() => match out {
-                Some(out) => Message::Outgoing { topic: out.topic, payload: String::from_utf8_lossy(&out.payload).into_owned() },
+                Some(out) => outgoing(out),
                 None => break,
             },
             event = events.recv() => match event {
@@ -177,12 +189,16 @@ async fn publish_loop(
                 Err(_) => break,
             },
         };
-        let text = serde_json::to_string(&Envelope {
-            from: instance.clone(),
-            message,
-        })
-        .unwrap_or_default();
-        publisher.publish(text).await;
+        // Whatever else is already queued goes in the same round trip: one PUBLISH each, in order.
+        texts.push(envelope(message));
+        while texts.len() < PUBLISH_BATCH {
+            match outbox.try_recv() {
+                Ok(out) => texts.push(envelope(outgoing(out))),
+                Err(_) => break,
+            }
+        }
+        publisher.publish(&texts).await;
+        texts.clear();
     }
     tracing::info!("cluster publisher stopped");
 }

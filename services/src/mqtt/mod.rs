@@ -194,8 +194,19 @@ async fn platform_link(
             },
             message = outbox.recv() => match message {
                 Some(message) => {
-                    let publish = rumqttd::protocol::Publish::new(bytes::Bytes::from(message.topic), bytes::Bytes::from(message.payload), false);
-                    if tx.send(Packet::Publish(publish, None)).await.is_err() { break }
+                    // What else is queued goes with it: one router wake-up for the lot (a shadow update alone
+                    // queues accepted, documents and often delta).
+                    let publish = |m: Outgoing| Packet::Publish(rumqttd::protocol::Publish::new(bytes::Bytes::from(m.topic), bytes::Bytes::from(m.payload), false), None);
+                    let mut batch = vec![publish(message)];
+                    while batch.len() < 256 {
+                        match outbox.try_recv() {
+                            Ok(m) => batch.push(publish(m)),
+                            Err(_) => break,
+                        }
+                    }
+                    let last = batch.pop().expect("at least one");
+                    tx.buffer().extend(batch);
+                    if tx.send(last).await.is_err() { break }
                 }
                 None => break,
             },

@@ -288,8 +288,13 @@ impl Ota {
     /// The firmware version the device's shadow reports (`state.reported.firmware.version`).
     async fn running_version(&self, device: &str) -> Option<String> {
         let id = DeviceId::parse(device).ok()?;
-        let doc = self.shadows.get(&ShadowKey::classic(id), true).await.ok()?;
-        doc.reported?
+        let doc = self
+            .shadows
+            .get_shared(&ShadowKey::classic(id), true)
+            .await
+            .ok()?;
+        doc.reported
+            .as_ref()?
             .get("firmware")?
             .get("version")?
             .as_str()

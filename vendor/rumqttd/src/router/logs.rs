@@ -135,7 +135,12 @@ impl DataLog {
                     .map(|(_, filter_idx)| *filter_idx)
                     .collect();
 
-                if !v.is_empty() {
+                // Antumbra: remember topics that match no filter too. Otherwise every publish to such a topic
+                // (a device's shadow request topics, `…/update/documents` that nobody subscribes to) scans
+                // every filter of every device; `next_native_offset` adds a new filter to these entries as it
+                // does to the others.
+                // Bounded, so that a client publishing to ever new topics cannot grow it without end.
+                if !v.is_empty() || self.publish_filters.len() < 1_000_000 {
                     self.publish_filters.insert(topic.to_owned(), v.clone());
                 }
 
