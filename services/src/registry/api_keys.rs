@@ -101,17 +101,29 @@ impl Registry {
     }
 
     /// The active key whose secret hashes to `secret_hash`.
+    ///
+    /// Every REST request asks this, so a key found active is remembered for [`KEY_CACHE_TTL`]: a `GET` of a
+    /// shadow otherwise pays a database query for its key (measured with `shadow-bench`). A revocation through
+    /// this process forgets them all at once; one made through another instance of a cluster takes effect here
+    /// within the TTL. Unknown and revoked keys are never remembered.
     pub async fn active_api_key_by_hash(
         &self,
         secret_hash: &str,
     ) -> Result<Option<ApiKeyRecord>, RegistryError> {
+        if let Some(key) = self.keys.get(secret_hash) {
+            return Ok(Some(key));
+        }
         let row = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM api_keys WHERE secret_hash = $1 AND revoked_at IS NULL"
         ))
         .bind(secret_hash.to_owned())
         .fetch_optional(self.pool())
         .await?;
-        row.as_ref().map(key_from_row).transpose()
+        let key = row.as_ref().map(key_from_row).transpose()?;
+        if let Some(key) = &key {
+            self.keys.put(secret_hash, key.clone());
+        }
+        Ok(key)
     }
 
     /// One key by id.
@@ -134,16 +146,51 @@ impl Registry {
 
     /// Revokes a key; [`RegistryError::NotFound`] when it does not exist, `Conflict` when already revoked.
     pub async fn revoke_api_key(&self, id: &str, at: OffsetDateTime) -> Result<ApiKeyRecord, RegistryError> {
+        self.keys.clear();
         self.api_key(id).await?;
         let done = sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
             .bind(id.to_owned())
             .bind(to_millis(at))
             .execute(self.pool())
             .await?;
+        // Again after the write: a request between the first clear and the write may have remembered the key.
+        self.keys.clear();
         if done.rows_affected() == 0 {
             return Err(RegistryError::Conflict);
         }
         self.api_key(id).await
+    }
+}
+
+/// How long an authenticated key is trusted without asking the database again.
+pub const KEY_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keys remembered at most; the table is emptied when full.
+const KEY_CACHE_CAPACITY: usize = 10_000;
+
+/// Recently authenticated keys by secret hash, with when they were looked up.
+#[derive(Debug, Default)]
+pub(crate) struct KeyCache(
+    std::sync::Mutex<std::collections::HashMap<String, (ApiKeyRecord, std::time::Instant)>>,
+);
+
+impl KeyCache {
+    fn get(&self, secret_hash: &str) -> Option<ApiKeyRecord> {
+        let table = self.0.lock().expect("key cache");
+        let (key, at) = table.get(secret_hash)?;
+        (at.elapsed() < KEY_CACHE_TTL).then(|| key.clone())
+    }
+
+    fn put(&self, secret_hash: &str, key: ApiKeyRecord) {
+        let mut table = self.0.lock().expect("key cache");
+        if table.len() >= KEY_CACHE_CAPACITY {
+            table.clear();
+        }
+        table.insert(secret_hash.to_owned(), (key, std::time::Instant::now()));
+    }
+
+    fn clear(&self) {
+        self.0.lock().expect("key cache").clear();
     }
 }
 

@@ -79,12 +79,17 @@ impl From<sqlx::Error> for RegistryError {
 #[derive(Debug, Clone)]
 pub struct Registry {
     pool: AnyPool,
+    /// Recently authenticated API keys (see `active_api_key_by_hash`).
+    keys: std::sync::Arc<api_keys::KeyCache>,
 }
 
 impl Registry {
     /// Wraps a connected, migrated pool.
     pub fn new(pool: AnyPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            keys: Default::default(),
+        }
     }
 
     /// Starts a transaction.

@@ -142,6 +142,13 @@ async fn revoked_keys_stop_working_and_secrets_are_never_listed(backend: Backend
         .unwrap()
         .iter()
         .any(|k| k["id"] == "admin" && k["scope"] == "admin"));
+    // Used once before it is revoked: the key is then remembered, and the revocation must still count at once.
+    let before = app
+        .request(Method::GET, "/v1/devices", Some(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(before.status(), 200);
 
     let res = app
         .request(Method::DELETE, &format!("/v1/api-keys/{id}"), Some(ADMIN))
