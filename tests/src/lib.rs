@@ -174,17 +174,12 @@ pub struct DeviceFiles {
     pub serial: String,
 }
 
-impl Server {
-    /// Registers a device through REST with `token` and writes its certificate, key and the CA into `dir`.
-    pub fn register(&self, token: &str, id: &str, dir: &Path) -> DeviceFiles {
-        let res = reqwest::blocking::Client::new()
-            .post(format!("{}/v1/devices", self.base))
-            .bearer_auth(token)
-            .json(&serde_json::json!({ "id": id }))
-            .send()
-            .expect("register request");
-        assert_eq!(res.status(), 201, "registering {id}");
-        let body: serde_json::Value = res.json().unwrap();
+impl DeviceFiles {
+    /// Writes the certificate, key and CA of a `POST /v1/devices` answer (platform-made key) into `dir`.
+    pub fn from_registration(body: &serde_json::Value, dir: &Path) -> DeviceFiles {
+        let id = body["device"]["id"]
+            .as_str()
+            .expect("the answer names the device");
         let write = |name: String, text: &str| {
             let path = dir.join(name);
             std::fs::write(&path, text).unwrap();
@@ -197,6 +192,20 @@ impl Server {
             ca: write("ca.crt".into(), body["ca_chain_pem"].as_str().unwrap()),
             serial: body["certificate"]["serial"].as_str().unwrap().to_owned(),
         }
+    }
+}
+
+impl Server {
+    /// Registers a device through REST with `token` and writes its certificate, key and the CA into `dir`.
+    pub fn register(&self, token: &str, id: &str, dir: &Path) -> DeviceFiles {
+        let res = reqwest::blocking::Client::new()
+            .post(format!("{}/v1/devices", self.base))
+            .bearer_auth(token)
+            .json(&serde_json::json!({ "id": id }))
+            .send()
+            .expect("register request");
+        assert_eq!(res.status(), 201, "registering {id}");
+        DeviceFiles::from_registration(&res.json().unwrap(), dir)
     }
 
     /// GET a JSON document with `token`.

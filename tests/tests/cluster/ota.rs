@@ -18,18 +18,7 @@ fn register_model(server: &Server, dir: &std::path::Path, id: &str, model: &str)
         Some(json!({"id": id, "attributes": {"model": model}})),
     );
     assert_eq!(code, 201, "{body}");
-    let write = |name: String, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path
-    };
-    DeviceFiles {
-        id: id.to_owned(),
-        cert: write(format!("{id}.crt"), body["certificate"]["pem"].as_str().unwrap()),
-        key: write(format!("{id}.key"), body["private_key_pem"].as_str().unwrap()),
-        ca: write("ca.crt".into(), body["ca_chain_pem"].as_str().unwrap()),
-        serial: body["certificate"]["serial"].as_str().unwrap().to_owned(),
-    }
+    DeviceFiles::from_registration(&body, dir)
 }
 
 fn firmware(server: &Server, version: &str, model: &str) -> String {
