@@ -172,15 +172,19 @@ async fn publish_loop(
         topic: out.topic,
         payload: String::from_utf8_lossy(&out.payload).into_owned(),
     };
-    let mut texts = Vec::with_capacity(PUBLISH_BATCH);
+    let (mut queued, mut texts) = (
+        Vec::with_capacity(PUBLISH_BATCH),
+        Vec::with_capacity(PUBLISH_BATCH),
+    );
     loop {
-        let message = tokio::select! {
-            out = outbox.recv() => match out {
-                Some(out) => outgoing(out),
-                None => break,
+        tokio::select! {
+            // Whatever is queued goes in one round trip: one PUBLISH each, in order.
+            n = outbox.recv_many(&mut queued, PUBLISH_BATCH) => {
+                if n == 0 { break }
+                texts.extend(queued.drain(..).map(|out| envelope(outgoing(out))));
             },
             event = events.recv() => match event {
-                Ok(event) if shared(&event) => Message::Event { event },
+                Ok(event) if shared(&event) => texts.push(envelope(Message::Event { event })),
                 Ok(_) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "cluster bridge lagged behind local events");
@@ -188,14 +192,6 @@ async fn publish_loop(
                 }
                 Err(_) => break,
             },
-        };
-        // Whatever else is already queued goes in the same round trip: one PUBLISH each, in order.
-        texts.push(envelope(message));
-        while texts.len() < PUBLISH_BATCH {
-            match outbox.try_recv() {
-                Ok(out) => texts.push(envelope(outgoing(out))),
-                Err(_) => break,
-            }
         }
         publisher.publish(&texts).await;
         texts.clear();

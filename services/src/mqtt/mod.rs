@@ -186,29 +186,17 @@ async fn platform_link(
     mut queue: mpsc::UnboundedReceiver<Packet>,
     mut outbox: mpsc::UnboundedReceiver<Outgoing>,
 ) {
+    let mut batch = Vec::with_capacity(OUTBOX_BATCH);
     loop {
         tokio::select! {
             packet = queue.recv() => match packet {
                 Some(packet) => if tx.send(packet).await.is_err() { break },
                 None => break,
             },
-            message = outbox.recv() => match message {
-                Some(message) => {
-                    // What else is queued goes with it: one router wake-up for the lot (a shadow update alone
-                    // queues accepted, documents and often delta).
-                    let publish = |m: Outgoing| Packet::Publish(rumqttd::protocol::Publish::new(bytes::Bytes::from(m.topic), bytes::Bytes::from(m.payload), false), None);
-                    let mut batch = vec![publish(message)];
-                    while batch.len() < 256 {
-                        match outbox.try_recv() {
-                            Ok(m) => batch.push(publish(m)),
-                            Err(_) => break,
-                        }
-                    }
-                    let last = batch.pop().expect("at least one");
-                    tx.buffer().extend(batch);
-                    if tx.send(last).await.is_err() { break }
-                }
-                None => break,
+            // Everything queued goes at once: one router wake-up for the lot (a shadow update alone queues
+            // accepted, documents and often delta).
+            n = outbox.recv_many(&mut batch, OUTBOX_BATCH) => {
+                if n == 0 || !forward(&mut tx, batch.drain(..).map(outgoing_packet).collect()) { break }
             },
             note = rx.next() => match note {
                 Ok(Some(Notification::Unschedule)) => if rx.wake().await.is_err() { break },
@@ -218,6 +206,27 @@ async fn platform_link(
         }
     }
     tracing::warn!("platform MQTT link ended");
+}
+
+/// Most outbox messages handed to the router at once.
+const OUTBOX_BATCH: usize = 256;
+
+/// A platform message as the router takes it.
+fn outgoing_packet(message: Outgoing) -> Packet {
+    let publish = rumqttd::protocol::Publish::new(
+        bytes::Bytes::from(message.topic),
+        bytes::Bytes::from(message.payload),
+        false,
+    );
+    Packet::Publish(publish, None)
+}
+
+/// Hands packets to the router: all but the last through the link's buffer, the last with one notification.
+/// `false` when the router is gone.
+fn forward(tx: &mut LinkTx, mut packets: Vec<Packet>) -> bool {
+    let Some(last) = packets.pop() else { return true };
+    tx.buffer().extend(packets);
+    tx.push(last).is_ok()
 }
 
 /// Drops live sessions whose certificate was revoked or whose device was deleted.

@@ -426,13 +426,6 @@ impl Link {
         Ok(())
     }
 
-    /// Hands packets to the router: all but the last through the buffer, the last with one notification.
-    fn forward(&mut self, mut packets: Vec<Packet>) -> bool {
-        let Some(last) = packets.pop() else { return true };
-        self.tx.buffer().extend(packets);
-        self.tx.push(last).is_ok()
-    }
-
     /// Tells the router the session is over and waits (bounded) until it has let go: this frees the router's
     /// slot and keeps a persistent session for the client's return.
     async fn detach(&mut self) {
@@ -501,7 +494,7 @@ where
                     }
                 };
                 door.metrics.received(packets.len() as u64, n as u64);
-                if !link.forward(packets) {
+                if !super::forward(&mut link.tx, packets) {
                     return End::RouterClosed;
                 }
                 // After the router has the packets: a SUBSCRIBE is in place before its replayed delta is queued.
