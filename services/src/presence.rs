@@ -299,15 +299,16 @@ async fn write_behind(registry: Registry, mut queue: mpsc::UnboundedReceiver<(De
     // that left while the database was away is not shown online for good.
     let mut pending: HashMap<DeviceId, DeviceStatus> = HashMap::new();
     loop {
-        let received = if pending.is_empty() {
-            queue.recv_many(&mut batch, 512).await
+        let open = if pending.is_empty() {
+            queue.recv_many(&mut batch, 512).await > 0
         } else {
-            match tokio::time::timeout(RETRY, queue.recv_many(&mut batch, 512)).await {
-                Ok(n) => n,
-                Err(_) => usize::MAX,
-            }
+            // A failed write is retried after RETRY even when nothing new arrives.
+            !matches!(
+                tokio::time::timeout(RETRY, queue.recv_many(&mut batch, 512)).await,
+                Ok(0)
+            )
         };
-        if received == 0 {
+        if !open {
             break;
         }
         // Only the newest status of each device matters.
