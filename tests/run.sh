@@ -30,10 +30,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # --- private servers -----------------------------------------------------------------------------------
+# Below the kernel's ephemeral range (32768 and up by default), so no outgoing connection holds the port.
 free_port() {
   local port
   while :; do
-    port=$(( (RANDOM << 1 | RANDOM & 1) % 20000 + 30000 ))
+    port=$(( RANDOM % 12000 + 20000 ))
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
   done
 }
@@ -60,11 +61,30 @@ trap cleanup EXIT
 log "starting PostgreSQL on 127.0.0.1:$pg_port and Redis on 127.0.0.1:$redis_port"
 "${as_pg[@]}" "$bin/initdb" -D "$work/pg" -U postgres -A trust --no-sync -E UTF8 >"$work/initdb.log" 2>&1 \
   || { cat "$work/initdb.log"; exit 1; }
-"${as_pg[@]}" "$bin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w -t 60 \
-  -o "-p $pg_port -k $work -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=300" \
-  start >/dev/null || { cat "$work/pg.log"; exit 1; }
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-  --dir "$work" --pidfile "$work/redis.pid" --logfile "$work/redis.log"
+# A port can still be taken between the check and the bind: try another one, a few times.
+for attempt in 1 2 3 4 5; do
+  "${as_pg[@]}" "$bin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w -t 60 \
+    -o "-p $pg_port -k $work -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=300" \
+    start >/dev/null && break
+  [ "$attempt" -lt 5 ] || { cat "$work/pg.log"; exit 1; }
+  pg_port=$(free_port)
+  log "PostgreSQL could not start; trying port $pg_port"
+done
+redis_up() {
+  for _ in $(seq 50); do
+    [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && return 0
+    sleep 0.1
+  done
+  return 1
+}
+for attempt in 1 2 3 4 5; do
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
+    --dir "$work" --pidfile "$work/redis.pid" --logfile "$work/redis.log"
+  redis_up && break
+  [ "$attempt" -lt 5 ] || { cat "$work/redis.log"; exit 1; }
+  redis_port=$(free_port)
+  log "Redis could not start; trying port $redis_port"
+done
 
 export ANTUMBRA_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
 export ANTUMBRA_TEST_REDIS_URL="redis://127.0.0.1:$redis_port/0"
