@@ -28,6 +28,36 @@ pub struct Document {
     pub version: u64,
     /// Time of the last change, epoch seconds.
     pub timestamp: i64,
+    /// This document's `documents` view, serialized once: an update sends it as `current`, the next update as
+    /// `previous`.
+    pub view: ViewCache,
+}
+
+/// A serialized view remembered with its document. It is a cache, not part of the value: documents compare
+/// equal whatever it holds, and a clone (the start of the next version) starts empty.
+#[derive(Default)]
+pub struct ViewCache(std::sync::OnceLock<Box<[u8]>>);
+
+impl Clone for ViewCache {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for ViewCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for ViewCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "ViewCache(filled)"
+        } else {
+            "ViewCache(empty)"
+        })
+    }
 }
 
 /// What an update does to one section.
@@ -118,6 +148,7 @@ impl Document {
             reported_meta: meta("reported_meta")?,
             version: value.get("version")?.as_u64()?,
             timestamp: value.get("timestamp")?.as_i64()?,
+            view: ViewCache::default(),
         })
     }
 }
@@ -179,15 +210,6 @@ impl<'a> View<'a> {
             version: d.version,
         }
     }
-}
-
-#[derive(Serialize)]
-struct DocumentsMessage<'a> {
-    #[serde(rename = "clientToken", skip_serializing_if = "Option::is_none")]
-    client_token: Option<&'a str>,
-    current: View<'a>,
-    previous: Option<View<'a>>,
-    timestamp: i64,
 }
 
 #[derive(Serialize)]
@@ -255,6 +277,7 @@ impl Document {
             reported_meta: s.reported_meta,
             version: s.version,
             timestamp: s.timestamp,
+            view: ViewCache::default(),
         })
     }
 
@@ -279,15 +302,38 @@ impl Document {
     }
 }
 
-/// The `…/update/documents` message: both versions (state and metadata, no delta), the time, the token.
+impl Document {
+    /// The `documents` view of this document (state and metadata, no delta, no timestamp), serialized the first
+    /// time it is asked for.
+    fn view_bytes(&self) -> &[u8] {
+        self.view.0.get_or_init(|| {
+            serde_json::to_vec(&View::new(self, None, None, None))
+                .unwrap_or_default()
+                .into_boxed_slice()
+        })
+    }
+}
+
+/// The `…/update/documents` message: both versions (state and metadata, no delta), the time, the token. Each
+/// version's view is serialized once in its life (see [`ViewCache`]); the message is put together from them,
+/// with the fields in the same (alphabetical) order as every other message.
 pub fn documents_message(previous: Option<&Document>, current: &Document, token: Option<&str>) -> Vec<u8> {
-    serde_json::to_vec(&DocumentsMessage {
-        client_token: token,
-        current: View::new(current, None, None, None),
-        previous: previous.map(|p| View::new(p, None, None, None)),
-        timestamp: current.timestamp,
-    })
-    .unwrap_or_default()
+    let current_view = current.view_bytes();
+    let previous_view = previous.map(Document::view_bytes);
+    let mut out = Vec::with_capacity(64 + current_view.len() + previous_view.map_or(4, <[u8]>::len));
+    out.push(b'{');
+    if let Some(token) = token {
+        out.extend_from_slice(b"\"clientToken\":");
+        // A string always serializes.
+        let _ = serde_json::to_writer(&mut out, token);
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"current\":");
+    out.extend_from_slice(current_view);
+    out.extend_from_slice(b",\"previous\":");
+    out.extend_from_slice(previous_view.unwrap_or(b"null"));
+    out.extend_from_slice(format!(",\"timestamp\":{}}}", current.timestamp).as_bytes());
+    out
 }
 
 fn apply_patch(section: &mut Option<Object>, meta: &mut Object, patch: &Patch, now: i64) {
