@@ -98,7 +98,7 @@ impl Application {
         let (shadows, outbox) = Shadows::new(store, settings.shadow_limits, registry.clone(), events.clone());
         // With Redis, this instance is one of a cluster: session numbers come from one shared counter, and
         // device messages and session events travel through Redis to whichever instance needs them.
-        let outbox = match &settings.redis_url {
+        let cluster = match &settings.redis_url {
             Some(url) => {
                 let client = redis::Client::open(url.as_str()).context("REDIS_URL")?;
                 let conn = redis::aio::ConnectionManager::new(client)
@@ -107,17 +107,19 @@ impl Application {
                 presence = presence
                     .share_counter(conn, format!("{}session-seq", settings.redis_prefix))
                     .await;
-                crate::cluster::bridge(
+                let (to, to_cluster) = tokio::sync::mpsc::unbounded_channel();
+                let from = crate::cluster::bridge(
                     url,
                     &settings.redis_prefix,
-                    outbox,
+                    to_cluster,
                     events.clone(),
                     presence.clone(),
                 )
                 .await
-                .context("joining the cluster over Redis")?
+                .context("joining the cluster over Redis")?;
+                Some(crate::mqtt::ClusterLink { to, from })
             }
-            None => outbox,
+            None => None,
         };
         let ota = crate::ota::Ota::new(registry.clone(), shadows.clone(), events.clone());
         ota.clone().spawn(std::time::Duration::from_millis(250));
@@ -131,6 +133,7 @@ impl Application {
             shadows.clone(),
             ota.clone(),
             outbox,
+            cluster,
         )
         .await?;
         let state = AppState {

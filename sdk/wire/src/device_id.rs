@@ -73,6 +73,14 @@ impl AsRef<str> for DeviceId {
     }
 }
 
+/// Lets a map keyed by device look up a `&str` (a topic level) without building an id; the derived `Hash` and
+/// `Eq` are those of the string, as `Borrow` requires.
+impl std::borrow::Borrow<str> for DeviceId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl std::str::FromStr for DeviceId {
     type Err = DeviceIdError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -11,6 +11,12 @@ pub fn device_prefix(id: &DeviceId) -> String {
     format!("devices/{id}/")
 }
 
+/// The device id level of a topic under `devices/{id}/`, unchecked; `None` for any other topic.
+pub fn device_of(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix("devices/")?;
+    rest.split_once('/').map(|(id, _)| id)
+}
+
 /// Topic on which a device publishes classic shadow updates.
 pub fn shadow_update(id: &DeviceId) -> String {
     shadow_topic(id, None, "update")

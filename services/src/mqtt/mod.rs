@@ -66,6 +66,16 @@ impl Default for MqttSettings {
     }
 }
 
+/// The way to the other instances of a cluster: device messages for devices not connected here go out on `to`;
+/// `from` brings messages for devices (other instances', and this one's own come back) to route here.
+#[derive(Debug)]
+pub struct ClusterLink {
+    /// Messages for the cluster.
+    pub to: mpsc::UnboundedSender<Outgoing>,
+    /// Messages from the cluster.
+    pub from: mpsc::UnboundedReceiver<Outgoing>,
+}
+
 /// Attaches a session to the router: client id, clean session → the link and the router's CONNACK.
 type Attach = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
 
@@ -100,7 +110,8 @@ pub enum BrokerError {
 
 impl FrontDoor {
     /// Starts the router (its own thread) and the platform link, which publishes wills and everything the shadow
-    /// service queues on its outbox, and listens for revocations.
+    /// service queues on its outbox, and listens for revocations. With a `cluster`, outbox messages for devices
+    /// that have no session here go to the cluster instead, and what the cluster sends is routed here.
     #[allow(clippy::too_many_arguments)]
     pub async fn start(
         settings: MqttSettings,
@@ -111,6 +122,7 @@ impl FrontDoor {
         shadows: Shadows,
         ota: Ota,
         outbox: mpsc::UnboundedReceiver<Outgoing>,
+        cluster: Option<ClusterLink>,
     ) -> Result<Arc<Self>, BrokerError> {
         let router_tx = Router::new(0, router_config(&settings)).spawn();
         // The router's channel type names a private rumqttd type, so it lives only inside this closure.
@@ -120,16 +132,14 @@ impl FrontDoor {
                 .build()
                 .map_err(|e: LinkError| e.to_string())
         });
-        let platform = {
+        let (tx, rx, _) = {
             let attach = attach.clone();
-            let (tx, rx, _) = tokio::task::spawn_blocking(move || attach("antumbra-platform", true))
+            tokio::task::spawn_blocking(move || attach("antumbra-platform", true))
                 .await
                 .map_err(|e| BrokerError::Router(e.to_string()))?
-                .map_err(BrokerError::Router)?;
-            let (sender, queue) = mpsc::unbounded_channel();
-            tokio::spawn(platform_link(tx, rx, queue, outbox));
-            sender
+                .map_err(BrokerError::Router)?
         };
+        let (platform, queue) = mpsc::unbounded_channel();
         let door = Arc::new(Self {
             settings,
             attach,
@@ -141,6 +151,16 @@ impl FrontDoor {
             shadows,
             ota,
         });
+        tokio::spawn(platform_link(
+            PlatformLink {
+                tx,
+                rx,
+                queue,
+                outbox,
+                cluster,
+            },
+            Arc::downgrade(&door),
+        ));
         tokio::spawn(drop_revoked(door.clone(), events.subscribe()));
         tokio::spawn(memory::trim_after_departures(Arc::downgrade(&door)));
         Ok(door)
@@ -156,6 +176,11 @@ impl FrontDoor {
             }
         })
         .await;
+    }
+
+    /// Whether the device a topic belongs to has a session on this instance.
+    fn holds_device_of(&self, topic: &str) -> bool {
+        antumbra_wire::topics::device_of(topic).is_some_and(|device| self.sessions.holds(device))
     }
 
     /// The broker's counters.
@@ -178,15 +203,38 @@ fn router_config(settings: &MqttSettings) -> RouterConfig {
     }
 }
 
+/// The platform's own link to the router and what feeds it.
+struct PlatformLink {
+    tx: LinkTx,
+    rx: LinkRx,
+    /// Wills.
+    queue: mpsc::UnboundedReceiver<Packet>,
+    /// Shadow and OTA messages made on this instance.
+    outbox: mpsc::UnboundedReceiver<Outgoing>,
+    cluster: Option<ClusterLink>,
+}
+
 /// Feeds platform publishes (wills, shadow replies and deltas) to the router and drains the link's replies.
 /// Publishes go in at QoS 0; the router delivers each at the QoS its subscriber asked for.
-async fn platform_link(
-    mut tx: LinkTx,
-    mut rx: LinkRx,
-    mut queue: mpsc::UnboundedReceiver<Packet>,
-    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
-) {
-    let mut batch = Vec::with_capacity(OUTBOX_BATCH);
+///
+/// In a cluster, a message for a device connected here goes straight to the router; any other goes through
+/// the cluster (Redis) to whichever instance holds the device, this one included should the device arrive in
+/// the meantime. A device that moves to another instance at the very moment a message for it is made here
+/// may miss that one message; what it carries is in the shadow store and is replayed when the device
+/// subscribes to its delta topic on its new instance.
+async fn platform_link(link: PlatformLink, door: std::sync::Weak<FrontDoor>) {
+    let PlatformLink {
+        mut tx,
+        mut rx,
+        mut queue,
+        mut outbox,
+        cluster,
+    } = link;
+    let (to_cluster, mut from_cluster) = match cluster {
+        Some(ClusterLink { to, from }) => (Some(to), Some(from)),
+        None => (None, None),
+    };
+    let (mut batch, mut remote) = (Vec::with_capacity(OUTBOX_BATCH), Vec::new());
     loop {
         tokio::select! {
             packet = queue.recv() => match packet {
@@ -196,7 +244,22 @@ async fn platform_link(
             // Everything queued goes at once: one router wake-up for the lot (a shadow update alone queues
             // accepted, documents and often delta).
             n = outbox.recv_many(&mut batch, OUTBOX_BATCH) => {
-                if n == 0 || !forward(&mut tx, batch.drain(..).map(outgoing_packet).collect()) { break }
+                if n == 0 { break }
+                let door = door.upgrade();
+                let packets = batch
+                    .drain(..)
+                    .filter_map(|message| match (&to_cluster, &door) {
+                        (Some(to_cluster), Some(door)) if !door.holds_device_of(&message.topic) => {
+                            to_cluster.send(message).err().map(|lost| outgoing_packet(lost.0))
+                        }
+                        _ => Some(outgoing_packet(message)),
+                    })
+                    .collect();
+                if !forward(&mut tx, packets) { break }
+            },
+            n = recv_many_or_pending(&mut from_cluster, &mut remote) => {
+                if n == 0 { break }
+                if !forward(&mut tx, remote.drain(..).map(outgoing_packet).collect()) { break }
             },
             note = rx.next() => match note {
                 Ok(Some(Notification::Unschedule)) => if rx.wake().await.is_err() { break },
@@ -206,6 +269,17 @@ async fn platform_link(
         }
     }
     tracing::warn!("platform MQTT link ended");
+}
+
+/// `recv_many` on a channel that may not exist (no cluster): then it never completes.
+async fn recv_many_or_pending(
+    channel: &mut Option<mpsc::UnboundedReceiver<Outgoing>>,
+    batch: &mut Vec<Outgoing>,
+) -> usize {
+    match channel {
+        Some(channel) => channel.recv_many(batch, OUTBOX_BATCH).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Most outbox messages handed to the router at once.

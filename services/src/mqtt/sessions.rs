@@ -73,6 +73,11 @@ impl Sessions {
         }
     }
 
+    /// Whether a session of the device with this id lives on this instance.
+    pub fn holds(&self, device: &str) -> bool {
+        self.map.lock().expect("sessions lock").contains_key(device)
+    }
+
     /// Asks every session of `device` (optionally only the one using certificate `serial`) to end.
     pub fn kick(&self, device: &DeviceId, serial: Option<&str>, reason: DisconnectReason) -> bool {
         let map = self.map.lock().expect("sessions lock");
