@@ -7,11 +7,103 @@
 //!   last change.
 //! - `version` grows by one on every accepted change.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 /// A JSON object.
 pub type Object = Map<String, Value>;
+
+/// The metadata of an object's fields, in the same (sorted) order as a JSON object's.
+pub type MetaMap = BTreeMap<String, Meta>;
+
+/// The metadata of one field: when a leaf (or an array) was last written, or the metadata of an object's own
+/// fields. On the wire and in storage a leaf is `{"timestamp": <epoch seconds>}` and a node is an object, as AWS
+/// has them; in memory it is a number, which keeps a document's metadata cheap to clone, drop and serialize.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Meta {
+    /// Epoch seconds of the last write.
+    Leaf(i64),
+    /// An object's fields.
+    Node(MetaMap),
+}
+
+impl Serialize for Meta {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Meta::Leaf(at) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("timestamp", at)?;
+                map.end()
+            }
+            Meta::Node(fields) => fields.serialize(serializer),
+        }
+    }
+}
+
+/// A metadata object read back, or the number inside a leaf.
+enum MetaEntry {
+    Meta(Meta),
+    Number(i64),
+}
+
+impl<'de> Deserialize<'de> for MetaEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = MetaEntry;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("shadow metadata: an object, or a timestamp")
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<MetaEntry, E> {
+                Ok(MetaEntry::Number(v))
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MetaEntry, E> {
+                i64::try_from(v)
+                    .map(MetaEntry::Number)
+                    .map_err(|_| E::custom("metadata timestamp out of range"))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<MetaEntry, A::Error> {
+                let mut fields = MetaMap::new();
+                let mut leaf = None;
+                while let Some((key, entry)) = map.next_entry::<String, MetaEntry>()? {
+                    match entry {
+                        MetaEntry::Meta(meta) => {
+                            fields.insert(key, meta);
+                        }
+                        MetaEntry::Number(at) if key == "timestamp" => leaf = Some(at),
+                        MetaEntry::Number(_) => {
+                            return Err(serde::de::Error::custom("a number where metadata was expected"))
+                        }
+                    }
+                }
+                match leaf {
+                    Some(at) if fields.is_empty() => Ok(MetaEntry::Meta(Meta::Leaf(at))),
+                    Some(_) => Err(serde::de::Error::custom(
+                        "a timestamp beside other metadata fields",
+                    )),
+                    None => Ok(MetaEntry::Meta(Meta::Node(fields))),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Meta {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match MetaEntry::deserialize(deserializer)? {
+            MetaEntry::Meta(meta) => Ok(meta),
+            MetaEntry::Number(_) => Err(serde::de::Error::custom("a number where metadata was expected")),
+        }
+    }
+}
 
 /// A stored shadow document.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -21,9 +113,9 @@ pub struct Document {
     /// Reported state, if any.
     pub reported: Option<Object>,
     /// Metadata mirror of `desired`.
-    pub desired_meta: Object,
+    pub desired_meta: MetaMap,
     /// Metadata mirror of `reported`.
-    pub reported_meta: Object,
+    pub reported_meta: MetaMap,
     /// Version of this document.
     pub version: u64,
     /// Time of the last change, epoch seconds.
@@ -96,11 +188,11 @@ impl Document {
         let mut metadata = Object::new();
         if let Some(desired) = &self.desired {
             state.insert("desired".into(), Value::Object(desired.clone()));
-            metadata.insert("desired".into(), Value::Object(self.desired_meta.clone()));
+            metadata.insert("desired".into(), meta_value(&self.desired_meta));
         }
         if let Some(reported) = &self.reported {
             state.insert("reported".into(), Value::Object(reported.clone()));
-            metadata.insert("reported".into(), Value::Object(self.reported_meta.clone()));
+            metadata.insert("reported".into(), meta_value(&self.reported_meta));
         }
         let delta = self.delta();
         if !delta.is_empty() {
@@ -138,7 +230,7 @@ impl Document {
             _ => None,
         };
         let meta = |name: &str| match value.get(name) {
-            Some(Value::Object(o)) => Some(o.clone()),
+            Some(Value::Object(_)) => MetaMap::deserialize(&value[name]).ok(),
             _ => None,
         };
         Some(Document {
@@ -161,9 +253,9 @@ impl Document {
 #[derive(Serialize)]
 struct Sections<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
-    desired: Option<&'a Object>,
+    desired: Option<&'a MetaMap>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    reported: Option<&'a Object>,
+    reported: Option<&'a MetaMap>,
 }
 
 #[derive(Serialize)]
@@ -215,9 +307,9 @@ impl<'a> View<'a> {
 #[derive(Serialize)]
 struct StoredRef<'a> {
     desired: &'a Option<Object>,
-    desired_meta: &'a Object,
+    desired_meta: &'a MetaMap,
     reported: &'a Option<Object>,
-    reported_meta: &'a Object,
+    reported_meta: &'a MetaMap,
     timestamp: i64,
     version: u64,
 }
@@ -225,9 +317,9 @@ struct StoredRef<'a> {
 #[derive(Deserialize)]
 struct StoredOwned {
     desired: Option<Object>,
-    desired_meta: Object,
+    desired_meta: MetaMap,
     reported: Option<Object>,
-    reported_meta: Object,
+    reported_meta: MetaMap,
     timestamp: i64,
     version: u64,
 }
@@ -336,7 +428,7 @@ pub fn documents_message(previous: Option<&Document>, current: &Document, token:
     out
 }
 
-fn apply_patch(section: &mut Option<Object>, meta: &mut Object, patch: &Patch, now: i64) {
+fn apply_patch(section: &mut Option<Object>, meta: &mut MetaMap, patch: &Patch, now: i64) {
     match patch {
         Patch::Absent => {}
         Patch::Remove => {
@@ -348,7 +440,7 @@ fn apply_patch(section: &mut Option<Object>, meta: &mut Object, patch: &Patch, n
 }
 
 /// Deep merge: `null` deletes, objects merge into objects, anything else replaces.
-fn merge(target: &mut Object, meta: &mut Object, patch: &Object, now: i64) {
+fn merge(target: &mut Object, meta: &mut MetaMap, patch: &Object, now: i64) {
     for (key, value) in patch {
         match value {
             Value::Null => {
@@ -357,50 +449,48 @@ fn merge(target: &mut Object, meta: &mut Object, patch: &Object, now: i64) {
             }
             Value::Object(fields) => match target.get_mut(key) {
                 Some(Value::Object(existing)) => {
-                    let child_meta = match meta.get_mut(key) {
-                        Some(Value::Object(m)) if !is_leaf_meta(m) => m,
-                        _ => {
-                            meta.insert(key.clone(), Value::Object(Object::new()));
-                            meta.get_mut(key)
-                                .and_then(Value::as_object_mut)
-                                .expect("just inserted")
-                        }
-                    };
-                    merge(existing, child_meta, fields, now);
+                    let child = meta
+                        .entry(key.clone())
+                        .or_insert_with(|| Meta::Node(MetaMap::new()));
+                    if !matches!(child, Meta::Node(_)) {
+                        *child = Meta::Node(MetaMap::new());
+                    }
+                    if let Meta::Node(child_meta) = child {
+                        merge(existing, child_meta, fields, now);
+                    }
                 }
                 _ => {
                     let fresh = without_nulls(fields);
-                    meta.insert(key.clone(), metadata_of(&Value::Object(fresh.clone()), now));
+                    meta.insert(key.clone(), Meta::Node(object_metadata(&fresh, now)));
                     target.insert(key.clone(), Value::Object(fresh));
                 }
             },
             other => {
                 target.insert(key.clone(), other.clone());
-                meta.insert(key.clone(), leaf_meta(now));
+                meta.insert(key.clone(), Meta::Leaf(now));
             }
         }
     }
 }
 
-fn is_leaf_meta(meta: &Object) -> bool {
-    meta.len() == 1 && meta.get("timestamp").is_some_and(Value::is_number)
-}
-
-fn leaf_meta(now: i64) -> Value {
-    json!({ "timestamp": now })
-}
-
 /// Metadata for a value just written: objects mirror their fields, everything else is a leaf.
-pub fn metadata_of(value: &Value, now: i64) -> Value {
+pub fn metadata_of(value: &Value, now: i64) -> Meta {
     match value {
-        Value::Object(fields) => Value::Object(
-            fields
-                .iter()
-                .map(|(k, v)| (k.clone(), metadata_of(v, now)))
-                .collect(),
-        ),
-        _ => leaf_meta(now),
+        Value::Object(fields) => Meta::Node(object_metadata(fields, now)),
+        _ => Meta::Leaf(now),
     }
+}
+
+fn object_metadata(fields: &Object, now: i64) -> MetaMap {
+    fields
+        .iter()
+        .map(|(k, v)| (k.clone(), metadata_of(v, now)))
+        .collect()
+}
+
+/// Metadata as a JSON value (the `Value` forms of a document).
+fn meta_value(meta: &MetaMap) -> Value {
+    serde_json::to_value(meta).unwrap_or_default()
 }
 
 /// A new object written into an empty place: its `null` fields mean "absent".
@@ -436,14 +526,14 @@ pub fn delta(desired: &Object, reported: &Object) -> Object {
 }
 
 /// The part of a metadata tree that covers the fields of `state`.
-fn restrict(meta: &Object, state: &Object) -> Object {
+fn restrict(meta: &MetaMap, state: &Object) -> MetaMap {
     state
         .iter()
         .filter_map(|(key, value)| {
             let m = meta.get(key)?;
             match (value, m) {
-                (Value::Object(inner), Value::Object(inner_meta)) if !is_leaf_meta(inner_meta) => {
-                    Some((key.clone(), Value::Object(restrict(inner_meta, inner))))
+                (Value::Object(inner), Meta::Node(inner_meta)) => {
+                    Some((key.clone(), Meta::Node(restrict(inner_meta, inner))))
                 }
                 _ => Some((key.clone(), m.clone())),
             }
@@ -457,7 +547,7 @@ pub fn request_metadata(patch: &Object, now: i64) -> Object {
         .iter()
         .map(|(k, v)| match v {
             Value::Object(inner) => (k.clone(), Value::Object(request_metadata(inner, now))),
-            _ => (k.clone(), leaf_meta(now)),
+            _ => (k.clone(), json!({ "timestamp": now })),
         })
         .collect()
 }

@@ -7,6 +7,11 @@ fn obj(v: Value) -> Object {
     v.as_object().unwrap().clone()
 }
 
+/// Metadata as its JSON object.
+fn meta(m: &MetaMap) -> Object {
+    obj(serde_json::to_value(m).unwrap())
+}
+
 fn doc(desired: Value, reported: Value) -> Document {
     Document::default().updated(&Patch::Merge(obj(desired)), &Patch::Merge(obj(reported)), 100)
 }
@@ -26,7 +31,7 @@ fn updates_deep_merge_and_null_deletes() {
     );
     assert_eq!(d.desired, Some(obj(json!({"light": {"color": "blue"}}))));
     assert_eq!(
-        d.desired_meta,
+        meta(&d.desired_meta),
         obj(json!({"light": {"color": {"timestamp": 200}}}))
     );
     assert_eq!(d.version, 2);
@@ -38,7 +43,7 @@ fn a_section_set_to_null_is_removed_and_arrays_are_replaced_whole() {
     let d = doc(json!({"list": [1, 2, 3]}), json!({"x": 1}));
     let d = d.updated(&Patch::Merge(obj(json!({"list": [9]}))), &Patch::Remove, 300);
     assert_eq!(d.desired, Some(obj(json!({"list": [9]}))));
-    assert_eq!(d.desired_meta, obj(json!({"list": {"timestamp": 300}})));
+    assert_eq!(meta(&d.desired_meta), obj(json!({"list": {"timestamp": 300}})));
     assert_eq!(d.reported, None);
     assert!(d.reported_meta.is_empty());
 }
@@ -66,7 +71,7 @@ fn new_objects_drop_their_null_fields_and_get_full_metadata() {
     let d = doc(json!({"cfg": {"a": 1, "b": null, "c": {"d": "x"}}}), json!({}));
     assert_eq!(d.desired, Some(obj(json!({"cfg": {"a": 1, "c": {"d": "x"}}}))));
     assert_eq!(
-        d.desired_meta,
+        meta(&d.desired_meta),
         obj(json!({"cfg": {"a": {"timestamp": 100}, "c": {"d": {"timestamp": 100}}}}))
     );
 }
@@ -75,9 +80,12 @@ fn new_objects_drop_their_null_fields_and_get_full_metadata() {
 fn a_leaf_replaced_by_an_object_and_back_keeps_metadata_in_shape() {
     let d = doc(json!({"v": 1}), json!({}));
     let d = d.updated(&Patch::Merge(obj(json!({"v": {"x": 1}}))), &Patch::Absent, 150);
-    assert_eq!(d.desired_meta, obj(json!({"v": {"x": {"timestamp": 150}}})));
+    assert_eq!(
+        meta(&d.desired_meta),
+        obj(json!({"v": {"x": {"timestamp": 150}}}))
+    );
     let d = d.updated(&Patch::Merge(obj(json!({"v": 2}))), &Patch::Absent, 160);
-    assert_eq!(d.desired_meta, obj(json!({"v": {"timestamp": 160}})));
+    assert_eq!(meta(&d.desired_meta), obj(json!({"v": {"timestamp": 160}})));
 }
 
 #[test]
@@ -235,12 +243,34 @@ proptest! {
     }
 }
 
-fn mirrors(state: &Object, meta: &Object) -> bool {
+fn mirrors(state: &Object, meta: &MetaMap) -> bool {
     state.len() == meta.len()
         && state.iter().all(|(k, v)| match (v, meta.get(k)) {
-            (Value::Object(inner), Some(Value::Object(m))) if !inner.is_empty() => mirrors(inner, m),
-            (Value::Object(_), Some(Value::Object(_))) => true,
-            (_, Some(Value::Object(m))) => is_leaf_meta(m),
+            (Value::Object(inner), Some(Meta::Node(m))) => mirrors(inner, m),
+            (Value::Object(_), _) => false,
+            (_, Some(Meta::Leaf(_))) => true,
             _ => false,
         })
+}
+
+#[test]
+fn metadata_reads_back_as_written_and_refuses_what_is_not_metadata() {
+    let d = doc(
+        json!({"a": {"timestamp": 5, "b": [1]}, "c": "x", "e": {}}),
+        json!({}),
+    );
+    let text = serde_json::to_string(&d.desired_meta).unwrap();
+    assert_eq!(
+        text,
+        r#"{"a":{"b":{"timestamp":100},"timestamp":{"timestamp":100}},"c":{"timestamp":100},"e":{}}"#
+    );
+    assert_eq!(serde_json::from_str::<MetaMap>(&text).unwrap(), d.desired_meta);
+    for bad in [
+        r#"{"a":1}"#,
+        r#"{"a":{"timestamp":1,"b":{"timestamp":2}}}"#,
+        r#"{"a":"x"}"#,
+        "[]",
+    ] {
+        assert!(serde_json::from_str::<MetaMap>(bad).is_err(), "{bad}");
+    }
 }
