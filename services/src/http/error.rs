@@ -224,6 +224,10 @@ impl From<crate::shadow::request::ShadowError> for ApiError {
                     "the shadow store does not answer; retry later",
                 );
             }
+            S::DatabaseUnavailable(_) => {
+                tracing::warn!(error = %e, "database unavailable");
+                return database_unavailable();
+            }
             S::Internal(_) => return internal(e),
         };
         Self::new(code, e.to_string())
@@ -273,4 +277,21 @@ pub fn query_error(
 /// Maps path errors to `invalid_request`.
 pub fn path_error(err: actix_web::error::PathError, _req: &actix_web::HttpRequest) -> actix_web::Error {
     ApiError::new(ErrorCode::InvalidRequest, format!("invalid path: {err}")).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shadow::request::ShadowError;
+
+    #[test]
+    fn a_shadow_request_that_finds_the_database_away_answers_database_unavailable() {
+        let store = ApiError::from(ShadowError::Unavailable("redis".into()));
+        let database = ApiError::from(ShadowError::DatabaseUnavailable("pool timed out".into()));
+        assert_eq!(store.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(database.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        let code = |e: &ApiError| serde_json::to_value(&e.0).unwrap()["code"].clone();
+        assert_eq!(code(&store), "shadow_store_unavailable");
+        assert_eq!(code(&database), "database_unavailable");
+    }
 }

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::events::{EventBus, PlatformEvent};
-use crate::registry::{self, Registry, RegistryError};
+use crate::registry::{self, Registry};
 use document::{request_metadata, Document, Patch};
 use request::{Limits, PlainRequest, ShadowError, UpdateRequest};
 use store::{ShadowKey, ShadowName, ShadowStore, Store, StoreError, Stored};
@@ -158,7 +158,7 @@ impl Shadows {
                 Ok(())
             }
             Ok(false) => Err(ShadowError::UnknownDevice(format!("device {device} not found"))),
-            Err(RegistryError::Sql(e)) => Err(ShadowError::Unavailable(e.to_string())),
+            Err(e) if e.is_unavailable() => Err(ShadowError::DatabaseUnavailable(e.to_string())),
             Err(e) => Err(ShadowError::Internal(e.to_string())),
         }
     }

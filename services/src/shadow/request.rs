@@ -56,6 +56,9 @@ pub enum ShadowError {
     /// 503: the store does not answer.
     #[error("shadow store unavailable: {0}")]
     Unavailable(String),
+    /// 503: the device registry (the database) does not answer.
+    #[error("database unavailable: {0}")]
+    DatabaseUnavailable(String),
     /// 500: anything else.
     #[error("internal error: {0}")]
     Internal(String),
@@ -70,7 +73,7 @@ impl ShadowError {
             Self::VersionConflict { .. } => 409,
             Self::TooLarge(_) => 413,
             Self::TooManyRequests => 429,
-            Self::Unavailable(_) => 503,
+            Self::Unavailable(_) | Self::DatabaseUnavailable(_) => 503,
             Self::Internal(_) => 500,
         }
     }
