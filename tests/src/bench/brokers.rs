@@ -451,21 +451,31 @@ pub struct Mosquitto {
 
 /// Path of the Mosquitto binary, installing the Debian package when it is missing.
 pub fn mosquitto_bin() -> Result<PathBuf> {
-    let bin = PathBuf::from("/usr/sbin/mosquitto");
+    debian_bin("/usr/sbin/mosquitto", "mosquitto")
+}
+
+/// `bin`, installing the Debian package `package` with apt-get (after `apt-get update` if the first try fails)
+/// when it is missing.
+pub fn debian_bin(bin: &str, package: &str) -> Result<PathBuf> {
+    let bin = PathBuf::from(bin);
     if !bin.exists() {
-        println!("{} is missing: apt-get install -y mosquitto", bin.display());
+        eprintln!("{} is missing: apt-get install -y {package}", bin.display());
         let install = || {
             Command::new("apt-get")
-                .args(["install", "-y", "mosquitto"])
+                .args(["install", "-y", package])
                 .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdout(Stdio::null())
                 .status()
         };
         if !install().is_ok_and(|s| s.success()) {
-            let _ = Command::new("apt-get").arg("update").status();
+            let _ = Command::new("apt-get")
+                .arg("update")
+                .stdout(Stdio::null())
+                .status();
             install().context("running apt-get")?;
         }
         if !bin.exists() {
-            bail!("could not install mosquitto (try `apt-get install -y mosquitto` as root)");
+            bail!("could not install {package} (try `apt-get install -y {package}` as root)");
         }
     }
     Ok(bin)

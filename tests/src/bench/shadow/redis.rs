@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::brokers::{free_port, Guard};
+use crate::bench::brokers::{debian_bin, free_port, Guard};
 
 /// A running private Redis.
 pub struct RedisServer {
@@ -22,28 +22,7 @@ pub struct RedisServer {
 
 /// Path of `redis-server`, installing the Debian package when it is missing.
 fn redis_bin() -> Result<PathBuf> {
-    let bin = PathBuf::from("/usr/bin/redis-server");
-    if !bin.exists() {
-        eprintln!("{} is missing: apt-get install -y redis-server", bin.display());
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "redis-server"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-        };
-        if !install().is_ok_and(|s| s.success()) {
-            let _ = Command::new("apt-get")
-                .arg("update")
-                .stdout(Stdio::null())
-                .status();
-            install().context("running apt-get")?;
-        }
-        if !bin.exists() {
-            bail!("could not install redis-server (try `apt-get install -y redis-server` as root)");
-        }
-    }
-    Ok(bin)
+    debian_bin("/usr/bin/redis-server", "redis-server")
 }
 
 impl RedisServer {

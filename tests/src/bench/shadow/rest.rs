@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Semaphore;
 use tokio::time::Instant as TokioInstant;
 
-use crate::bench::brokers::Guard;
+use crate::bench::brokers::{debian_bin, Guard};
 use crate::bench::cpu::{process_secs, Meter, Usage};
 use crate::bench::load::{histogram, now_ns};
 
@@ -141,28 +141,7 @@ pub struct Wrk {
 
 /// Path of `wrk`, installing the Debian package when it is missing.
 pub fn wrk_bin() -> Result<PathBuf> {
-    let bin = PathBuf::from("/usr/bin/wrk");
-    if !bin.exists() {
-        eprintln!("{} is missing: apt-get install -y wrk", bin.display());
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "wrk"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-        };
-        if !install().is_ok_and(|s| s.success()) {
-            let _ = Command::new("apt-get")
-                .arg("update")
-                .stdout(Stdio::null())
-                .status();
-            install().context("running apt-get")?;
-        }
-        if !bin.exists() {
-            bail!("could not install wrk (try `apt-get install -y wrk` as root)");
-        }
-    }
-    Ok(bin)
+    debian_bin("/usr/bin/wrk", "wrk")
 }
 
 /// Runs `wrk` against `path` of `base` (a Lua script picks a random device per request when `path` contains
