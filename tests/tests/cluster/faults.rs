@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use antumbra_e2e::{eventually, pub_, Server};
+use antumbra_e2e::{eventually, pub_, DeviceFiles, Server};
 use serde_json::{json, Value};
 
 use super::servers::{PrivatePostgres, PrivateRedis};
@@ -22,6 +22,25 @@ async fn report_for(device: &antumbra_sdk::Device, duration: Duration, start: us
         i += 1;
     }
     accepted
+}
+
+/// Connects the device through `port` and starts it reporting for `duration` in the background.
+fn connect_and_report(
+    runtime: &tokio::runtime::Runtime,
+    port: u16,
+    d: &DeviceFiles,
+    duration: Duration,
+) -> (antumbra_sdk::Device, tokio::task::JoinHandle<Vec<String>>) {
+    let device = runtime.block_on(async {
+        let device = sdk_device(port, d);
+        device.wait_connected(Duration::from_secs(10)).await.unwrap();
+        device
+    });
+    let traffic = {
+        let device = device.clone();
+        runtime.spawn(async move { report_for(&device, duration, 0).await })
+    };
+    (device, traffic)
 }
 
 #[test]
@@ -46,20 +65,8 @@ fn a_redis_restart_mid_traffic_loses_no_accepted_update_and_readiness_follows_it
         &env,
     );
     let d = server.register(TOKEN, "busy-1", dir.path());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let device = runtime.block_on(async {
-        let device = sdk_device(server.mqtts_port, &d);
-        device.wait_connected(Duration::from_secs(10)).await.unwrap();
-        device
-    });
-    let traffic = {
-        let device = device.clone();
-        runtime.spawn(async move { report_for(&device, Duration::from_secs(6), 0).await })
-    };
+    let runtime = rt();
+    let (device, traffic) = connect_and_report(&runtime, server.mqtts_port, &d, Duration::from_secs(6));
     std::thread::sleep(Duration::from_secs(2));
     redis.kill();
     // Redis gone: readiness turns red and the REST shadow answers 503 with a code, quickly.
@@ -145,20 +152,8 @@ fn an_instance_killed_with_sigkill_loses_no_accepted_update() {
         server.base.trim_start_matches("http://").to_owned(),
         server.mqtts_port,
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let device = runtime.block_on(async {
-        let device = sdk_device(port, &d);
-        device.wait_connected(Duration::from_secs(10)).await.unwrap();
-        device
-    });
-    let traffic = {
-        let device = device.clone();
-        runtime.spawn(async move { report_for(&device, Duration::from_secs(3), 0).await })
-    };
+    let runtime = rt();
+    let (_device, traffic) = connect_and_report(&runtime, port, &d, Duration::from_secs(3));
     std::thread::sleep(Duration::from_millis(1500));
     server.child.kill().unwrap();
     let _ = server.child.wait();
