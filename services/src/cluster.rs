@@ -1,7 +1,8 @@
 //! Running several instances on one Redis: every instance hears what the others do, through Redis pub/sub.
 //!
 //! - **Device messages** (shadow replies and deltas, OTA jobs): the shadow and OTA services queue them on an
-//!   outbox; in a cluster the outbox goes to Redis and every instance routes what it hears into its own broker,
+//!   outbox. A message for a device connected to this instance goes straight to its broker (see
+//!   `mqtt::platform_link`); any other goes to Redis, and every instance routes what it hears into its own broker,
 //!   so a device gets them on whichever instance holds its connection.
 //! - **Events** that other instances must act on: a session started (they close a stale session of the same
 //!   device as a takeover and record the device online there), a session ended, a certificate revoked or a
@@ -47,7 +48,7 @@ fn manager_config() -> redis::aio::ConnectionManagerConfig {
         .set_number_of_retries(1)
 }
 
-/// Starts the bridge: drains `outbox` to Redis, feeds what Redis carries into the returned receiver (for the
+/// Starts the bridge: drains `outbox` (the messages for devices not connected here) to Redis, feeds what Redis carries into the returned receiver (for the
 /// broker), forwards the local events other instances need, and applies theirs here.
 pub async fn bridge(
     url: &str,

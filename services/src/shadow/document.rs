@@ -229,10 +229,7 @@ impl Document {
             Some(Value::Null) | None => Some(None),
             _ => None,
         };
-        let meta = |name: &str| match value.get(name) {
-            Some(Value::Object(_)) => MetaMap::deserialize(&value[name]).ok(),
-            _ => None,
-        };
+        let meta = |name: &str| value.get(name).and_then(|m| MetaMap::deserialize(m).ok());
         Some(Document {
             desired: section("desired")?,
             reported: section("reported")?,
@@ -406,6 +403,21 @@ impl Document {
     }
 }
 
+#[cfg(test)]
+impl Document {
+    /// The `documents` view built as a `Value`: the client view without its delta and timestamp.
+    pub(crate) fn documents_view(&self) -> Value {
+        let mut v = self.to_json();
+        if let Some(state) = v["state"].as_object_mut() {
+            state.remove("delta");
+        }
+        if let Some(v) = v.as_object_mut() {
+            v.remove("timestamp");
+        }
+        v
+    }
+}
+
 /// The `…/update/documents` message: both versions (state and metadata, no delta), the time, the token. Each
 /// version's view is serialized once in its life (see [`ViewCache`]); the message is put together from them,
 /// with the fields in the same (alphabetical) order as every other message.
@@ -449,13 +461,11 @@ fn merge(target: &mut Object, meta: &mut MetaMap, patch: &Object, now: i64) {
             }
             Value::Object(fields) => match target.get_mut(key) {
                 Some(Value::Object(existing)) => {
-                    let child = meta
-                        .entry(key.clone())
-                        .or_insert_with(|| Meta::Node(MetaMap::new()));
-                    if !matches!(child, Meta::Node(_)) {
-                        *child = Meta::Node(MetaMap::new());
+                    // An object written where a leaf was (or no metadata at all) starts an empty node.
+                    if !matches!(meta.get(key), Some(Meta::Node(_))) {
+                        meta.insert(key.clone(), Meta::Node(MetaMap::new()));
                     }
-                    if let Meta::Node(child_meta) = child {
+                    if let Some(Meta::Node(child_meta)) = meta.get_mut(key) {
                         merge(existing, child_meta, fields, now);
                     }
                 }
