@@ -76,8 +76,16 @@ pub struct ClusterLink {
     pub from: mpsc::UnboundedReceiver<Outgoing>,
 }
 
-/// Attaches a session to the router: client id, clean session → the link and the router's CONNACK.
-type Attach = Arc<dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), String> + Send + Sync>;
+/// What attaching a session to the router gives: the link and the router's CONNACK.
+type Attached = Result<(LinkTx, LinkRx, Notification), String>;
+
+/// Attaches a session to the router: client id, clean session → the link and the router's CONNACK. Async, so a
+/// CONNECT does not hop through the blocking pool.
+type Attach = Arc<
+    dyn Fn(String, bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Attached> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// Everything the sessions share.
 pub struct FrontDoor {
@@ -126,19 +134,19 @@ impl FrontDoor {
     ) -> Result<Arc<Self>, BrokerError> {
         let router_tx = Router::new(0, router_config(&settings)).spawn();
         // The router's channel type names a private rumqttd type, so it lives only inside this closure.
-        let attach: Attach = Arc::new(move |client_id: &str, clean: bool| {
-            LinkBuilder::new(client_id, router_tx.clone())
-                .clean_session(clean)
-                .build()
-                .map_err(|e: LinkError| e.to_string())
+        let attach: Attach = Arc::new(move |client_id: String, clean: bool| {
+            let router_tx = router_tx.clone();
+            Box::pin(async move {
+                LinkBuilder::new(&client_id, router_tx)
+                    .clean_session(clean)
+                    .build_async()
+                    .await
+                    .map_err(|e: LinkError| e.to_string())
+            })
         });
-        let (tx, rx, _) = {
-            let attach = attach.clone();
-            tokio::task::spawn_blocking(move || attach("antumbra-platform", true))
-                .await
-                .map_err(|e| BrokerError::Router(e.to_string()))?
-                .map_err(BrokerError::Router)?
-        };
+        let (tx, rx, _) = attach("antumbra-platform".into(), true)
+            .await
+            .map_err(BrokerError::Router)?;
         let (platform, queue) = mpsc::unbounded_channel();
         let door = Arc::new(Self {
             settings,

@@ -149,10 +149,8 @@ where
         refuse(&codec, io, code).await;
         return None;
     }
-    let attach = door.attach.clone();
-    let (client_id, clean) = (device.to_string(), connect.clean_session);
-    let attached = tokio::task::spawn_blocking(move || attach(&client_id, clean)).await;
-    let Ok(Ok((tx, rx, ack))) = attached else {
+    let attached = (door.attach)(device.to_string(), connect.clean_session).await;
+    let Ok((tx, rx, ack)) = attached else {
         tracing::error!(device_id = %device, "the router refused the session");
         let code = if codec.version() == Version::V4 {
             ConnectReturnCode::ServiceUnavailable
