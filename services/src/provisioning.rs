@@ -10,6 +10,7 @@ use antumbra_wire::DeviceId;
 use serde::{Deserialize, Serialize};
 
 use crate::events::{EventBus, PlatformEvent};
+use crate::pki::known::KnownCertificates;
 use crate::pki::{CertificateAuthority, CsrError, IssuedCertificate, PkiError};
 use crate::registry::{
     self, CertificateRecord, Device, DeviceChanges, DeviceQuery, KeyOrigin, NewCertificate, NewDevice,
@@ -137,12 +138,34 @@ pub struct Provisioning {
     registry: Registry,
     ca: Arc<CertificateAuthority>,
     events: EventBus,
+    /// The MQTT front door's table of active certificates: kept current as certificates are issued and revoked.
+    known: Arc<KnownCertificates>,
 }
 
 impl Provisioning {
     /// Builds the service.
-    pub fn new(registry: Registry, ca: Arc<CertificateAuthority>, events: EventBus) -> Self {
-        Self { registry, ca, events }
+    pub fn new(
+        registry: Registry,
+        ca: Arc<CertificateAuthority>,
+        events: EventBus,
+        known: Arc<KnownCertificates>,
+    ) -> Self {
+        Self {
+            registry,
+            ca,
+            events,
+            known,
+        }
+    }
+
+    fn remember(&self, cert: &CertificateRecord) {
+        self.known.insert(
+            &cert.fingerprint_sha256,
+            cert.device_id.clone(),
+            cert.serial.clone(),
+            cert.not_before,
+            cert.not_after,
+        );
     }
 
     /// The CA certificate, PEM.
@@ -171,6 +194,7 @@ impl Provisioning {
         };
         let certificate = self.registry.insert_certificate(&mut tx, &cert, at).await?;
         tx.commit().await.map_err(RegistryError::from)?;
+        self.remember(&certificate);
         tracing::info!(serial = %certificate.serial, "device registered");
         Ok((
             device,
@@ -201,6 +225,7 @@ impl Provisioning {
             key_origin: origin,
             not_before: issued.not_before,
             not_after: issued.not_after,
+            issuer_sha256: self.ca.fingerprint_sha256().to_owned(),
         };
         Ok((cert, key))
     }
@@ -250,6 +275,8 @@ impl Provisioning {
     /// Deletes a device and revokes all its certificates, in one transaction.
     #[tracing::instrument(skip_all, fields(device_id = %id))]
     pub async fn delete(&self, id: &DeviceId) -> Result<u64, ProvisioningError> {
+        // Out of the front door's table first, as in `revoke`.
+        self.known.forget(id, None);
         let mut tx = self.registry.begin().await?;
         let at = registry::now();
         let revoked = self
@@ -310,6 +337,7 @@ impl Provisioning {
             .insert_certificate(&mut tx, &cert, registry::now())
             .await?;
         tx.commit().await.map_err(RegistryError::from)?;
+        self.remember(&certificate);
         tracing::info!(serial = %certificate.serial, "certificate issued");
         Ok(Issued {
             certificate,
@@ -349,6 +377,9 @@ impl Provisioning {
         reason: RevocationReason,
     ) -> Result<CertificateRecord, ProvisioningError> {
         self.device(id).await?;
+        // Out of the front door's table first: from here on a CONNECT with it asks the registry, which the
+        // revocation below updates (a failed revocation only costs that certificate the fast path).
+        self.known.forget(id, Some(serial));
         match self
             .registry
             .revoke_certificate(id, serial, reason.as_str(), registry::now())

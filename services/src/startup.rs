@@ -13,6 +13,7 @@ use crate::config::Settings;
 use crate::events::EventBus;
 use crate::http::{self, AppState};
 use crate::mqtt::{self, FrontDoor, Metrics};
+use crate::pki::known::KnownCertificates;
 use crate::pki::{CaSource, CertificateAuthority};
 use crate::presence::Presence;
 use crate::provisioning::Provisioning;
@@ -67,7 +68,14 @@ impl Application {
         let server = ca
             .write_server_identity(&pki_dir, &settings.mqtt_dns_names)
             .context("issuing the MQTT server certificate")?;
-        let tls = mqtt::tls::server_config(ca.ca_pem(), &server.chain_pem, &server.key_pem)?;
+        let known = Arc::new(KnownCertificates::from_active(
+            registry
+                .active_certificates(ca.fingerprint_sha256(), time::OffsetDateTime::now_utc())
+                .await
+                .context("loading the active device certificates")?,
+        ));
+        tracing::debug!(certificates = known.len(), "active device certificates loaded");
+        let tls = mqtt::tls::server_config(ca.ca_pem(), &server.chain_pem, &server.key_pem, known.clone())?;
 
         let admin = access::bootstrap_admin(&registry, settings.admin_token.as_deref())
             .await
@@ -134,10 +142,11 @@ impl Application {
             ota.clone(),
             outbox,
             cluster,
+            known.clone(),
         )
         .await?;
         let state = AppState {
-            provisioning: Provisioning::new(registry.clone(), ca, events.clone()),
+            provisioning: Provisioning::new(registry.clone(), ca, events.clone(), known),
             registry,
             presence,
             events,

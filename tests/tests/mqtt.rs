@@ -351,6 +351,53 @@ fn revoke(server: &Server, id: &str, serial: &str) {
     assert_eq!(res.status(), 200);
 }
 
+/// A restarted process holds the active certificates of its CA in memory and admits them without a chain check
+/// or a registry query: revocation and deletion must still refuse them.
+#[test]
+fn after_a_restart_certificates_on_record_connect_and_revoked_or_deleted_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let kept = server.register(TOKEN, "lock-1", dir.path());
+    let revoked = server.register(TOKEN, "lock-2", dir.path());
+    let deleted = server.register(TOKEN, "lock-3", dir.path());
+    assert!(server.terminate().success());
+
+    let server = start(dir.path());
+    for (d, id) in [(&kept, "lock-1"), (&revoked, "lock-2"), (&deleted, "lock-3")] {
+        let out = pub_(&server, d, id, &format!("devices/{id}/hello"), "x", &[]);
+        assert!(
+            out.status.success(),
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let refused = || server.metric("antumbra_mqtt_auth_failures_total{reason=\"certificate_revoked\"}");
+    let before = refused();
+    revoke(&server, "lock-2", &revoked.serial);
+    let res = reqwest::blocking::Client::new()
+        .delete(format!("{}/v1/devices/lock-3", server.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .unwrap();
+    assert!(res.status().is_success(), "{}", res.status());
+    for (d, id) in [(&revoked, "lock-2"), (&deleted, "lock-3")] {
+        let out = pub_(&server, d, id, &format!("devices/{id}/hello"), "x", &[]);
+        assert!(!out.status.success(), "{id} still connects");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not authorised"),
+            "{id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(refused(), before + 2.0);
+    let out = pub_(&server, &kept, "lock-1", "devices/lock-1/hello", "x", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Issued by this process: on record from the start.
+    let fresh = server.register(TOKEN, "lock-4", dir.path());
+    let out = pub_(&server, &fresh, "lock-4", "devices/lock-4/hello", "x", &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn revoking_a_certificate_drops_the_live_connection_within_seconds() {
     let dir = tempfile::tempdir().unwrap();

@@ -36,6 +36,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::events::{DisconnectReason, EventBus, PlatformEvent};
 use crate::ota::Ota;
+use crate::pki::known::KnownCertificates;
 use crate::presence::Presence;
 use crate::registry::Registry;
 use crate::shadow::{Outgoing, Shadows};
@@ -98,6 +99,11 @@ pub struct FrontDoor {
     metrics: Arc<Metrics>,
     shadows: Shadows,
     ota: Ota,
+    /// Certificates the platform issued and holds on record (see [`KnownCertificates`]).
+    known: Arc<KnownCertificates>,
+    /// Whether `known` is the whole truth on revocation: on a single instance every revocation goes through it.
+    /// In a cluster another instance may revoke, and CONNECT asks the registry.
+    known_is_authoritative: bool,
 }
 
 impl std::fmt::Debug for FrontDoor {
@@ -131,6 +137,7 @@ impl FrontDoor {
         ota: Ota,
         outbox: mpsc::UnboundedReceiver<Outgoing>,
         cluster: Option<ClusterLink>,
+        known: Arc<KnownCertificates>,
     ) -> Result<Arc<Self>, BrokerError> {
         let router_tx = Router::new(0, router_config(&settings)).spawn();
         // The router's channel type names a private rumqttd type, so it lives only inside this closure.
@@ -158,6 +165,8 @@ impl FrontDoor {
             metrics,
             shadows,
             ota,
+            known,
+            known_is_authoritative: cluster.is_none(),
         });
         tokio::spawn(platform_link(
             PlatformLink {
@@ -320,6 +329,8 @@ async fn drop_revoked(door: Arc<FrontDoor>, mut events: tokio::sync::broadcast::
                 device_id, serial, ..
             }) => {
                 if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
+                    // Revoked here, it is gone from the table already; revoked on another instance, now.
+                    door.known.forget(&device, Some(&serial));
                     door.sessions
                         .kick(&device, Some(&serial), DisconnectReason::Revoked);
                 }
@@ -331,6 +342,7 @@ async fn drop_revoked(door: Arc<FrontDoor>, mut events: tokio::sync::broadcast::
             }
             Ok(PlatformEvent::DeviceDeleted { device_id, .. }) => {
                 if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
+                    door.known.forget(&device, None);
                     door.sessions.kick(&device, None, DisconnectReason::Revoked);
                     door.presence.forget(&device);
                     if let Err(e) = door.shadows.purge(&device).await {
@@ -383,7 +395,7 @@ pub async fn serve_tls(
                     return;
                 }
             };
-            match tls::identity(tls.get_ref().1.peer_certificates()) {
+            match tls::identify(&door.known, tls.get_ref().1.peer_certificates()) {
                 // A task of its own: a task keeps the allocation of its largest state for life, and the
                 // handshake's state is not worth keeping next to every idle device.
                 Ok(peer) => {

@@ -10,6 +10,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::pki::known::{fingerprint, KnownCertificates};
+
 /// Errors building the TLS configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -29,6 +31,7 @@ pub fn server_config(
     ca_pem: &str,
     chain_pem: &str,
     key_pem: &str,
+    known: Arc<KnownCertificates>,
 ) -> Result<Arc<ServerConfig>, TlsSetupError> {
     let mut provider = rustls::crypto::ring::default_provider();
     // AES-128-GCM with SHA-256 first, as Mozilla's server configurations order TLS 1.3 suites: clients (rustls,
@@ -61,7 +64,7 @@ pub fn server_config(
     })?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(Arc::new(super::verifier::CachingVerifier::new(verifier)))
+        .with_client_cert_verifier(Arc::new(super::verifier::CachingVerifier::new(verifier, known)))
         .with_single_cert(chain, key)?;
     // Stateless session tickets (keys rotate every 6 h): a device reconnecting after a network blip resumes
     // without a certificate chain to check or a signature to make, which is what a reconnect storm needs. The
@@ -80,6 +83,8 @@ pub struct PeerIdentity {
     pub device: DeviceId,
     /// Serial, lowercase hex (as the registry stores it).
     pub serial: String,
+    /// SHA-256 of the certificate, when it is one the platform holds on record ([`KnownCertificates`]).
+    pub on_record: Option<[u8; 32]>,
 }
 
 /// Why a verified certificate still names no device.
@@ -97,6 +102,23 @@ pub enum IdentityError {
     /// Outside its validity window (a resumed TLS session skips the verifier, so it is checked here too).
     #[error("client certificate is expired or not yet valid")]
     OutsideValidity,
+}
+
+/// [`identity`], read from the record when the certificate is one the platform holds (no x509 parsing).
+pub fn identify(
+    known: &KnownCertificates,
+    peer_certs: Option<&[CertificateDer<'_>]>,
+) -> Result<PeerIdentity, IdentityError> {
+    let leaf = peer_certs.and_then(|c| c.first()).ok_or(IdentityError::Missing)?;
+    let print = fingerprint(leaf.as_ref());
+    match known.lookup_fingerprint(&print, time::OffsetDateTime::now_utc().unix_timestamp()) {
+        Some(cert) => Ok(PeerIdentity {
+            device: cert.device,
+            serial: cert.serial,
+            on_record: Some(print),
+        }),
+        None => identity(peer_certs),
+    }
 }
 
 /// Reads the device id and serial from the end-entity certificate of a verified chain.
@@ -118,6 +140,7 @@ pub fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentit
     Ok(PeerIdentity {
         device,
         serial: hex::encode(cert.raw_serial()),
+        on_record: None,
     })
 }
 
@@ -175,7 +198,13 @@ mod tests {
         };
         let (server_cert, server_key) = leaf("localhost", ExtendedKeyUsagePurpose::ServerAuth);
         let (device_cert, device_key) = leaf("dev-1", ExtendedKeyUsagePurpose::ClientAuth);
-        let server = server_config(&ca_cert.pem(), &server_cert.pem(), &server_key.serialize_pem()).unwrap();
+        let server = server_config(
+            &ca_cert.pem(),
+            &server_cert.pem(),
+            &server_key.serialize_pem(),
+            Arc::default(),
+        )
+        .unwrap();
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         assert_eq!(

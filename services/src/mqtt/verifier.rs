@@ -6,6 +6,10 @@
 //! still done on every handshake: the proof that the client holds the certificate's key (the signature over
 //! the handshake, `verify_tls13_signature`), and the validity window, checked against the clock each time.
 //! Revocation is not the verifier's job here: the registry is asked at every CONNECT.
+//!
+//! Before any of that, a certificate this platform issued and holds on record ([`KnownCertificates`]: byte for
+//! byte the certificate the CA signed here) needs no chain at all, even on its first connection after a restart.
+//! Its validity window is checked like a remembered chain's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,6 +21,8 @@ use rustls::{DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::pki::known::KnownCertificates;
+
 /// Chains remembered at most; the table is emptied when full (a fleet larger than this just verifies more).
 const CAPACITY: usize = 200_000;
 
@@ -26,14 +32,17 @@ pub struct CachingVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     /// SHA-256 of the presented chain → its validity window (seconds since the epoch).
     verified: Mutex<HashMap<[u8; 32], (u64, u64)>>,
+    /// Certificates the platform issued, on record.
+    known: Arc<KnownCertificates>,
 }
 
 impl CachingVerifier {
-    /// Remembers what `inner` accepts.
-    pub fn new(inner: Arc<dyn ClientCertVerifier>) -> Self {
+    /// Accepts the certificates in `known` as they are, and remembers what `inner` accepts.
+    pub fn new(inner: Arc<dyn ClientCertVerifier>, known: Arc<KnownCertificates>) -> Self {
         Self {
             inner,
             verified: Mutex::new(HashMap::new()),
+            known,
         }
     }
 }
@@ -74,6 +83,10 @@ impl ClientCertVerifier for CachingVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
+        let at = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+        if self.known.lookup(end_entity.as_ref(), at).is_some() {
+            return Ok(ClientCertVerified::assertion());
+        }
         let digest = chain_digest(end_entity, intermediates);
         let known = self
             .verified
@@ -166,7 +179,7 @@ mod tests {
         let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .unwrap();
-        CachingVerifier::new(inner)
+        CachingVerifier::new(inner, Arc::default())
     }
 
     fn at(t: OffsetDateTime) -> UnixTime {
@@ -190,6 +203,34 @@ mod tests {
         assert!(verifier
             .verify_client_cert(&cert, &[], at(now - Duration::days(2)))
             .is_err());
+    }
+
+    #[test]
+    fn accepts_a_certificate_on_record_without_its_chain_but_only_within_its_window() {
+        let (ours, theirs) = (ca(), ca());
+        let now = OffsetDateTime::now_utc();
+        // Signed by a CA the verifier does not trust: only the record can make it pass.
+        let cert = device_cert(&theirs, now + Duration::days(1));
+        let known = Arc::new(KnownCertificates::default());
+        let verifier = CachingVerifier::new(verifier(&ours).inner, known.clone());
+        assert!(verifier.verify_client_cert(&cert, &[], at(now)).is_err());
+        known.insert(
+            &hex::encode(crate::pki::known::fingerprint(cert.as_ref())),
+            antumbra_wire::DeviceId::parse("dev-1").unwrap(),
+            "01".into(),
+            now - Duration::hours(1),
+            now + Duration::days(1),
+        );
+        verifier.verify_client_cert(&cert, &[], at(now)).unwrap();
+        assert!(
+            verifier.verified.lock().unwrap().is_empty(),
+            "no chain was verified"
+        );
+        assert!(verifier
+            .verify_client_cert(&cert, &[], at(now + Duration::days(2)))
+            .is_err());
+        known.forget(&antumbra_wire::DeviceId::parse("dev-1").unwrap(), Some("01"));
+        assert!(verifier.verify_client_cert(&cert, &[], at(now)).is_err());
     }
 
     #[test]

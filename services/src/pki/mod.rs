@@ -6,6 +6,7 @@
 
 mod csr;
 mod files;
+pub mod known;
 mod shared;
 
 use std::path::{Path, PathBuf};
@@ -88,6 +89,8 @@ pub struct ServerIdentity {
 pub struct CertificateAuthority {
     issuer: Issuer<'static, KeyPair>,
     ca_pem: String,
+    /// SHA-256 of the CA certificate's DER, lowercase hex.
+    ca_fingerprint: String,
     device_validity: Duration,
 }
 
@@ -125,10 +128,12 @@ impl CertificateAuthority {
         if cert.public_key().raw != key.subject_public_key_info().as_slice() {
             return Err("private key does not match the certificate".into());
         }
+        let ca_fingerprint = hex::encode(Sha256::digest(&pem.contents));
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(|e| format!("certificate: {e}"))?;
         Ok(Self {
             issuer,
             ca_pem: cert_pem.trim_end().to_string() + "\n",
+            ca_fingerprint,
             device_validity,
         })
     }
@@ -136,6 +141,11 @@ impl CertificateAuthority {
     /// The CA certificate, PEM.
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// SHA-256 of the CA certificate's DER, lowercase hex: what certificates it issued record as their issuer.
+    pub fn fingerprint_sha256(&self) -> &str {
+        &self.ca_fingerprint
     }
 
     /// Issues a device certificate for a key pair generated here; returns it with the private key (PKCS#8

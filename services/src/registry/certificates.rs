@@ -60,6 +60,23 @@ pub struct NewCertificate {
     pub not_before: OffsetDateTime,
     /// End of validity.
     pub not_after: OffsetDateTime,
+    /// SHA-256 of the issuing CA certificate's DER, lowercase hex.
+    pub issuer_sha256: String,
+}
+
+/// An active certificate as the MQTT front door keeps it in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveCertificate {
+    /// SHA-256 of the DER, lowercase hex.
+    pub fingerprint_sha256: String,
+    /// The device it was issued to.
+    pub device_id: DeviceId,
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// Start of validity.
+    pub not_before: OffsetDateTime,
+    /// End of validity.
+    pub not_after: OffsetDateTime,
 }
 
 /// A certificate on record.
@@ -102,7 +119,8 @@ impl Registry {
         at: OffsetDateTime,
     ) -> Result<CertificateRecord, RegistryError> {
         sqlx::query(&format!(
-            "INSERT INTO certificates ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL)"
+            "INSERT INTO certificates ({COLUMNS}, issuer_sha256) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL, $10)"
         ))
         .bind(cert.serial.clone())
         .bind(cert.device_id.as_str())
@@ -113,6 +131,7 @@ impl Registry {
         .bind(to_millis(cert.not_after))
         .bind(CertificateStatus::Active.as_str())
         .bind(to_millis(at))
+        .bind(cert.issuer_sha256.clone())
         .execute(&mut **tx)
         .await?;
         Ok(CertificateRecord {
@@ -156,6 +175,52 @@ impl Registry {
         .await?
         .ok_or(RegistryError::NotFound)?;
         certificate_from_row(&row)
+    }
+
+    /// Every active certificate issued by the CA with SHA-256 `issuer_sha256` that has not expired at `now`.
+    pub async fn active_certificates(
+        &self,
+        issuer_sha256: &str,
+        now: OffsetDateTime,
+    ) -> Result<Vec<ActiveCertificate>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT fingerprint_sha256, device_id, serial, not_before, not_after FROM certificates \
+             WHERE status = $1 AND issuer_sha256 = $2 AND not_after > $3",
+        )
+        .bind(CertificateStatus::Active.as_str())
+        .bind(issuer_sha256.to_owned())
+        .bind(to_millis(now))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let device: String = row.try_get("device_id")?;
+                Ok(ActiveCertificate {
+                    fingerprint_sha256: row.try_get("fingerprint_sha256")?,
+                    device_id: DeviceId::parse(device.as_str())
+                        .map_err(|_| RegistryError::Corrupt(format!("device id {device:?}")))?,
+                    serial: row.try_get("serial")?,
+                    not_before: from_millis(row.try_get("not_before")?)?,
+                    not_after: from_millis(row.try_get("not_after")?)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The status of one certificate of `device` ([`RegistryError::NotFound`] when there is none with `serial`):
+    /// what every MQTT CONNECT asks, so it reads one column rather than the whole record with its PEM.
+    pub async fn certificate_status(
+        &self,
+        device: &DeviceId,
+        serial: &str,
+    ) -> Result<CertificateStatus, RegistryError> {
+        let row = sqlx::query("SELECT status FROM certificates WHERE device_id = $1 AND serial = $2")
+            .bind(device.as_str())
+            .bind(serial.to_ascii_lowercase())
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or(RegistryError::NotFound)?;
+        status_from_row(&row)
     }
 
     /// Revokes one active certificate; [`RegistryError::Conflict`] when it already is revoked.
@@ -205,11 +270,7 @@ impl Registry {
 }
 
 fn certificate_from_row(row: &AnyRow) -> Result<CertificateRecord, RegistryError> {
-    let status = match row.try_get::<String, _>("status")?.as_str() {
-        "active" => CertificateStatus::Active,
-        "revoked" => CertificateStatus::Revoked,
-        other => return Err(RegistryError::Corrupt(format!("certificate status {other:?}"))),
-    };
+    let status = status_from_row(row)?;
     let key_origin = match row.try_get::<String, _>("key_origin")?.as_str() {
         "generated" => KeyOrigin::Generated,
         "csr" => KeyOrigin::Csr,
@@ -232,4 +293,12 @@ fn certificate_from_row(row: &AnyRow) -> Result<CertificateRecord, RegistryError
             .transpose()?,
         revocation_reason: row.try_get("revocation_reason")?,
     })
+}
+
+fn status_from_row(row: &AnyRow) -> Result<CertificateStatus, RegistryError> {
+    match row.try_get::<String, _>("status")?.as_str() {
+        "active" => Ok(CertificateStatus::Active),
+        "revoked" => Ok(CertificateStatus::Revoked),
+        other => Err(RegistryError::Corrupt(format!("certificate status {other:?}"))),
+    }
 }

@@ -10,7 +10,7 @@ mod devices;
 
 pub use api_keys::{ApiKeyRecord, Scope};
 pub use ca::{CaOrigin, StoredCa};
-pub use certificates::{CertificateRecord, CertificateStatus, KeyOrigin, NewCertificate};
+pub use certificates::{ActiveCertificate, CertificateRecord, CertificateStatus, KeyOrigin, NewCertificate};
 pub use devices::{Device, DeviceChanges, DeviceQuery, NewDevice};
 
 use sqlx::AnyPool;

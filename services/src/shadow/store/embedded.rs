@@ -123,6 +123,8 @@ impl EmbeddedStore {
             .synchronous(SqliteSynchronous::Normal);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // A file handle in this process: no ping before each use (see `db::connect`).
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await
             .map_err(backend)?;
