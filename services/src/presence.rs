@@ -6,6 +6,7 @@
 //! takeover (the same device reconnecting before its old socket died) never show the device offline.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -335,26 +336,52 @@ async fn upsert(
     registry: &Registry,
     statuses: &HashMap<DeviceId, DeviceStatus>,
 ) -> Result<(), RegistryError> {
+    let statuses: Vec<_> = statuses.iter().collect();
     let mut tx = registry.begin().await?;
-    for (id, s) in statuses {
-        sqlx::query(
-            "INSERT INTO device_presence (device_id, online, session, connected_at, disconnected_at, last_seen_at, \
-             last_disconnect_reason, remote_addr) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (device_id) DO UPDATE SET online = $2, session = $3, connected_at = $4, \
-             disconnected_at = $5, last_seen_at = $6, last_disconnect_reason = $7, remote_addr = $8 \
-             WHERE device_presence.session <= $3",
-        )
-        .bind(id.as_str())
-        .bind(i64::from(s.online))
-        .bind(s.session as i64)
-        .bind(s.connected_at.map(to_millis))
-        .bind(s.disconnected_at.map(to_millis))
-        .bind(s.last_seen_at.map(to_millis))
-        .bind(s.last_disconnect_reason.map(|r| r.as_str()))
-        .bind(s.remote_addr.clone())
-        .execute(&mut *tx)
-        .await?;
+    // One statement per chunk of devices: each statement is a round trip to the database (for SQLite, to its
+    // worker thread), and a wave of connects queues thousands of statuses at once.
+    for chunk in statuses.chunks(UPSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO device_presence (device_id, online, session, connected_at, disconnected_at, \
+             last_seen_at, last_disconnect_reason, remote_addr) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let p = i * 8;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for n in p + 1..=p + 8 {
+                if n > p + 1 {
+                    sql.push_str(", ");
+                }
+                let _ = write!(sql, "${n}");
+            }
+            sql.push(')');
+        }
+        sql.push_str(
+            " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, session = excluded.session, \
+             connected_at = excluded.connected_at, disconnected_at = excluded.disconnected_at, \
+             last_seen_at = excluded.last_seen_at, last_disconnect_reason = excluded.last_disconnect_reason, \
+             remote_addr = excluded.remote_addr WHERE device_presence.session <= excluded.session",
+        );
+        let mut query = sqlx::query(&sql);
+        for (id, s) in chunk {
+            query = query
+                .bind(id.as_str())
+                .bind(i64::from(s.online))
+                .bind(s.session as i64)
+                .bind(s.connected_at.map(to_millis))
+                .bind(s.disconnected_at.map(to_millis))
+                .bind(s.last_seen_at.map(to_millis))
+                .bind(s.last_disconnect_reason.map(|r| r.as_str()))
+                .bind(s.remote_addr.clone());
+        }
+        query.execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(())
 }
+
+/// Devices per presence statement (8 parameters each; SQLite allows 32,766 per statement, PostgreSQL 65,535).
+const UPSERT_CHUNK: usize = 256;

@@ -8,4 +8,5 @@ mod certificates;
 mod devices;
 mod errors;
 mod ops;
+mod presence;
 mod shadow;
