@@ -68,11 +68,15 @@ impl Application {
         let server = ca
             .write_server_identity(&pki_dir, &settings.mqtt_dns_names)
             .context("issuing the MQTT server certificate")?;
+        // Only this process revokes: one instance (no Redis) on its own SQLite file.
+        let revokes_alone = settings.redis_url.is_none()
+            && crate::db::Engine::of(&settings.database_url) == Some(crate::db::Engine::Sqlite);
         let known = Arc::new(KnownCertificates::from_active(
             registry
                 .active_certificates(ca.fingerprint_sha256(), time::OffsetDateTime::now_utc())
                 .await
                 .context("loading the active device certificates")?,
+            revokes_alone,
         ));
         tracing::debug!(certificates = known.len(), "active device certificates loaded");
         let tls = mqtt::tls::server_config(ca.ca_pem(), &server.chain_pem, &server.key_pem, known.clone())?;

@@ -101,9 +101,6 @@ pub struct FrontDoor {
     ota: Ota,
     /// Certificates the platform issued and holds on record (see [`KnownCertificates`]).
     known: Arc<KnownCertificates>,
-    /// Whether `known` is the whole truth on revocation: on a single instance every revocation goes through it.
-    /// In a cluster another instance may revoke, and CONNECT asks the registry.
-    known_is_authoritative: bool,
 }
 
 impl std::fmt::Debug for FrontDoor {
@@ -166,7 +163,6 @@ impl FrontDoor {
             shadows,
             ota,
             known,
-            known_is_authoritative: cluster.is_none(),
         });
         tokio::spawn(platform_link(
             PlatformLink {

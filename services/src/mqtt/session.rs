@@ -309,7 +309,7 @@ async fn admit(
                 ));
             }
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let on_record = door.known_is_authoritative
+            let on_record = door.known.is_authoritative()
                 && peer
                     .on_record
                     .is_some_and(|print| door.known.lookup_fingerprint(&print, now).is_some());
