@@ -20,6 +20,8 @@ pub mod metrics;
 mod session;
 mod sessions;
 mod shadow;
+#[cfg(test)]
+mod test_pki;
 pub mod tls;
 mod verifier;
 

@@ -182,24 +182,13 @@ mod tests {
 
     #[test]
     fn prefers_aes_128_gcm_over_the_clients_first_choice() {
-        use rcgen::{BasicConstraints, ExtendedKeyUsagePurpose, IsCa, Issuer};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.distinguished_name.push(DnType::CommonName, "test CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf = |name: &str, usage: ExtendedKeyUsagePurpose| {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
-            params.distinguished_name.push(DnType::CommonName, name);
-            params.extended_key_usages = vec![usage];
-            (params.signed_by(&key, &issuer).unwrap(), key)
-        };
-        let (server_cert, server_key) = leaf("localhost", ExtendedKeyUsagePurpose::ServerAuth);
-        let (device_cert, device_key) = leaf("dev-1", ExtendedKeyUsagePurpose::ClientAuth);
+        use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        let ca = crate::mqtt::test_pki::ca();
+        let until = OffsetDateTime::now_utc() + Duration::days(1);
+        let (server_cert, server_key) = ca.leaf("localhost", ServerAuth, until);
+        let (device_cert, device_key) = ca.leaf("dev-1", ClientAuth, until);
         let server = server_config(
-            &ca_cert.pem(),
+            &ca.pem,
             &server_cert.pem(),
             &server_key.serialize_pem(),
             Arc::default(),
@@ -213,7 +202,7 @@ mod tests {
             "the client offers AES-256 first"
         );
         let mut roots = RootCertStore::empty();
-        roots.add(ca_cert.der().clone()).unwrap();
+        roots.add(ca.der.clone()).unwrap();
         let client = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()

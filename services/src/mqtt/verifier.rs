@@ -137,39 +137,15 @@ impl ClientCertVerifier for CachingVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    };
+    use crate::mqtt::test_pki::{ca, Ca};
+    use rcgen::ExtendedKeyUsagePurpose;
     use rustls::server::WebPkiClientVerifier;
     use rustls::RootCertStore;
     use time::{Duration, OffsetDateTime};
 
-    struct Ca {
-        der: CertificateDer<'static>,
-        issuer: Issuer<'static, KeyPair>,
-    }
-
-    fn ca() -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        let der = cert.der().clone();
-        Ca {
-            der,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
     fn device_cert(ca: &Ca, not_after: OffsetDateTime) -> CertificateDer<'static> {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "dev-1");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.not_before = OffsetDateTime::now_utc() - Duration::hours(1);
-        params.not_after = not_after;
-        params.signed_by(&key, &ca.issuer).unwrap().der().clone()
+        let (cert, _) = ca.leaf("dev-1", ExtendedKeyUsagePurpose::ClientAuth, not_after);
+        cert.der().clone()
     }
 
     fn verifier(ca: &Ca) -> CachingVerifier {
