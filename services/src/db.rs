@@ -1,6 +1,7 @@
 //! The SQL connection: SQLite file (default) or PostgreSQL, through sqlx's `Any` driver so that one
 //! repository layer, one set of migrations and one test suite serve both engines.
 
+use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -69,7 +70,35 @@ pub async fn connect(url: &str) -> Result<AnyPool, DbError> {
     Ok(pool)
 }
 
+/// The `VALUES` list of a multi-row statement: `rows` tuples of `columns` numbered placeholders, as in
+/// `($1, $2), ($3, $4)`. PostgreSQL and SQLite both take them; SQLite numbers each placeholder by its first
+/// appearance, which is its number here.
+pub fn values_list(rows: usize, columns: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        sql.push_str(if row == 0 { "(" } else { ", (" });
+        for column in 1..=columns {
+            if column > 1 {
+                sql.push_str(", ");
+            }
+            let _ = write!(sql, "${}", row * columns + column);
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 /// A SQLite URL for a file, created when missing.
 pub fn sqlite_url(path: &std::path::Path) -> String {
     format!("sqlite://{}?mode=rwc", path.display())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn values_list_numbers_every_placeholder_once_in_order() {
+        assert_eq!(super::values_list(1, 1), "($1)");
+        assert_eq!(super::values_list(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(super::values_list(0, 4), "");
+    }
 }

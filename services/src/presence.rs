@@ -6,7 +6,6 @@
 //! takeover (the same device reconnecting before its old socket died) never show the device offline.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -345,20 +344,7 @@ async fn upsert(
             "INSERT INTO device_presence (device_id, online, session, connected_at, disconnected_at, \
              last_seen_at, last_disconnect_reason, remote_addr) VALUES ",
         );
-        for i in 0..chunk.len() {
-            let p = i * 8;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for n in p + 1..=p + 8 {
-                if n > p + 1 {
-                    sql.push_str(", ");
-                }
-                let _ = write!(sql, "${n}");
-            }
-            sql.push(')');
-        }
+        sql.push_str(&crate::db::values_list(chunk.len(), 8));
         sql.push_str(
             " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, session = excluded.session, \
              connected_at = excluded.connected_at, disconnected_at = excluded.disconnected_at, \

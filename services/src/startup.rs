@@ -52,12 +52,14 @@ impl Application {
             .context("opening the registry database")?;
         let registry = Registry::new(pool);
 
+        let sqlite = crate::db::Engine::of(&settings.database_url) == Some(crate::db::Engine::Sqlite);
+
         // Instances sharing a database share its CA, unless the operator gives CA files (see pki::shared).
         let pki_dir = settings.data_dir.join("pki");
         let source = CaSource {
             dir: pki_dir.clone(),
             provided: settings.ca.clone(),
-            keep_files: crate::db::Engine::of(&settings.database_url) == Some(crate::db::Engine::Sqlite),
+            keep_files: sqlite,
         };
         let validity = time::Duration::days(i64::from(settings.cert_validity_days));
         let (ca, provenance) = CertificateAuthority::load_shared(&source, &registry, validity)
@@ -69,8 +71,7 @@ impl Application {
             .write_server_identity(&pki_dir, &settings.mqtt_dns_names)
             .context("issuing the MQTT server certificate")?;
         // Only this process revokes: one instance (no Redis) on its own SQLite file.
-        let revokes_alone = settings.redis_url.is_none()
-            && crate::db::Engine::of(&settings.database_url) == Some(crate::db::Engine::Sqlite);
+        let revokes_alone = settings.redis_url.is_none() && sqlite;
         let known = Arc::new(KnownCertificates::from_active(
             registry
                 .active_certificates(ca.fingerprint_sha256(), time::OffsetDateTime::now_utc())

@@ -109,7 +109,7 @@ pub fn identify(
     known: &KnownCertificates,
     peer_certs: Option<&[CertificateDer<'_>]>,
 ) -> Result<PeerIdentity, IdentityError> {
-    let leaf = peer_certs.and_then(|c| c.first()).ok_or(IdentityError::Missing)?;
+    let leaf = end_entity(peer_certs)?;
     let print = fingerprint(leaf.as_ref());
     match known.lookup_fingerprint(&print, time::OffsetDateTime::now_utc().unix_timestamp()) {
         Some(cert) => Ok(PeerIdentity {
@@ -117,13 +117,22 @@ pub fn identify(
             serial: cert.serial,
             on_record: Some(print),
         }),
-        None => identity(peer_certs),
+        None => parse_identity(leaf),
     }
 }
 
 /// Reads the device id and serial from the end-entity certificate of a verified chain.
 pub fn identity(peer_certs: Option<&[CertificateDer<'_>]>) -> Result<PeerIdentity, IdentityError> {
-    let leaf = peer_certs.and_then(|c| c.first()).ok_or(IdentityError::Missing)?;
+    parse_identity(end_entity(peer_certs)?)
+}
+
+fn end_entity<'a>(
+    peer_certs: Option<&'a [CertificateDer<'_>]>,
+) -> Result<&'a CertificateDer<'a>, IdentityError> {
+    peer_certs.and_then(|c| c.first()).ok_or(IdentityError::Missing)
+}
+
+fn parse_identity(leaf: &CertificateDer<'_>) -> Result<PeerIdentity, IdentityError> {
     let (_, cert) = X509Certificate::from_der(leaf.as_ref()).map_err(|_| IdentityError::Unparsable)?;
     let mut cns = cert.subject().iter_common_name();
     let cn = cns

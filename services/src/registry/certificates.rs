@@ -166,15 +166,24 @@ impl Registry {
         device: &DeviceId,
         serial: &str,
     ) -> Result<CertificateRecord, RegistryError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM certificates WHERE device_id = $1 AND serial = $2"
+        certificate_from_row(&self.certificate_row(COLUMNS, device, serial).await?)
+    }
+
+    /// `columns` of one certificate of `device`; [`RegistryError::NotFound`] when there is none with `serial`.
+    async fn certificate_row(
+        &self,
+        columns: &str,
+        device: &DeviceId,
+        serial: &str,
+    ) -> Result<AnyRow, RegistryError> {
+        sqlx::query(&format!(
+            "SELECT {columns} FROM certificates WHERE device_id = $1 AND serial = $2"
         ))
         .bind(device.as_str())
         .bind(serial.to_ascii_lowercase())
         .fetch_optional(self.pool())
         .await?
-        .ok_or(RegistryError::NotFound)?;
-        certificate_from_row(&row)
+        .ok_or(RegistryError::NotFound)
     }
 
     /// Every active certificate issued by the CA with SHA-256 `issuer_sha256` that has not expired at `now`.
@@ -214,13 +223,7 @@ impl Registry {
         device: &DeviceId,
         serial: &str,
     ) -> Result<CertificateStatus, RegistryError> {
-        let row = sqlx::query("SELECT status FROM certificates WHERE device_id = $1 AND serial = $2")
-            .bind(device.as_str())
-            .bind(serial.to_ascii_lowercase())
-            .fetch_optional(self.pool())
-            .await?
-            .ok_or(RegistryError::NotFound)?;
-        status_from_row(&row)
+        status_from_row(&self.certificate_row("status", device, serial).await?)
     }
 
     /// Revokes one active certificate; [`RegistryError::Conflict`] when it already is revoked.

@@ -355,9 +355,7 @@ async fn commit(connection: &mut SqliteConnection, batch: &[Job]) -> Result<(), 
         }
     }
     let mut sql = String::from("INSERT INTO shadows (device_id, name, document, version) VALUES ");
-    for i in 0..last.len() {
-        sql.push_str(if i == 0 { "(?, ?, ?, ?)" } else { ", (?, ?, ?, ?)" });
-    }
+    sql.push_str(&crate::db::values_list(last.len(), 4));
     sql.push_str(
         " ON CONFLICT (device_id, name) DO UPDATE SET document = excluded.document, version = excluded.version",
     );
