@@ -125,10 +125,14 @@ pub struct Document {
     pub view: ViewCache,
 }
 
-/// A serialized view remembered with its document. It is a cache, not part of the value: documents compare
-/// equal whatever it holds, and a clone (the start of the next version) starts empty.
+/// Serialized views remembered with their document: the `documents` view and the client view (`get`, REST).
+/// It is a cache, not part of the value: documents compare equal whatever it holds, and a clone (the start of
+/// the next version) starts empty.
 #[derive(Default)]
-pub struct ViewCache(std::sync::OnceLock<Box<[u8]>>);
+pub struct ViewCache {
+    documents: std::sync::OnceLock<Box<[u8]>>,
+    client: std::sync::OnceLock<Box<[u8]>>,
+}
 
 impl Clone for ViewCache {
     fn clone(&self) -> Self {
@@ -144,11 +148,10 @@ impl PartialEq for ViewCache {
 
 impl std::fmt::Debug for ViewCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() {
-            "ViewCache(filled)"
-        } else {
-            "ViewCache(empty)"
-        })
+        f.debug_struct("ViewCache")
+            .field("documents", &self.documents.get().is_some())
+            .field("client", &self.client.get().is_some())
+            .finish()
     }
 }
 
@@ -338,9 +341,32 @@ impl std::io::Write for Counter {
 impl Document {
     /// [`Document::to_json`], serialized, with an optional `clientToken` (the `get` reply).
     pub fn to_json_bytes(&self, client_token: Option<&str>) -> Vec<u8> {
-        let delta = self.delta();
-        let delta = (!delta.is_empty()).then_some(&delta);
-        serde_json::to_vec(&View::new(self, delta, Some(self.timestamp), client_token)).unwrap_or_default()
+        let view = self.client_bytes();
+        match client_token {
+            None => view.to_vec(),
+            // `clientToken` sorts first, so the reply is the view with the token spliced in after its `{`.
+            Some(token) => {
+                let token = serde_json::to_string(token).unwrap_or_default();
+                let mut out = Vec::with_capacity(view.len() + token.len() + 16);
+                out.extend_from_slice(b"{\"clientToken\":");
+                out.extend_from_slice(token.as_bytes());
+                out.push(b',');
+                out.extend_from_slice(&view[1..]);
+                out
+            }
+        }
+    }
+
+    /// The client view without a token, serialized the first time it is asked for (REST `GET` and `get` serve
+    /// the same version many times).
+    pub fn client_bytes(&self) -> &[u8] {
+        self.view.client.get_or_init(|| {
+            let delta = self.delta();
+            let delta = (!delta.is_empty()).then_some(&delta);
+            serde_json::to_vec(&View::new(self, delta, Some(self.timestamp), None))
+                .unwrap_or_default()
+                .into_boxed_slice()
+        })
     }
 
     /// [`Document::to_stored`], serialized.
@@ -395,7 +421,7 @@ impl Document {
     /// The `documents` view of this document (state and metadata, no delta, no timestamp), serialized the first
     /// time it is asked for.
     fn view_bytes(&self) -> &[u8] {
-        self.view.0.get_or_init(|| {
+        self.view.documents.get_or_init(|| {
             serde_json::to_vec(&View::new(self, None, None, None))
                 .unwrap_or_default()
                 .into_boxed_slice()

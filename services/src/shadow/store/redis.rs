@@ -132,6 +132,12 @@ async fn bounded<T>(call: impl Future<Output = Result<T, StoreError>>) -> Result
 
 impl ShadowStore for RedisStore {
     async fn load(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
+        let recent = self.recent().get(key).cloned();
+        if let Some(recent) = recent {
+            if self.bounded(self.still_current(key, &recent)).await? {
+                return Ok(recent);
+            }
+        }
         let stored = self.bounded(self.load_unbounded(key)).await?;
         self.remember(key, Some(stored.clone()));
         Ok(stored)
@@ -200,6 +206,26 @@ impl RedisStore {
                 recent.remove(key);
             }
         }
+    }
+
+    /// Whether Redis still holds `recent` under `key`, asking only for the version and whether a document is
+    /// there: every write that stores a document raises the version and a delete keeps it but removes the
+    /// document, so the two together name the content (a `GET` then needs no document over the wire and no
+    /// parsing).
+    async fn still_current(&self, key: &ShadowKey, recent: &Stored) -> Result<bool, StoreError> {
+        let mut conn = self.connection();
+        let redis_key = self.key(key);
+        let (version, has_document): (Option<u64>, bool) = redis::pipe()
+            .cmd("HGET")
+            .arg(&redis_key)
+            .arg("v")
+            .cmd("HEXISTS")
+            .arg(&redis_key)
+            .arg("d")
+            .query_async(&mut conn)
+            .await
+            .map_err(backend)?;
+        Ok(version.unwrap_or(0) == recent.version && has_document == recent.document.is_some())
     }
 
     async fn load_unbounded(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
