@@ -306,6 +306,51 @@ async fn redis_instances_with_stale_memories_never_lose_an_update() {
     assert_eq!(a.update(&k, &request, true).await.unwrap().document.version, 41);
 }
 
+/// A read on one instance remembers the document; the other instance then updates it, deletes it and writes it
+/// again. Each read on the first sees each change, though it asks Redis only whether its memory is current.
+#[tokio::test]
+async fn redis_reads_see_what_another_instance_wrote() {
+    let url = std::env::var("ANTUMBRA_TEST_REDIS_URL").expect("ANTUMBRA_TEST_REDIS_URL (run tests/run.sh)");
+    let prefix = format!("test{:016x}:", rand::random::<u64>());
+    let dir = tempfile::tempdir().unwrap();
+    let a = service(
+        Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap()),
+        &dir,
+    )
+    .await;
+    let b = Shadows::new(
+        Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap()),
+        Limits::default(),
+        a.registry.clone(),
+        EventBus::new(),
+    )
+    .0;
+    let k = key("shared", None);
+    let report = |n: u64| {
+        parse_update(
+            format!(r#"{{"state":{{"reported":{{"n":{n}}}}}}}"#).as_bytes(),
+            &Limits::default(),
+        )
+        .unwrap()
+    };
+    a.update(&k, &report(1), true).await.unwrap();
+    assert_eq!(a.get(&k, true).await.unwrap().reported.unwrap()["n"], 1);
+    b.update(&k, &report(2), true).await.unwrap();
+    let seen = a.get(&k, true).await.unwrap();
+    assert_eq!((seen.version, seen.reported.unwrap()["n"].clone()), (2, json!(2)));
+    b.delete(&k, &PlainRequest::default(), true).await.unwrap();
+    assert_eq!(
+        a.get(&k, true).await.unwrap_err().code(),
+        404,
+        "the delete is seen"
+    );
+    b.update(&k, &report(3), true).await.unwrap();
+    let seen = a.get(&k, true).await.unwrap();
+    assert_eq!((seen.version, seen.reported.unwrap()["n"].clone()), (3, json!(3)));
+    // And the first instance's own write after all that starts from the latest version.
+    assert_eq!(a.update(&k, &report(4), true).await.unwrap().document.version, 4);
+}
+
 /// Every acknowledged write is in the file: a store opened afresh on it reads back the last version of each
 /// shadow, deletes included.
 #[tokio::test]
