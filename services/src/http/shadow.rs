@@ -152,7 +152,8 @@ pub async fn patch(
     match state.shadows.update(&key, &update, false).await {
         Ok(updated) => Ok(HttpResponse::Ok()
             .insert_header((header::ETAG, etag(updated.document.version)))
-            .json(updated.accepted)),
+            .content_type(header::ContentType::json())
+            .body(updated.accepted)),
         Err(ShadowError::VersionConflict { current }) => {
             let code = if precondition {
                 ErrorCode::PreconditionFailed

@@ -130,7 +130,7 @@ pub struct Document {
 /// the next version) starts empty.
 #[derive(Default)]
 pub struct ViewCache {
-    documents: std::sync::OnceLock<Box<[u8]>>,
+    documents: std::sync::OnceLock<bytes::Bytes>,
     client: std::sync::OnceLock<Box<[u8]>>,
 }
 
@@ -178,11 +178,19 @@ impl Document {
     /// Applies both patches at `now` and returns the next version of the document (version + 1).
     pub fn updated(&self, desired: &Patch, reported: &Patch, now: i64) -> Document {
         let mut next = self.clone();
-        apply_patch(&mut next.desired, &mut next.desired_meta, desired, now);
-        apply_patch(&mut next.reported, &mut next.reported_meta, reported, now);
-        next.version = self.version + 1;
-        next.timestamp = now;
+        next.apply(desired, reported, now);
         next
+    }
+
+    /// [`Document::updated`] in place: this document becomes the next version (its serialized views are
+    /// forgotten). An update of a document nobody else holds changes it where it is, with no copy of the old
+    /// version to make and none to free.
+    pub fn apply(&mut self, desired: &Patch, reported: &Patch, now: i64) {
+        apply_patch(&mut self.desired, &mut self.desired_meta, desired, now);
+        apply_patch(&mut self.reported, &mut self.reported_meta, reported, now);
+        self.version += 1;
+        self.timestamp = now;
+        self.view = ViewCache::default();
     }
 
     /// The document as clients see it (`get` replies, REST): state with delta, metadata, version, timestamp.
@@ -419,14 +427,57 @@ impl Document {
 
 impl Document {
     /// The `documents` view of this document (state and metadata, no delta, no timestamp), serialized the first
-    /// time it is asked for.
-    fn view_bytes(&self) -> &[u8] {
+    /// time it is asked for. It is also the Redis store's form of the document (with the timestamp beside it).
+    pub fn view_bytes(&self) -> &bytes::Bytes {
         self.view.documents.get_or_init(|| {
             serde_json::to_vec(&View::new(self, None, None, None))
                 .unwrap_or_default()
-                .into_boxed_slice()
+                .into()
         })
     }
+
+    /// Reads a `documents` view back ([`Document::view_bytes`]) with the document's timestamp; the bytes are
+    /// kept as its serialized view.
+    pub fn from_view(view: bytes::Bytes, timestamp: i64) -> Result<Document, String> {
+        let v: ViewOwned = serde_json::from_slice(&view).map_err(|e| e.to_string())?;
+        let document = Document {
+            desired_meta: v.metadata.desired.unwrap_or_default(),
+            reported_meta: v.metadata.reported.unwrap_or_default(),
+            desired: v.state.desired,
+            reported: v.state.reported,
+            version: v.version,
+            timestamp,
+            view: ViewCache::default(),
+        };
+        let _ = document.view.documents.set(view);
+        Ok(document)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ViewOwned {
+    metadata: SectionsOwned,
+    state: StateOwned,
+    version: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SectionsOwned {
+    #[serde(default)]
+    desired: Option<MetaMap>,
+    #[serde(default)]
+    reported: Option<MetaMap>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateOwned {
+    #[serde(default)]
+    desired: Option<Object>,
+    #[serde(default)]
+    reported: Option<Object>,
 }
 
 #[cfg(test)]
@@ -447,9 +498,8 @@ impl Document {
 /// The `…/update/documents` message: both versions (state and metadata, no delta), the time, the token. Each
 /// version's view is serialized once in its life (see [`ViewCache`]); the message is put together from them,
 /// with the fields in the same (alphabetical) order as every other message.
-pub fn documents_message(previous: Option<&Document>, current: &Document, token: Option<&str>) -> Vec<u8> {
+pub fn documents_message(previous_view: Option<&[u8]>, current: &Document, token: Option<&str>) -> Vec<u8> {
     let current_view = current.view_bytes();
-    let previous_view = previous.map(Document::view_bytes);
     let mut out = Vec::with_capacity(64 + current_view.len() + previous_view.map_or(4, <[u8]>::len));
     out.push(b'{');
     if let Some(token) = token {

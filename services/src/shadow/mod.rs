@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 
 use crate::events::{EventBus, PlatformEvent};
 use crate::registry::{self, Registry};
-use document::{request_metadata, Document, Patch};
+use document::{Document, Patch};
 use request::{Limits, PlainRequest, ShadowError, UpdateRequest};
 use store::{ShadowKey, ShadowName, ShadowStore, Store, StoreError, Stored};
 
@@ -48,8 +48,8 @@ pub struct Outgoing {
 /// The result of an accepted update.
 #[derive(Debug, Clone)]
 pub struct Updated {
-    /// The `accepted` reply.
-    pub accepted: Value,
+    /// The `accepted` reply, serialized.
+    pub accepted: Vec<u8>,
     /// The document as it now is.
     pub document: Arc<Document>,
 }
@@ -177,32 +177,38 @@ impl Shadows {
         }
         let now = now_secs();
         let limits = self.limits;
-        let (_turn, stored, write) = self
+        let (_turn, write, previous_view) = self
             .write(key, |stored| {
                 check_version(request.version, stored.version)?;
-                let next = match &stored.document {
-                    Some(document) => document.updated(&request.desired, &request.reported, now),
-                    None => Document {
-                        version: stored.version,
-                        ..Document::default()
-                    }
-                    .updated(&request.desired, &request.reported, now),
+                // The stored document becomes the next version in place when nothing else holds it (the
+                // store handed over its memory of it); only the previous version's serialized view is kept.
+                let (previous_view, mut next) = match stored.document {
+                    Some(document) => (Some(document.view_bytes().clone()), document),
+                    None => (
+                        None,
+                        Arc::new(Document {
+                            version: stored.version,
+                            ..Document::default()
+                        }),
+                    ),
                 };
+                Arc::make_mut(&mut next).apply(&request.desired, &request.reported, now);
                 let size = next.state_size();
                 if size > limits.max_state_bytes {
                     return Err(request::too_large(size, &limits));
                 }
-                Ok(Write {
+                let write = Write {
                     version: next.version,
-                    document: Some(Arc::new(next)),
-                })
+                    document: Some(next),
+                };
+                Ok((write, previous_view))
             })
             .await?;
         let next = write.document.expect("an update writes a document");
         let accepted = accepted_reply(request, &next, now);
         self.announce_update(
             key,
-            stored.document.as_deref(),
+            previous_view.as_deref(),
             &next,
             &accepted,
             request.client_token.as_deref(),
@@ -240,19 +246,19 @@ impl Shadows {
         if !known_device {
             self.ensure_device(&key.device).await?;
         }
-        let (_turn, stored, _) = self
+        let (_turn, _, version) = self
             .write(key, |stored| {
-                if stored.document.is_none() {
+                let Some(document) = stored.document else {
                     return Err(not_found(key));
-                }
+                };
                 check_version(request.version, stored.version)?;
-                Ok(Write {
+                let write = Write {
                     version: stored.version,
                     document: None,
-                })
+                };
+                Ok((write, document.version))
             })
             .await?;
-        let version = stored.document.map_or(stored.version, |d| d.version);
         let mut reply = json!({ "version": version, "timestamp": now_secs() });
         if let Some(token) = &request.client_token {
             reply["clientToken"] = json!(token);
@@ -268,13 +274,14 @@ impl Shadows {
     }
 
     /// Read → decide → compare-and-set under this shadow's stripe, retrying (after a short random pause) when
-    /// another instance wrote in between. Returns the stripe's guard, so the caller announces the change before
-    /// the next change of the same shadow is made, and what was stored when the change was decided.
-    async fn write(
+    /// another instance wrote in between. `decide` takes what is stored and returns the write and what the caller
+    /// keeps of the old state. Returns the stripe's guard, so the caller announces the change before the next
+    /// change of the same shadow is made.
+    async fn write<T>(
         &self,
         key: &ShadowKey,
-        mut decide: impl FnMut(&Stored) -> Result<Write, ShadowError>,
-    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Stored, Write), ShadowError> {
+        mut decide: impl FnMut(Stored) -> Result<(Write, T), ShadowError>,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Write, T), ShadowError> {
         let turn = self.stripe(key).lock().await;
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 1 {
@@ -287,16 +294,17 @@ impl Shadows {
             } else {
                 self.store.load(key).await?
             };
-            let write = match decide(&stored) {
+            let expected = stored.version;
+            let (write, kept) = match decide(stored) {
                 Err(ShadowError::VersionConflict { .. }) if attempt == 0 => continue,
                 decided => decided?,
             };
             if self
                 .store
-                .compare_and_set(key, stored.version, write.version, write.document.as_ref())
+                .compare_and_set(key, expected, write.version, write.document.as_ref())
                 .await?
             {
-                return Ok((turn, stored, write));
+                return Ok((turn, write, kept));
             }
         }
         Err(ShadowError::TooManyRequests)
@@ -375,16 +383,16 @@ impl Shadows {
     fn announce_update(
         &self,
         key: &ShadowKey,
-        previous: Option<&Document>,
+        previous_view: Option<&[u8]>,
         next: &Document,
-        accepted: &Value,
+        accepted: &[u8],
         token: Option<&str>,
     ) {
-        self.send(key, "update/accepted", accepted);
+        self.send_bytes(key, "update/accepted", accepted.to_vec());
         self.send_bytes(
             key,
             "update/documents",
-            document::documents_message(previous, next, token),
+            document::documents_message(previous_view, next, token),
         );
         if let Some(delta) = next.delta_message() {
             self.send(key, "update/delta", &delta);
@@ -438,26 +446,73 @@ struct Write {
     version: u64,
 }
 
-/// The `accepted` reply: the request's state, metadata stamped for each field in it, version, timestamp, token.
-fn accepted_reply(request: &UpdateRequest, next: &Document, now: i64) -> Value {
-    let mut metadata = serde_json::Map::new();
-    for (section, patch) in [("desired", &request.desired), ("reported", &request.reported)] {
+/// The `accepted` reply, serialized: the request's state, metadata stamped for each field in it, version,
+/// timestamp, token (fields in alphabetical order, as in every other message).
+fn accepted_reply(request: &UpdateRequest, next: &Document, now: i64) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Accepted<'a> {
+        #[serde(rename = "clientToken", skip_serializing_if = "Option::is_none")]
+        client_token: Option<&'a str>,
+        metadata: Sections<'a>,
+        state: &'a serde_json::Map<String, Value>,
+        timestamp: i64,
+        version: u64,
+    }
+    #[derive(serde::Serialize)]
+    struct Sections<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        desired: Option<Stamped<'a>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reported: Option<Stamped<'a>>,
+    }
+    fn stamped(patch: &Patch, now: i64) -> Option<Stamped<'_>> {
         match patch {
-            Patch::Merge(fields) => {
-                metadata.insert(section.into(), Value::Object(request_metadata(fields, now)));
-            }
-            Patch::Remove => {
-                metadata.insert(section.into(), json!({ "timestamp": now }));
-            }
-            Patch::Absent => {}
+            Patch::Merge(fields) => Some(Stamped::Fields(fields, now)),
+            Patch::Remove => Some(Stamped::Leaf(now)),
+            Patch::Absent => None,
         }
     }
-    let mut reply =
-        json!({ "state": request.state, "metadata": metadata, "version": next.version, "timestamp": now });
-    if let Some(token) = &request.client_token {
-        reply["clientToken"] = json!(token);
+    serde_json::to_vec(&Accepted {
+        client_token: request.client_token.as_deref(),
+        metadata: Sections {
+            desired: stamped(&request.desired, now),
+            reported: stamped(&request.reported, now),
+        },
+        state: &request.state,
+        timestamp: now,
+        version: next.version,
+    })
+    .unwrap_or_default()
+}
+
+/// Metadata of an `accepted` reply, written as it is serialized: each field of the request stamped with `now`
+/// (`null`s included; the same tree as [`request_metadata`]).
+enum Stamped<'a> {
+    Fields(&'a serde_json::Map<String, Value>, i64),
+    Leaf(i64),
+}
+
+impl serde::Serialize for Stamped<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match *self {
+            Stamped::Leaf(now) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("timestamp", &now)?;
+                map.end()
+            }
+            Stamped::Fields(fields, now) => {
+                let mut map = serializer.serialize_map(Some(fields.len()))?;
+                for (key, value) in fields {
+                    match value {
+                        Value::Object(inner) => map.serialize_entry(key, &Stamped::Fields(inner, now))?,
+                        _ => map.serialize_entry(key, &Stamped::Leaf(now))?,
+                    }
+                }
+                map.end()
+            }
+        }
     }
-    reply
 }
 
 /// The `rejected` reply, AWS style.
@@ -474,3 +529,52 @@ pub fn rejection(error: &ShadowError, token: Option<&str>) -> Value {
 
 #[cfg(test)]
 mod conformance;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use document::request_metadata;
+
+    /// The reply as a `Value` (how it was built before it was serialized directly).
+    fn accepted_value(request: &UpdateRequest, version: u64, now: i64) -> Value {
+        let mut metadata = serde_json::Map::new();
+        for (section, patch) in [("desired", &request.desired), ("reported", &request.reported)] {
+            match patch {
+                Patch::Merge(fields) => {
+                    metadata.insert(section.into(), Value::Object(request_metadata(fields, now)));
+                }
+                Patch::Remove => {
+                    metadata.insert(section.into(), json!({ "timestamp": now }));
+                }
+                Patch::Absent => {}
+            }
+        }
+        let mut reply =
+            json!({ "state": request.state, "metadata": metadata, "version": version, "timestamp": now });
+        if let Some(token) = &request.client_token {
+            reply["clientToken"] = json!(token);
+        }
+        reply
+    }
+
+    #[test]
+    fn the_accepted_reply_echoes_the_request_with_stamped_metadata() {
+        let limits = Limits::default();
+        for body in [
+            json!({"state": {"desired": {"a": 1, "b": {"c": null, "d": [1, 2]}, "e": {}}}, "clientToken": "t\"1"}),
+            json!({"state": {"reported": {"x": "y"}, "desired": null}}),
+            json!({"state": {"reported": null}, "version": 3}),
+        ] {
+            let request = request::parse_update(body.to_string().as_bytes(), &limits).unwrap();
+            let next = Document {
+                version: 4,
+                ..Document::default()
+            };
+            assert_eq!(
+                accepted_reply(&request, &next, 1_795_000_000),
+                serde_json::to_vec(&accepted_value(&request, 4, 1_795_000_000)).unwrap(),
+                "{body}"
+            );
+        }
+    }
+}

@@ -437,10 +437,16 @@ mod fuzz {
                 let view = Document::documents_view;
                 let documents = json!({"previous": view(&doc), "current": view(&next), "timestamp": 2, "clientToken": "t\"1"});
                 prop_assert_eq!(
-                    crate::shadow::document::documents_message(Some(&doc), &next, Some("t\"1")),
+                    crate::shadow::document::documents_message(Some(doc.view_bytes()), &next, Some("t\"1")),
                     serde_json::to_vec(&documents).unwrap()
                 );
                 prop_assert_eq!(Document::from_stored_str(&next.to_stored_string()).ok(), Some(next.clone()));
+                // The Redis form (the `documents` view and the timestamp) reads back as the same document.
+                prop_assert_eq!(Document::from_view(next.view_bytes().clone(), next.timestamp).ok(), Some(next.clone()));
+                // In place is the same as a copy.
+                let mut in_place = doc.clone();
+                in_place.apply(&request.desired, &request.reported, 2);
+                prop_assert_eq!(&in_place, &next);
                 prop_assert_eq!(Document::from_stored(&next.to_stored()), Some(next));
             }
         }

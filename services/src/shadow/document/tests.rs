@@ -117,7 +117,7 @@ fn the_documents_message_has_both_views_without_delta_or_their_timestamps() {
     let expected =
         json!({"previous": view(&before), "current": view(&after), "timestamp": 130, "clientToken": "k"});
     assert_eq!(
-        documents_message(Some(&before), &after, Some("k")),
+        documents_message(Some(before.view_bytes()), &after, Some("k")),
         serde_json::to_vec(&expected).unwrap()
     );
     let first = json!({"previous": null, "current": view(&before), "timestamp": 100});

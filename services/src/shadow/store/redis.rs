@@ -1,5 +1,9 @@
-//! The production store: Redis. One hash per shadow (`d` document, `v` version); writes are a Lua
-//! compare-and-set on the version, so the merge stays in Rust and Redis does a small, fixed amount of work.
+//! The production store: Redis. One hash per shadow (`d` document, `t` its timestamp, `v` version); writes are
+//! a Lua compare-and-set on the version, so the merge stays in Rust and Redis does a small, fixed amount of work.
+//!
+//! `d` is the document's `documents` view (state and metadata, as `…/update/documents` carries it), so an update
+//! serializes the document once for the message and the store. A `d` without `t` is the older storage form
+//! (`Document::to_stored_string`), still read.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -10,14 +14,18 @@ use antumbra_wire::DeviceId;
 use super::{backend, decode, ShadowKey, ShadowStore, StoreError, Stored};
 use crate::shadow::document::Document;
 
-/// Compare-and-set in one round trip: the document and its version live in one hash (`d`, `v`); a shadow's
-/// first write also adds its name to the device's index (KEYS[2]). A few microseconds inside Redis: the merge
-/// was done in Rust.
+/// Compare-and-set in one round trip: the document, its timestamp and its version live in one hash (`d`, `t`,
+/// `v`); a shadow's first write also adds its name to the device's index (KEYS[2]). A few microseconds inside
+/// Redis: the merge was done in Rust.
 const CAS_SCRIPT: &str = r#"
 local current = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if current ~= tonumber(ARGV[1]) then return 0 end
-if ARGV[3] == '' then redis.call('HDEL', KEYS[1], 'd') else redis.call('HSET', KEYS[1], 'd', ARGV[3]) end
-redis.call('HSET', KEYS[1], 'v', ARGV[2])
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], 'd', 't')
+  redis.call('HSET', KEYS[1], 'v', ARGV[2])
+else
+  redis.call('HSET', KEYS[1], 'd', ARGV[3], 't', ARGV[5], 'v', ARGV[2])
+end
 if current == 0 then redis.call('SADD', KEYS[2], ARGV[4]) end
 return 1
 "#;
@@ -143,8 +151,9 @@ impl ShadowStore for RedisStore {
         Ok(stored)
     }
 
+    /// Hands over this process's memory of `key` (so an update can change the document in place), or reads it.
     async fn load_for_update(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
-        let recent = self.recent().get(key).cloned();
+        let recent = self.recent().remove(key);
         match recent {
             Some(stored) => Ok(stored),
             None => self.load(key).await,
@@ -230,15 +239,25 @@ impl RedisStore {
 
     async fn load_unbounded(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
         let mut conn = self.connection();
-        let (document, version): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+        let (document, timestamp, version): (Option<Vec<u8>>, Option<i64>, Option<u64>) = redis::cmd("HMGET")
             .arg(self.key(key))
             .arg("d")
+            .arg("t")
             .arg("v")
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
+        let document = match (document, timestamp) {
+            (None, _) => None,
+            (Some(view), Some(timestamp)) => {
+                Some(Document::from_view(view.into(), timestamp).map_err(StoreError::Corrupt)?)
+            }
+            (Some(older), None) => Some(decode(
+                std::str::from_utf8(&older).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+            )?),
+        };
         Ok(Stored {
-            document: document.as_deref().map(decode).transpose()?.map(Arc::new),
+            document: document.map(Arc::new),
             version: version.unwrap_or(0),
         })
     }
@@ -251,15 +270,16 @@ impl RedisStore {
         document: Option<&Arc<Document>>,
     ) -> Result<bool, StoreError> {
         let mut conn = self.connection();
-        let text = document.map(|d| d.to_stored_string()).unwrap_or_default();
+        let view: &[u8] = document.map_or(b"", |d| d.view_bytes());
         let done: i64 = self
             .cas
             .key(self.key(key))
             .key(self.index(&key.device))
             .arg(expected)
             .arg(version)
-            .arg(text)
+            .arg(view)
             .arg(key.name_str())
+            .arg(document.map_or(0, |d| d.timestamp))
             .invoke_async(&mut conn)
             .await
             .map_err(backend)?;
