@@ -116,6 +116,10 @@ pub enum PlatformEvent {
         /// When.
         #[serde(with = "time::serde::rfc3339")]
         at: OffsetDateTime,
+        /// The firmware version the device reported in this update (`reported.firmware.version`), if it reported
+        /// its `firmware`; for this instance's OTA rollback check, not sent anywhere.
+        #[serde(skip)]
+        reported_firmware: Option<String>,
     },
     /// A shadow document was deleted.
     #[serde(rename = "shadow.deleted")]

@@ -579,9 +579,10 @@ impl Ota {
                     Ok(PlatformEvent::ShadowUpdated {
                         device_id,
                         name: None,
+                        reported_firmware: Some(running),
                         ..
                     }) => {
-                        if let Err(e) = self.check_running_version(&device_id).await {
+                        if let Err(e) = self.check_running_version(&device_id, &running).await {
                             tracing::warn!(device_id, error = %e, "could not check the running firmware");
                         }
                     }
@@ -594,10 +595,7 @@ impl Ota {
     }
 
     /// A device's succeeded jobs in active deployments fail when it reports another version (a rollback).
-    async fn check_running_version(&self, device: &str) -> Result<(), OtaError> {
-        let Some(running) = self.running_version(device).await else {
-            return Ok(());
-        };
+    async fn check_running_version(&self, device: &str, running: &str) -> Result<(), OtaError> {
         for (job, firmware_version) in repo::succeeded_active_jobs_of(&self.registry, device).await? {
             if running != firmware_version {
                 let reason =

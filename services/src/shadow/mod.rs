@@ -206,13 +206,7 @@ impl Shadows {
             .await?;
         let next = write.document.expect("an update writes a document");
         let accepted = accepted_reply(request, &next, now);
-        self.announce_update(
-            key,
-            previous_view.as_deref(),
-            &next,
-            &accepted,
-            request.client_token.as_deref(),
-        );
+        self.announce_update(key, previous_view.as_deref(), &next, &accepted, request);
         Ok(Updated {
             accepted,
             document: next,
@@ -386,8 +380,9 @@ impl Shadows {
         previous_view: Option<&[u8]>,
         next: &Document,
         accepted: &[u8],
-        token: Option<&str>,
+        request: &UpdateRequest,
     ) {
+        let token = request.client_token.as_deref();
         self.send_bytes(key, "update/accepted", accepted.to_vec());
         self.send_bytes(
             key,
@@ -402,6 +397,7 @@ impl Shadows {
             name: key.name.as_ref().map(|n| n.as_str().to_owned()),
             version: next.version,
             at: registry::now(),
+            reported_firmware: reported_firmware(&request.reported, next),
         });
     }
 
@@ -412,6 +408,21 @@ impl Shadows {
     fn send_bytes(&self, key: &ShadowKey, suffix: &str, payload: Vec<u8>) {
         let topic = shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
         let _ = self.outbox.send(Outgoing { topic, payload });
+    }
+}
+
+/// The firmware version the device reports (`reported.firmware.version`), when this update reported its
+/// `firmware`: what OTA needs to see a rollback, without reading the shadow again.
+fn reported_firmware(patch: &Patch, next: &Document) -> Option<String> {
+    match patch {
+        Patch::Merge(fields) if fields.contains_key("firmware") => next
+            .reported
+            .as_ref()?
+            .get("firmware")?
+            .get("version")?
+            .as_str()
+            .map(str::to_owned),
+        _ => None,
     }
 }
 
