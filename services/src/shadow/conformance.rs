@@ -34,11 +34,23 @@ async fn embedded(dir: &tempfile::TempDir) -> Store {
     Store::Embedded(EmbeddedStore::open(&dir.path().join("shadows.db")).await.unwrap())
 }
 
+fn redis_url() -> String {
+    std::env::var("ANTUMBRA_TEST_REDIS_URL")
+        .expect("ANTUMBRA_TEST_REDIS_URL is not set: run the suite with tests/run.sh, which starts a private redis-server")
+}
+
+/// A key prefix no other test uses.
+fn fresh_prefix() -> String {
+    format!("test{:016x}:", rand::random::<u64>())
+}
+
+/// A Redis store (its own connection and its own memory) under `prefix`.
+async fn redis_at(prefix: &str) -> Store {
+    Store::Redis(RedisStore::connect(&redis_url(), prefix).await.unwrap())
+}
+
 async fn redis() -> Store {
-    let url = std::env::var("ANTUMBRA_TEST_REDIS_URL")
-        .expect("ANTUMBRA_TEST_REDIS_URL is not set: run the suite with tests/run.sh, which starts a private redis-server");
-    let prefix = format!("test{:016x}:", rand::random::<u64>());
-    Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap())
+    redis_at(&fresh_prefix()).await
 }
 
 async fn service(store: Store, dir: &tempfile::TempDir) -> Shadows {
@@ -46,6 +58,21 @@ async fn service(store: Store, dir: &tempfile::TempDir) -> Shadows {
         .await
         .unwrap();
     Shadows::new(store, Limits::default(), Registry::new(pool), EventBus::new()).0
+}
+
+/// Two instances on one Redis prefix and one registry, each with its own connection to Redis and so its own
+/// memory of what it last read or wrote.
+async fn two_redis_instances(dir: &tempfile::TempDir) -> (Shadows, Shadows) {
+    let prefix = fresh_prefix();
+    let a = service(redis_at(&prefix).await, dir).await;
+    let b = Shadows::new(
+        redis_at(&prefix).await,
+        Limits::default(),
+        a.registry.clone(),
+        EventBus::new(),
+    )
+    .0;
+    (a, b)
 }
 
 async fn compare_and_set_is_exact(store: Store) {
@@ -270,21 +297,8 @@ async fn the_service_applies_aws_rules_end_to_end(store: Store) {
 /// version-checked write must catch it.
 #[tokio::test]
 async fn redis_instances_with_stale_memories_never_lose_an_update() {
-    let url = std::env::var("ANTUMBRA_TEST_REDIS_URL").expect("ANTUMBRA_TEST_REDIS_URL (run tests/run.sh)");
-    let prefix = format!("test{:016x}:", rand::random::<u64>());
     let dir = tempfile::tempdir().unwrap();
-    let a = service(
-        Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap()),
-        &dir,
-    )
-    .await;
-    let b = Shadows::new(
-        Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap()),
-        Limits::default(),
-        a.registry.clone(),
-        EventBus::new(),
-    )
-    .0;
+    let (a, b) = two_redis_instances(&dir).await;
     let k = key("shared", None);
     for i in 0..40 {
         let body = json!({"state": {"reported": {format!("f{i}"): i}}});
@@ -311,21 +325,8 @@ async fn redis_instances_with_stale_memories_never_lose_an_update() {
 /// again. Each read on the first sees each change, though it asks Redis only whether its memory is current.
 #[tokio::test]
 async fn redis_reads_see_what_another_instance_wrote() {
-    let url = std::env::var("ANTUMBRA_TEST_REDIS_URL").expect("ANTUMBRA_TEST_REDIS_URL (run tests/run.sh)");
-    let prefix = format!("test{:016x}:", rand::random::<u64>());
     let dir = tempfile::tempdir().unwrap();
-    let a = service(
-        Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap()),
-        &dir,
-    )
-    .await;
-    let b = Shadows::new(
-        Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap()),
-        Limits::default(),
-        a.registry.clone(),
-        EventBus::new(),
-    )
-    .0;
+    let (a, b) = two_redis_instances(&dir).await;
     let k = key("shared", None);
     let report = |n: u64| {
         parse_update(
@@ -356,14 +357,9 @@ async fn redis_reads_see_what_another_instance_wrote() {
 /// update is stored in the current form.
 #[tokio::test]
 async fn redis_reads_the_older_storage_form() {
-    let url = std::env::var("ANTUMBRA_TEST_REDIS_URL").expect("ANTUMBRA_TEST_REDIS_URL (run tests/run.sh)");
-    let prefix = format!("test{:016x}:", rand::random::<u64>());
+    let prefix = fresh_prefix();
     let dir = tempfile::tempdir().unwrap();
-    let shadows = service(
-        Store::Redis(RedisStore::connect(&url, &prefix).await.unwrap()),
-        &dir,
-    )
-    .await;
+    let shadows = service(redis_at(&prefix).await, &dir).await;
     let older = Document::default().updated(
         &Patch::Merge(
             json!({"mode": "eco", "fan": {"speed": 2}})
@@ -374,7 +370,7 @@ async fn redis_reads_the_older_storage_form() {
         &Patch::Absent,
         1_795_000_000,
     );
-    let client = redis::Client::open(url.as_str()).unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let hash = format!("{prefix}shadow/old-device/");
     let _: () = redis::cmd("HSET")
