@@ -350,19 +350,12 @@ impl Document {
     /// [`Document::to_json`], serialized, with an optional `clientToken` (the `get` reply).
     pub fn to_json_bytes(&self, client_token: Option<&str>) -> Vec<u8> {
         let view = self.client_bytes();
-        match client_token {
-            None => view.to_vec(),
-            // `clientToken` sorts first, so the reply is the view with the token spliced in after its `{`.
-            Some(token) => {
-                let token = serde_json::to_string(token).unwrap_or_default();
-                let mut out = Vec::with_capacity(view.len() + token.len() + 16);
-                out.extend_from_slice(b"{\"clientToken\":");
-                out.extend_from_slice(token.as_bytes());
-                out.push(b',');
-                out.extend_from_slice(&view[1..]);
-                out
-            }
-        }
+        // `clientToken` sorts first, so the reply is the view with the token spliced in after its `{`.
+        let mut out = Vec::with_capacity(view.len() + client_token.map_or(0, |t| t.len() + 24));
+        out.push(b'{');
+        push_token(&mut out, client_token);
+        out.extend_from_slice(&view[1..]);
+        out
     }
 
     /// The client view without a token, serialized the first time it is asked for (REST `GET` and `get` serve
@@ -502,18 +495,23 @@ pub fn documents_message(previous_view: Option<&[u8]>, current: &Document, token
     let current_view = current.view_bytes();
     let mut out = Vec::with_capacity(64 + current_view.len() + previous_view.map_or(4, <[u8]>::len));
     out.push(b'{');
-    if let Some(token) = token {
-        out.extend_from_slice(b"\"clientToken\":");
-        // A string always serializes.
-        let _ = serde_json::to_writer(&mut out, token);
-        out.push(b',');
-    }
+    push_token(&mut out, token);
     out.extend_from_slice(b"\"current\":");
     out.extend_from_slice(current_view);
     out.extend_from_slice(b",\"previous\":");
     out.extend_from_slice(previous_view.unwrap_or(b"null"));
     out.extend_from_slice(format!(",\"timestamp\":{}}}", current.timestamp).as_bytes());
     out
+}
+
+/// `"clientToken":"…",` when there is a token: the first field of a reply whose `{` is already written.
+fn push_token(out: &mut Vec<u8>, token: Option<&str>) {
+    if let Some(token) = token {
+        out.extend_from_slice(b"\"clientToken\":");
+        // A string always serializes.
+        let _ = serde_json::to_writer(&mut *out, token);
+        out.push(b',');
+    }
 }
 
 fn apply_patch(section: &mut Option<Object>, meta: &mut MetaMap, patch: &Patch, now: i64) {
@@ -627,7 +625,9 @@ fn restrict(meta: &MetaMap, state: &Object) -> MetaMap {
         .collect()
 }
 
-/// Metadata echoed in an `accepted` reply: the request's fields, each stamped with `now` (`null`s included).
+/// Metadata echoed in an `accepted` reply: the request's fields, each stamped with `now` (`null`s included). The
+/// reply itself serializes it without building it (`shadow::Stamped`); this `Value` form is the tests' reference.
+#[cfg(test)]
 pub fn request_metadata(patch: &Object, now: i64) -> Object {
     patch
         .iter()

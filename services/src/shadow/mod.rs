@@ -497,7 +497,7 @@ fn accepted_reply(request: &UpdateRequest, next: &Document, now: i64) -> Vec<u8>
 }
 
 /// Metadata of an `accepted` reply, written as it is serialized: each field of the request stamped with `now`
-/// (`null`s included; the same tree as [`request_metadata`]).
+/// (`null`s included; the same tree as `document::request_metadata`, which the tests compare it with).
 enum Stamped<'a> {
     Fields(&'a serde_json::Map<String, Value>, i64),
     Leaf(i64),
