@@ -293,12 +293,7 @@ impl Ota {
             .get_shared(&ShadowKey::classic(id), true)
             .await
             .ok()?;
-        doc.reported
-            .as_ref()?
-            .get("firmware")?
-            .get("version")?
-            .as_str()
-            .map(str::to_owned)
+        doc.firmware_version().map(str::to_owned)
     }
 
     /// Queues the jobs of wave `wave` (those not refused up front) and tells the devices.

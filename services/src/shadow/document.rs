@@ -193,6 +193,11 @@ impl Document {
         self.view = ViewCache::default();
     }
 
+    /// The firmware version the device reports (`reported.firmware.version`), which OTA goes by.
+    pub fn firmware_version(&self) -> Option<&str> {
+        self.reported.as_ref()?.get("firmware")?.get("version")?.as_str()
+    }
+
     /// The document as clients see it (`get` replies, REST): state with delta, metadata, version, timestamp.
     pub fn to_json(&self) -> Value {
         let mut state = Object::new();

@@ -415,13 +415,7 @@ impl Shadows {
 /// `firmware`: what OTA needs to see a rollback, without reading the shadow again.
 fn reported_firmware(patch: &Patch, next: &Document) -> Option<String> {
     match patch {
-        Patch::Merge(fields) if fields.contains_key("firmware") => next
-            .reported
-            .as_ref()?
-            .get("firmware")?
-            .get("version")?
-            .as_str()
-            .map(str::to_owned),
+        Patch::Merge(fields) if fields.contains_key("firmware") => next.firmware_version().map(str::to_owned),
         _ => None,
     }
 }
