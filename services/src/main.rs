@@ -2,8 +2,19 @@ use antumbra::config::{Cli, Command, Settings};
 use antumbra::startup::{shutdown_signal, Application};
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// See `antumbra::memory` for why mimalloc and how its memory goes back to the kernel.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(antumbra::memory::on_worker_park)
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or_else(|| Command::Serve(Box::default())) {
         Command::Openapi { out: Some(path) } => {
