@@ -135,9 +135,7 @@ pub async fn patch(
     body: web::Json<Value>,
 ) -> Result<HttpResponse, ApiError> {
     let key = Shadows::key(&device_id(&id)?, query.name.as_deref())?;
-    let payload = serde_json::to_vec(&body.into_inner())
-        .map_err(|e| ApiError::new(ErrorCode::InvalidJson, e.to_string()))?;
-    let mut update = request::parse_update(&payload, state.shadows.limits())?;
+    let mut update = request::update_from_value(body.into_inner(), state.shadows.limits())?;
     let expected = if_match(&req)?;
     if let (Some(header), Some(body)) = (expected, update.version) {
         if header != body {

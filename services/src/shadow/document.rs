@@ -337,6 +337,15 @@ struct StoredOwned {
     version: u64,
 }
 
+/// The length of `value` serialized as compact JSON, counted without writing it anywhere.
+pub(crate) fn json_size<T: Serialize + ?Sized>(value: &T) -> usize {
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, value) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
+    }
+}
+
 /// Counts bytes instead of keeping them.
 struct Counter(usize);
 
@@ -402,6 +411,16 @@ impl Document {
         })
     }
 
+    /// The state's size ([`Document::state_size`]) when it is over `limit`. The `documents` view holds the
+    /// same sections plus metadata and version, so it is never shorter: when the view (serialized once per
+    /// version anyway, for the store and the `documents` message) fits, the state fits and is not counted.
+    pub fn state_over(&self, limit: usize) -> Option<usize> {
+        if self.view_bytes().len() <= limit {
+            return None;
+        }
+        Some(self.state_size()).filter(|size| *size > limit)
+    }
+
     /// Bytes of `{"desired":…,"reported":…}` serialized: the size the state limit applies to.
     pub fn state_size(&self) -> usize {
         #[derive(Serialize)]
@@ -409,17 +428,10 @@ impl Document {
             desired: &'a Option<Object>,
             reported: &'a Option<Object>,
         }
-        let mut counter = Counter(0);
-        match serde_json::to_writer(
-            &mut counter,
-            &Both {
-                desired: &self.desired,
-                reported: &self.reported,
-            },
-        ) {
-            Ok(()) => counter.0,
-            Err(_) => usize::MAX,
-        }
+        json_size(&Both {
+            desired: &self.desired,
+            reported: &self.reported,
+        })
     }
 }
 

@@ -193,8 +193,7 @@ impl Shadows {
                     ),
                 };
                 Arc::make_mut(&mut next).apply(&request.desired, &request.reported, now);
-                let size = next.state_size();
-                if size > limits.max_state_bytes {
+                if let Some(size) = next.state_over(limits.max_state_bytes) {
                     return Err(request::too_large(size, &limits));
                 }
                 let write = Write {
@@ -459,9 +458,24 @@ fn accepted_reply(request: &UpdateRequest, next: &Document, now: i64) -> Vec<u8>
         #[serde(rename = "clientToken", skip_serializing_if = "Option::is_none")]
         client_token: Option<&'a str>,
         metadata: Sections<'a>,
-        state: &'a serde_json::Map<String, Value>,
+        state: Echo<'a>,
         timestamp: i64,
         version: u64,
+    }
+    /// The request's `state` as it came (`null` for a section it removed), from the patches it was read into.
+    #[derive(serde::Serialize)]
+    struct Echo<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        desired: Option<Option<&'a serde_json::Map<String, Value>>>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reported: Option<Option<&'a serde_json::Map<String, Value>>>,
+    }
+    fn echo(patch: &Patch) -> Option<Option<&serde_json::Map<String, Value>>> {
+        match patch {
+            Patch::Merge(fields) => Some(Some(fields)),
+            Patch::Remove => Some(None),
+            Patch::Absent => None,
+        }
     }
     #[derive(serde::Serialize)]
     struct Sections<'a> {
@@ -483,7 +497,10 @@ fn accepted_reply(request: &UpdateRequest, next: &Document, now: i64) -> Vec<u8>
             desired: stamped(&request.desired, now),
             reported: stamped(&request.reported, now),
         },
-        state: &request.state,
+        state: Echo {
+            desired: echo(&request.desired),
+            reported: echo(&request.reported),
+        },
         timestamp: now,
         version: next.version,
     })
@@ -541,7 +558,7 @@ mod tests {
     use document::request_metadata;
 
     /// The reply as a `Value` (how it was built before it was serialized directly).
-    fn accepted_value(request: &UpdateRequest, version: u64, now: i64) -> Value {
+    fn accepted_value(request: &UpdateRequest, state: &Value, version: u64, now: i64) -> Value {
         let mut metadata = serde_json::Map::new();
         for (section, patch) in [("desired", &request.desired), ("reported", &request.reported)] {
             match patch {
@@ -554,8 +571,7 @@ mod tests {
                 Patch::Absent => {}
             }
         }
-        let mut reply =
-            json!({ "state": request.state, "metadata": metadata, "version": version, "timestamp": now });
+        let mut reply = json!({ "state": state, "metadata": metadata, "version": version, "timestamp": now });
         if let Some(token) = &request.client_token {
             reply["clientToken"] = json!(token);
         }
@@ -577,7 +593,7 @@ mod tests {
             };
             assert_eq!(
                 accepted_reply(&request, &next, 1_795_000_000),
-                serde_json::to_vec(&accepted_value(&request, 4, 1_795_000_000)).unwrap(),
+                serde_json::to_vec(&accepted_value(&request, &body["state"], 4, 1_795_000_000)).unwrap(),
                 "{body}"
             );
         }

@@ -90,8 +90,6 @@ pub struct UpdateRequest {
     pub client_token: Option<String>,
     /// When set, the update applies only to this version.
     pub version: Option<u64>,
-    /// The request's `state`, echoed in `accepted`.
-    pub state: Object,
 }
 
 /// A parsed `get` or `delete` request: only a `clientToken` (and, for delete, an optional `version`).
@@ -117,7 +115,13 @@ pub fn client_token_of(payload: &[u8], limits: &Limits) -> Option<String> {
 pub fn parse_update(payload: &[u8], limits: &Limits) -> Result<UpdateRequest, ShadowError> {
     let value: Value =
         serde_json::from_slice(payload).map_err(|e| ShadowError::InvalidJson(e.to_string()))?;
-    let Value::Object(top) = value else {
+    update_from_value(value, limits)
+}
+
+/// Reads an `update` request that is already parsed JSON (the REST body); the same rules as [`parse_update`].
+/// The request's sections are moved into its patches, not copied.
+pub fn update_from_value(value: Value, limits: &Limits) -> Result<UpdateRequest, ShadowError> {
+    let Value::Object(mut top) = value else {
         return Err(bad("the request must be a JSON object"));
     };
     let mut plain = PlainRequest::default();
@@ -129,48 +133,49 @@ pub fn parse_update(payload: &[u8], limits: &Limits) -> Result<UpdateRequest, Sh
             "unexpected field {other:?}; expected state, clientToken, version"
         )));
     }
-    let state = top.get("state");
     read_common(&top, limits, &mut plain)?;
-    let Some(state) = state else {
+    let Some(state) = top.remove("state") else {
         return Err(bad("missing field \"state\""));
     };
     let Value::Object(state) = state else {
         return Err(bad("\"state\" must be an object"));
     };
-    let mut desired = Patch::Absent;
-    let mut reported = Patch::Absent;
-    for (key, value) in state {
-        let patch = match value {
-            Value::Null => Patch::Remove,
-            Value::Object(fields) => {
-                check_values(fields, 1, limits, key)?;
-                Patch::Merge(fields.clone())
-            }
+    for (key, value) in &state {
+        match value {
+            Value::Null => {}
+            Value::Object(fields) => check_values(fields, 1, limits, key)?,
             _ => return Err(bad(&format!("\"state.{key}\" must be an object or null"))),
-        };
-        match key.as_str() {
-            "desired" => desired = patch,
-            "reported" => reported = patch,
-            other => {
-                return Err(bad(&format!(
-                    "unexpected section \"state.{other}\"; expected desired, reported"
-                )))
-            }
+        }
+        if !matches!(key.as_str(), "desired" | "reported") {
+            return Err(bad(&format!(
+                "unexpected section \"state.{key}\"; expected desired, reported"
+            )));
         }
     }
-    if matches!((&desired, &reported), (Patch::Absent, Patch::Absent)) {
+    if state.is_empty() {
         return Err(bad("\"state\" must contain desired or reported"));
     }
-    let size = serde_json::to_vec(state).map(|v| v.len()).unwrap_or(usize::MAX);
+    let size = super::document::json_size(&state);
     if size > limits.max_state_bytes {
         return Err(too_large(size, limits));
+    }
+    let (mut desired, mut reported) = (Patch::Absent, Patch::Absent);
+    for (key, value) in state {
+        let patch = match value {
+            Value::Object(fields) => Patch::Merge(fields),
+            _ => Patch::Remove,
+        };
+        if key == "desired" {
+            desired = patch;
+        } else {
+            reported = patch;
+        }
     }
     Ok(UpdateRequest {
         desired,
         reported,
         client_token: plain.client_token,
         version: plain.version,
-        state: state.clone(),
     })
 }
 
@@ -217,18 +222,36 @@ fn read_common(top: &Object, limits: &Limits, plain: &mut PlainRequest) -> Resul
 }
 
 /// Depth and array rules for the values of a section.
-fn check_values(fields: &Object, depth: usize, limits: &Limits, path: &str) -> Result<(), ShadowError> {
+fn check_values(fields: &Object, depth: usize, limits: &Limits, section: &str) -> Result<(), ShadowError> {
+    let root = Path::Section(section);
     for (key, value) in fields {
-        check_value(value, depth, limits, &format!("{path}.{key}"), false)?;
+        check_value(value, depth, limits, &Path::Key(&root, key), false)?;
     }
     Ok(())
+}
+
+/// Where a value sits below `state`, written out only when an error names it.
+enum Path<'a> {
+    Section(&'a str),
+    Key(&'a Path<'a>, &'a str),
+    Index(&'a Path<'a>, usize),
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Path::Section(section) => f.write_str(section),
+            Path::Key(parent, key) => write!(f, "{parent}.{key}"),
+            Path::Index(parent, i) => write!(f, "{parent}[{i}]"),
+        }
+    }
 }
 
 fn check_value(
     value: &Value,
     depth: usize,
     limits: &Limits,
-    path: &str,
+    path: &Path<'_>,
     in_array: bool,
 ) -> Result<(), ShadowError> {
     match value {
@@ -243,13 +266,13 @@ fn check_value(
         ))),
         Value::Object(fields) => {
             for (key, inner) in fields {
-                check_value(inner, depth + 1, limits, &format!("{path}.{key}"), in_array)?;
+                check_value(inner, depth + 1, limits, &Path::Key(path, key), in_array)?;
             }
             Ok(())
         }
         Value::Array(items) => {
             for (i, inner) in items.iter().enumerate() {
-                check_value(inner, depth + 1, limits, &format!("{path}[{i}]"), true)?;
+                check_value(inner, depth + 1, limits, &Path::Index(path, i), true)?;
             }
             Ok(())
         }
@@ -433,6 +456,11 @@ mod fuzz {
                     next.state_size(),
                     json!({"desired": next.desired, "reported": next.reported}).to_string().len()
                 );
+                // What lets `state_over` skip the count: the view is never shorter than the state.
+                prop_assert!(next.state_size() <= next.view_bytes().len());
+                for limit in [next.state_size().saturating_sub(1), next.state_size()] {
+                    prop_assert_eq!(next.state_over(limit), (next.state_size() > limit).then(|| next.state_size()));
+                }
                 let _ = next.delta_message();
                 let view = Document::documents_view;
                 let documents = json!({"previous": view(&doc), "current": view(&next), "timestamp": 2, "clientToken": "t\"1"});
