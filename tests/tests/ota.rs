@@ -343,6 +343,9 @@ fn an_offline_device_gets_its_job_on_reconnect_and_a_rollback_fails_the_job() {
     assert!(eventually(Duration::from_secs(20), || deployment(&server, &id2)
         ["counts"]["succeeded"]
         == 1));
+    // Its one wave is done, but the minimum wait follows the last wave too: still running.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(deployment(&server, &id2)["status"], "running");
     runtime.block_on(async { device_a.ota().report_version("3.1.0").await.unwrap() });
     assert!(
         eventually(Duration::from_secs(5), || deployment(&server, &id2)["counts"]

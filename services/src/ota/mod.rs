@@ -545,10 +545,15 @@ impl Ota {
                 repo::set_wave_done(&self.registry, &row.id, now).await?;
                 continue;
             };
+            // The minimum wait follows every wave, the last one too: a rollback found while it runs still
+            // fails its job and counts against the threshold before the deployment is declared complete.
+            if done_at + time::Duration::seconds(row.policy.min_wait_secs as i64) > now {
+                continue;
+            }
             if row.current_wave as usize + 1 >= row.waves.len() {
                 repo::set_status(&self.registry, &row.id, "completed", None, now).await?;
                 tracing::info!(deployment = %row.id, "deployment completed");
-            } else if done_at + time::Duration::seconds(row.policy.min_wait_secs as i64) <= now {
+            } else {
                 self.start_wave(&row.id, row.current_wave + 1).await?;
             }
         }

@@ -104,7 +104,8 @@ pub struct Policy {
     /// Or waves of this many devices each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wave_size: Option<u32>,
-    /// Minimum seconds between the end of a wave and the start of the next.
+    /// Minimum seconds after the end of each wave before the next starts (after the last: before the deployment
+    /// completes; rollbacks found meanwhile still fail their jobs).
     #[serde(default)]
     pub min_wait_secs: u64,
     /// Failure threshold.
