@@ -1,7 +1,8 @@
 //! The process allocator, and giving the memory of departed sessions back to the kernel.
 //!
 //! `main.rs` installs mimalloc as the global allocator. Against glibc's malloc it cut the CPU of a shadow
-//! update by about a quarter (`shadow-bench`: 120 → 80–90 µs of antumbra CPU per update with Redis). glibc's
+//! update by about a quarter (alternating `shadow-bench --quick` runs with Redis: 121–147 → 89–96 µs of
+//! antumbra CPU per update). glibc's
 //! arenas were locked by the two tokio workers and the router thread in turn, and grew and shrank their heaps
 //! with `mprotect` (perf showed malloc at ~20 % of all samples).
 //!
@@ -22,7 +23,7 @@ thread_local! {
     static COLLECTED: Cell<u64> = const { Cell::new(0) };
 }
 
-/// Asks every worker to return its free memory when it next parks, and returns this thread's now.
+/// Asks every worker to return its free memory when it next parks; the calling thread returns its own at once.
 pub fn release() {
     RELEASE_EPOCH.fetch_add(1, Ordering::Relaxed);
     collect_if_asked();

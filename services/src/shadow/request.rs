@@ -159,6 +159,7 @@ pub fn update_from_value(value: Value, limits: &Limits) -> Result<UpdateRequest,
     if size > limits.max_state_bytes {
         return Err(too_large(size, limits));
     }
+    // Checked above: each section is `desired` or `reported`, and an object or null.
     let (mut desired, mut reported) = (Patch::Absent, Patch::Absent);
     for (key, value) in state {
         let patch = match value {
