@@ -15,6 +15,7 @@
 
 mod acl;
 mod codec;
+pub mod kx;
 mod memory;
 pub mod metrics;
 mod session;

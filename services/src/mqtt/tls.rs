@@ -33,7 +33,7 @@ pub fn server_config(
     key_pem: &str,
     known: Arc<KnownCertificates>,
 ) -> Result<Arc<ServerConfig>, TlsSetupError> {
-    let mut provider = rustls::crypto::ring::default_provider();
+    let mut provider = super::kx::provider();
     // AES-128-GCM with SHA-256 first, as Mozilla's server configurations order TLS 1.3 suites: clients (rustls,
     // OpenSSL) list AES-256-GCM with SHA-384 first, whose key schedule hashes with SHA-512 in software, while
     // SHA-256 runs on the CPU's SHA extensions. conn-10k under perf: SHA-512 was 5 % of the broker's CPU.
