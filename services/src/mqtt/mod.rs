@@ -18,6 +18,8 @@ mod codec;
 pub mod kx;
 mod memory;
 pub mod metrics;
+#[cfg(test)]
+mod router_logs;
 mod session;
 mod sessions;
 mod shadow;

@@ -48,6 +48,13 @@ impl Graveyard {
         );
     }
 
+    /// Antumbra: the trackers of saved persistent sessions (their cursors are where they resume).
+    pub fn trackers(&self) -> impl Iterator<Item = &Tracker> {
+        self.connections
+            .values()
+            .filter_map(|saved| Some(&saved.session_state.as_ref()?.tracker))
+    }
+
     /// Save only metrics for connection
     pub fn save_metrics(&mut self, id: String, metrics: ConnectionEvents) {
         self.connections.insert(

@@ -198,6 +198,13 @@ impl Outgoing {
 
     // Here we are assuming that the first unique filter_idx we find while iterating will have the
     // least corresponding cursor because of the way we insert into the inflight_buffer
+    /// Antumbra: the log position of every unacknowledged QoS 1/2 publish (`None`: a retained one).
+    pub fn unacked_cursors(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
+        self.inflight_buffer
+            .iter()
+            .filter_map(|(_, filter_idx, cursor)| Some((*filter_idx, (*cursor)?)))
+    }
+
     pub fn retransmission_map(&self) -> HashMap<FilterIdx, Cursor> {
         let mut o = HashMap::new();
         for (_, filter_idx, cursor) in self.inflight_buffer.iter() {

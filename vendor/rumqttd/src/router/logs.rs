@@ -177,6 +177,23 @@ impl DataLog {
         (filter_idx, data.log.next_offset())
     }
 
+    /// Antumbra: trims every filter's log to its oldest reader (`CommitLog::trim`). `oldest` holds, per
+    /// filter, the oldest cursor of its readers outside the log (connections' requests, unacknowledged QoS 1/2
+    /// publishes, saved persistent sessions); the requests parked on the log itself are added here. A filter
+    /// with no reader keeps nothing.
+    pub fn trim(&mut self, oldest: &HashMap<FilterIdx, Offset>) {
+        for (filter_idx, data) in self.native.iter_mut() {
+            let keep = data
+                .waiters
+                .waiters()
+                .iter()
+                .map(|(_, request)| request.cursor)
+                .chain(oldest.get(&filter_idx).copied())
+                .min();
+            data.log.trim(keep);
+        }
+    }
+
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,

@@ -14,7 +14,7 @@ use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
 use std::thread;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
 use tracing::{debug, error, info, trace, warn};
 
@@ -54,6 +54,9 @@ pub enum RouterError {
 
 // TODO: set this to some appropriate value
 const TOPIC_ALIAS_MAX: u16 = 4096;
+
+/// Antumbra: how often the router trims the filters' logs to what their readers still need (`trim_logs`).
+const TRIM_INTERVAL: Duration = Duration::from_millis(100);
 
 pub struct Router {
     id: RouterId,
@@ -102,6 +105,10 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// Antumbra: when the logs were last trimmed, and the oldest cursor per filter found then (kept for its
+    /// memory).
+    trimmed_at: Instant,
+    oldest_readers: HashMap<FilterIdx, Offset>,
 }
 
 impl Router {
@@ -144,6 +151,8 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            trimmed_at: Instant::now(),
+            oldest_readers: HashMap::new(),
         }
     }
 
@@ -228,8 +237,53 @@ impl Router {
             self.consume();
         }
 
+        if self.trimmed_at.elapsed() >= TRIM_INTERVAL {
+            self.trim_logs();
+            self.trimmed_at = Instant::now();
+        }
+
         // self.send_all_alerts();
         Ok(())
+    }
+
+    /// Antumbra: drops from every filter's log what none of its readers needs any more. A reader is a live
+    /// connection's request (in its tracker, parked on the log, or in the notifications), an unacknowledged
+    /// QoS 1/2 publish (a persistent session resumes from it), a shared group's cursor, or a saved persistent
+    /// session. Runs between rounds of events, when no request is taken out of its tracker.
+    fn trim_logs(&mut self) {
+        fn note(oldest: &mut HashMap<FilterIdx, Offset>, filter_idx: FilterIdx, cursor: Offset) {
+            oldest
+                .entry(filter_idx)
+                .and_modify(|oldest| *oldest = (*oldest).min(cursor))
+                .or_insert(cursor);
+        }
+        let mut oldest = std::mem::take(&mut self.oldest_readers);
+        oldest.clear();
+        let requests = self
+            .scheduler
+            .trackers
+            .iter()
+            .map(|(_, tracker)| tracker)
+            .chain(self.graveyard.trackers())
+            .flat_map(|tracker| tracker.data_requests.iter())
+            .chain(self.notifications.iter().map(|(_, request)| request));
+        for request in requests {
+            note(&mut oldest, request.filter_idx, request.cursor);
+            if let Some(group) = request
+                .group
+                .as_ref()
+                .and_then(|name| self.shared_subscriptions.get(name))
+            {
+                note(&mut oldest, request.filter_idx, group.cursor);
+            }
+        }
+        for (_, outgoing) in self.obufs.iter() {
+            for (filter_idx, cursor) in outgoing.unacked_cursors() {
+                note(&mut oldest, filter_idx, cursor);
+            }
+        }
+        self.datalog.trim(&oldest);
+        self.oldest_readers = oldest;
     }
 
     fn events(&mut self, id: ConnectionId, data: Event) {

@@ -162,6 +162,30 @@ where
         }
     }
 
+    /// Antumbra: drops what no reader needs any more: every entry before `keep` (the oldest cursor of any
+    /// reader of this log, or `None` when it has none, which drops everything). Offsets do not change, so
+    /// cursors at or after `keep` read exactly what they would have read; the active segment stays.
+    ///
+    /// Upstream kept every entry until its segment was rotated out (one active and `max_mem_segments` of
+    /// `max_segment_size` each), delivered or not: a device's filter held up to 3 MiB, for ever after the
+    /// device left. Smaller segments would bound that, but make a slow reader's cursor jump past messages it
+    /// has not read.
+    pub fn trim(&mut self, keep: Option<(u64, u64)>) {
+        let keep = match keep {
+            Some(keep) => keep.min(self.next_offset()),
+            None => self.next_offset(),
+        };
+        while self.head < keep.0 && self.segments.len() > 1 {
+            self.segments.pop_front();
+            self.head += 1;
+        }
+        if self.head == keep.0 {
+            if let Some(front) = self.segments.front_mut() {
+                front.drop_before(keep.1);
+            }
+        }
+    }
+
     #[inline]
     pub fn last(&self) -> Option<T> {
         self.active_segment().last()
@@ -306,6 +330,43 @@ mod tests {
                 end: (100, 1)
             }
         );
+    }
+
+    #[test]
+    fn trim_drops_only_what_is_before_the_oldest_reader() {
+        // 1 KB entries, 4 per segment, at most 3 segments (the active one included).
+        let mut log: CommitLog<Bytes> = CommitLog::new(4 * 1024, 3).unwrap();
+        for i in 0..10 {
+            log.append(random_payload(i, 1024));
+        }
+        // Segments 0 [0, 4), 1 [4, 8), active 2 [8, 10).
+        assert_eq!((log.head, log.tail, log.next_offset()), (0, 2, (2, 10)));
+
+        log.trim(Some((1, 6)));
+        assert_eq!((log.head, log.tail, log.size()), (1, 2, 4 * 1024));
+        let mut out = Vec::new();
+        let position = log.readv((1, 6), 10, &mut out).unwrap();
+        assert_eq!(position, Done { start: (1, 6), end: (2, 10) });
+        let ids: Vec<u8> = out.iter().map(|(bytes, _)| bytes[0]).collect();
+        assert_eq!(ids, [6, 7, 8, 9]);
+        assert_eq!(out[0].1, (1, 6));
+
+        // A reader at the very end: nothing is left, and new entries keep their offsets.
+        log.trim(Some((2, 10)));
+        assert_eq!((log.head, log.tail, log.size(), log.len()), (2, 2, 0, 1));
+        assert_eq!(log.append(random_payload(10, 1024)), (2, 11));
+        out.clear();
+        log.readv((2, 10), 10, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0[0], out[0].1), (10, (2, 10)));
+
+        // No reader at all: everything goes, the active segment stays.
+        log.trim(None);
+        assert_eq!((log.size(), log.next_offset()), (0, (2, 11)));
+        // A reader behind the head (it jumped already) holds nothing back and breaks nothing.
+        log.append(random_payload(11, 1024));
+        log.trim(Some((0, 0)));
+        assert_eq!(log.size(), 1024);
     }
 
     #[test]

@@ -29,14 +29,16 @@ where
 {
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // Antumbra: grown on use. Upstream reserved 1,024 entries per segment, and with the logs trimmed
+            // to what their readers still need (`CommitLog::trim`) most segments hold a few.
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }
@@ -96,6 +98,24 @@ where
         }
     }
 
+    /// Antumbra: drops the entries before absolute offset `offset` (all of them if it is past the end); the
+    /// offsets of the rest do not change. An emptied segment gives its memory back.
+    pub(crate) fn drop_before(&mut self, offset: u64) {
+        let count = offset.saturating_sub(self.absolute_offset).min(self.len()) as usize;
+        if count == 0 {
+            return;
+        }
+        for dropped in self.data.drain(..count) {
+            self.total_size -= dropped.size() as u64;
+        }
+        self.absolute_offset += count as u64;
+        if self.data.is_empty() {
+            self.data = Vec::new();
+        } else if self.data.capacity() > 4 * self.data.len() {
+            self.data.shrink_to(2 * self.data.len());
+        }
+    }
+
     /// Get the number of `T` in the segment.
     #[inline]
     pub(crate) fn len(&self) -> u64 {
@@ -151,6 +171,32 @@ mod tests {
                 (Bytes::from_static(b"test2"), (0, 1))
             ]
         );
+    }
+
+    #[test]
+    fn drop_before_keeps_the_offsets_of_the_rest() {
+        let mut segment: Segment<Bytes> = Segment::with_offset(10);
+        for payload in [&b"a"[..], b"bb", b"ccc", b"dddd"] {
+            segment.push(Bytes::copy_from_slice(payload));
+        }
+        assert_eq!((segment.size(), segment.next_offset()), (10, 14));
+        segment.drop_before(9);
+        segment.drop_before(12);
+        assert_eq!((segment.len(), segment.size(), segment.next_offset()), (2, 7, 14));
+        let mut out = Vec::new();
+        let _ = segment.readv((0, 12), 5, &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                (Bytes::from_static(b"ccc"), (0, 12)),
+                (Bytes::from_static(b"dddd"), (0, 13))
+            ]
+        );
+        segment.drop_before(100);
+        assert_eq!((segment.len(), segment.size(), segment.next_offset()), (0, 0, 14));
+        assert_eq!(segment.data.capacity(), 0);
+        segment.push(Bytes::from_static(b"e"));
+        assert_eq!(segment.next_offset(), 15);
     }
 
     #[test]

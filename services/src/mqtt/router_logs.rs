@@ -1,0 +1,160 @@
+//! The router's filter logs are trimmed to what their readers still need (`vendor/rumqttd/ANTUMBRA.md`, item 9):
+//! these tests drive the real router through local links and check that trimming never takes a message a
+//! reader still needs: a persistent session's unacknowledged and offline messages, and a subscriber that falls
+//! behind.
+
+use std::time::Duration;
+
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::{
+    Disconnect, DisconnectReasonCode, Filter, Packet, PubAck, PubAckReason, Publish, QoS, RetainForwardRule,
+    Subscribe,
+};
+use rumqttd::{Notification, Router};
+
+use super::{router_config, MqttSettings};
+
+/// Longer than a few trim intervals (100 ms), with router traffic in between so that trimming runs.
+async fn let_the_router_trim(platform: &mut LinkTx) {
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        platform
+            .send(Packet::Publish(Publish::new("elsewhere/tick", "t", false), None))
+            .await
+            .unwrap();
+    }
+}
+
+async fn subscribe(tx: &mut LinkTx, rx: &mut LinkRx, filter: &str, qos: QoS) {
+    let filter = Filter {
+        path: filter.into(),
+        qos,
+        nolocal: false,
+        preserve_retain: false,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    };
+    let subscribe = Subscribe {
+        pkid: 1,
+        filters: vec![filter],
+    };
+    tx.send(Packet::Subscribe(subscribe, None)).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+            Ok(Ok(Some(Notification::DeviceAck(_)))) => return,
+            Ok(Ok(Some(_) | None)) => {}
+            other => panic!("no SUBACK: {other:?}"),
+        }
+    }
+}
+
+/// The next forwarded publish: (packet id, dup, payload). Asks for more when the router says the link's share
+/// is used up, as a session does once it has written what it got.
+async fn forwarded(rx: &mut LinkRx) -> (u16, bool, String) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+            Ok(Ok(Some(Notification::Unschedule))) => rx.wake().await.unwrap(),
+            Ok(Ok(Some(Notification::Forward(forward)))) => {
+                let wire = forward.publish.serialize();
+                let pkid = u16::from_be_bytes([wire[1], wire[2]]);
+                let payload = String::from_utf8(forward.publish.payload.to_vec()).unwrap();
+                return (pkid, wire[0] & 0b1000 != 0, payload);
+            }
+            // Ok(None): a wake-up whose notifications an earlier read already took.
+            Ok(Ok(Some(_) | None)) => {}
+            other => panic!("no publish forwarded: {other:?}"),
+        }
+    }
+}
+
+async fn detach(tx: &mut LinkTx, rx: &mut LinkRx) {
+    let disconnect = Disconnect {
+        reason_code: DisconnectReasonCode::NormalDisconnection,
+    };
+    tx.send(Packet::Disconnect(disconnect, None)).await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while rx.next().await.is_ok() {} }).await;
+}
+
+#[tokio::test]
+async fn a_persistent_session_gets_its_unacked_and_offline_messages_after_the_logs_were_trimmed() {
+    let router = Router::new(0, router_config(&MqttSettings::default())).spawn();
+    let (mut platform, _platform_rx, _) = LinkBuilder::new("platform", router.clone())
+        .build_async()
+        .await
+        .unwrap();
+    let (mut tx, mut rx, _) = LinkBuilder::new("dev-a", router.clone())
+        .clean_session(false)
+        .build_async()
+        .await
+        .unwrap();
+    subscribe(&mut tx, &mut rx, "devices/dev-a/#", QoS::AtLeastOnce).await;
+    for payload in ["m1", "m2", "m3"] {
+        let publish = Publish::new("devices/dev-a/inbox", payload, false);
+        platform.send(Packet::Publish(publish, None)).await.unwrap();
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(forwarded(&mut rx).await);
+    }
+    assert_eq!(
+        got.iter().map(|(_, _, p)| p.as_str()).collect::<Vec<_>>(),
+        ["m1", "m2", "m3"]
+    );
+    // Only m1 is acknowledged; m2 and m3 stay in flight.
+    let ack = PubAck {
+        pkid: got[0].0,
+        reason: PubAckReason::Success,
+    };
+    tx.send(Packet::PubAck(ack, None)).await.unwrap();
+    let_the_router_trim(&mut platform).await;
+    detach(&mut tx, &mut rx).await;
+
+    for payload in ["offline-1", "offline-2"] {
+        let publish = Publish::new("devices/dev-a/inbox", payload, false);
+        platform.send(Packet::Publish(publish, None)).await.unwrap();
+    }
+    let_the_router_trim(&mut platform).await;
+
+    let (_tx, mut rx, connack) = LinkBuilder::new("dev-a", router.clone())
+        .clean_session(false)
+        .build_async()
+        .await
+        .unwrap();
+    match connack {
+        Notification::DeviceAck(_) => {}
+        other => panic!("no CONNACK: {other:?}"),
+    }
+    let mut again = Vec::new();
+    for _ in 0..4 {
+        again.push(forwarded(&mut rx).await.2);
+    }
+    assert_eq!(again, ["m2", "m3", "offline-1", "offline-2"]);
+}
+
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_gets_every_message_after_the_logs_were_trimmed() {
+    let router = Router::new(0, router_config(&MqttSettings::default())).spawn();
+    let (mut platform, _platform_rx, _) = LinkBuilder::new("platform", router.clone())
+        .build_async()
+        .await
+        .unwrap();
+    let (mut tx, mut rx, _) = LinkBuilder::new("dev-b", router.clone())
+        .build_async()
+        .await
+        .unwrap();
+    subscribe(&mut tx, &mut rx, "devices/dev-b/#", QoS::AtMostOnce).await;
+    // More than the router hands a connection at once (200), none of them read yet.
+    const COUNT: usize = 1_000;
+    for i in 0..COUNT {
+        let publish = Publish::new("devices/dev-b/telemetry".to_string(), i.to_string(), false);
+        platform.send(Packet::Publish(publish, None)).await.unwrap();
+    }
+    let_the_router_trim(&mut platform).await;
+    for i in 0..COUNT {
+        let (_, _, payload) = forwarded(&mut rx).await;
+        assert_eq!(payload, i.to_string());
+        if i % 100 == 99 {
+            // Read in rounds with trims in between, as a slow device would.
+            let_the_router_trim(&mut platform).await;
+        }
+    }
+}
