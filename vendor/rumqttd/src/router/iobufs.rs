@@ -196,22 +196,20 @@ impl Outgoing {
         Some(())
     }
 
-    // Here we are assuming that the first unique filter_idx we find while iterating will have the
-    // least corresponding cursor because of the way we insert into the inflight_buffer
-    /// Antumbra: the log position of every unacknowledged QoS 1/2 publish (`None`: a retained one).
+    /// Antumbra: the log position of every unacknowledged QoS 1/2 publish, oldest first (a retained publish has
+    /// none and is skipped).
     pub fn unacked_cursors(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
         self.inflight_buffer
             .iter()
             .filter_map(|(_, filter_idx, cursor)| Some((*filter_idx, (*cursor)?)))
     }
 
+    // Here we are assuming that the first unique filter_idx we find while iterating will have the
+    // least corresponding cursor because of the way we insert into the inflight_buffer
     pub fn retransmission_map(&self) -> HashMap<FilterIdx, Cursor> {
         let mut o = HashMap::new();
-        for (_, filter_idx, cursor) in self.inflight_buffer.iter() {
-            // if cursor in None, it means it was a retained publish
-            if !o.contains_key(filter_idx) && cursor.is_some() {
-                o.insert(*filter_idx, cursor.unwrap());
-            }
+        for (filter_idx, cursor) in self.unacked_cursors() {
+            o.entry(filter_idx).or_insert(cursor);
         }
 
         o

@@ -105,10 +105,8 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
-    /// Antumbra: when the logs were last trimmed, and the oldest cursor per filter found then (kept for its
-    /// memory).
+    /// Antumbra: when the filters' logs were last trimmed (`trim_logs`).
     trimmed_at: Instant,
-    oldest_readers: HashMap<FilterIdx, Offset>,
 }
 
 impl Router {
@@ -152,7 +150,6 @@ impl Router {
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
             trimmed_at: Instant::now(),
-            oldest_readers: HashMap::new(),
         }
     }
 
@@ -257,8 +254,7 @@ impl Router {
                 .and_modify(|oldest| *oldest = (*oldest).min(cursor))
                 .or_insert(cursor);
         }
-        let mut oldest = std::mem::take(&mut self.oldest_readers);
-        oldest.clear();
+        let mut oldest = HashMap::new();
         let requests = self
             .scheduler
             .trackers
@@ -283,7 +279,6 @@ impl Router {
             }
         }
         self.datalog.trim(&oldest);
-        self.oldest_readers = oldest;
     }
 
     fn events(&mut self, id: ConnectionId, data: Event) {

@@ -37,11 +37,7 @@ where
         }
     }
     pub(crate) fn new() -> Self {
-        Self {
-            data: Vec::new(),
-            absolute_offset: 0,
-            total_size: 0,
-        }
+        Self::with_offset(0)
     }
 
     #[inline]
