@@ -51,7 +51,12 @@ pub enum DbError {
 pub async fn connect(url: &str) -> Result<AnyPool, DbError> {
     sqlx::any::install_default_drivers();
     let engine = Engine::of(url).ok_or(DbError::UnsupportedUrl)?;
-    let options = AnyConnectOptions::from_str(url)?;
+    let url = if engine == Engine::Sqlite {
+        creating(url)
+    } else {
+        url.to_owned()
+    };
+    let options = AnyConnectOptions::from_str(&url)?;
     let pool = AnyPoolOptions::new()
         // SQLite serialises writers anyway; a few connections let readers run beside the writer under WAL.
         .max_connections(if engine == Engine::Sqlite { 4 } else { 16 })
@@ -70,10 +75,14 @@ pub async fn connect(url: &str) -> Result<AnyPool, DbError> {
     Ok(pool)
 }
 
-/// The `VALUES` list of a multi-row statement: `rows` tuples of `columns` numbered placeholders, as in
-/// `($1, $2), ($3, $4)`. PostgreSQL and SQLite both take them; SQLite numbers each placeholder by its first
-/// appearance, which is its number here.
-pub fn values_list(rows: usize, columns: usize) -> String {
+/// The `VALUES` list of a multi-row statement: `rows` tuples of `columns` placeholders.
+///
+/// PostgreSQL gets numbered ones, as in `($1, $2), ($3, $4)`. SQLite gets anonymous `?`s, bound in order:
+/// a numbered placeholder is a *named* one to SQLite, and both preparing the statement and binding it (sqlx
+/// asks `sqlite3_bind_parameter_name` for every parameter) look names up one by one through the list, so a
+/// 2,048-parameter batch cost time quadratic in its size (conn-10k: a sixth of the SQLite thread's samples,
+/// in `strncmp` and `sqlite3_bind_parameter_name`, while presence batches were written).
+pub fn values_list(engine: Engine, rows: usize, columns: usize) -> String {
     let mut sql = String::with_capacity(rows * columns * 5);
     for row in 0..rows {
         sql.push_str(if row == 0 { "(" } else { ", (" });
@@ -81,11 +90,28 @@ pub fn values_list(rows: usize, columns: usize) -> String {
             if column > 1 {
                 sql.push_str(", ");
             }
-            let _ = write!(sql, "${}", row * columns + column);
+            match engine {
+                Engine::Sqlite => sql.push('?'),
+                Engine::Postgres => {
+                    let _ = write!(sql, "${}", row * columns + column);
+                }
+            }
         }
         sql.push(')');
     }
     sql
+}
+
+/// A SQLite URL that creates its file when missing (`mode=rwc`), as the default database does, unless it names
+/// a mode or is an in-memory database: sqlx's own default is to refuse a file that does not exist yet.
+fn creating(url: &str) -> String {
+    if url.contains("mode=") || url.contains(":memory:") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
 }
 
 /// A SQLite URL for a file, created when missing.
@@ -95,10 +121,29 @@ pub fn sqlite_url(path: &std::path::Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_sqlite_url_naming_a_new_file_creates_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("new.db");
+        super::connect(&format!("sqlite://{}", file.display()))
+            .await
+            .unwrap();
+        assert!(file.exists());
+        assert_eq!(super::creating("sqlite:a.db?mode=ro"), "sqlite:a.db?mode=ro");
+        assert_eq!(
+            super::creating("sqlite:a.db?cache=shared"),
+            "sqlite:a.db?cache=shared&mode=rwc"
+        );
+        assert_eq!(super::creating("sqlite::memory:"), "sqlite::memory:");
+    }
+
     #[test]
-    fn values_list_numbers_every_placeholder_once_in_order() {
-        assert_eq!(super::values_list(1, 1), "($1)");
-        assert_eq!(super::values_list(2, 3), "($1, $2, $3), ($4, $5, $6)");
-        assert_eq!(super::values_list(0, 4), "");
+    fn values_list_has_a_placeholder_per_value_in_the_engines_form() {
+        use super::{values_list, Engine::*};
+        assert_eq!(values_list(Postgres, 1, 1), "($1)");
+        assert_eq!(values_list(Postgres, 2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(values_list(Sqlite, 2, 3), "(?, ?, ?), (?, ?, ?)");
+        assert_eq!(values_list(Postgres, 0, 4), "");
+        assert_eq!(values_list(Sqlite, 0, 4), "");
     }
 }

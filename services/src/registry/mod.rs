@@ -79,6 +79,7 @@ impl From<sqlx::Error> for RegistryError {
 #[derive(Debug, Clone)]
 pub struct Registry {
     pool: AnyPool,
+    engine: crate::db::Engine,
     /// Recently authenticated API keys (see `active_api_key_by_hash`).
     keys: std::sync::Arc<api_keys::KeyCache>,
 }
@@ -86,8 +87,11 @@ pub struct Registry {
 impl Registry {
     /// Wraps a connected, migrated pool.
     pub fn new(pool: AnyPool) -> Self {
+        let engine = crate::db::Engine::of(pool.connect_options().database_url.as_str())
+            .unwrap_or(crate::db::Engine::Postgres);
         Self {
             pool,
+            engine,
             keys: Default::default(),
         }
     }
@@ -101,6 +105,11 @@ impl Registry {
     pub async fn ping(&self) -> Result<(), RegistryError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    /// The engine behind the pool.
+    pub(crate) fn engine(&self) -> crate::db::Engine {
+        self.engine
     }
 
     /// The pool, for repository functions.

@@ -355,7 +355,7 @@ async fn commit(connection: &mut SqliteConnection, batch: &[Job]) -> Result<(), 
         }
     }
     let mut sql = String::from("INSERT INTO shadows (device_id, name, document, version) VALUES ");
-    sql.push_str(&crate::db::values_list(last.len(), 4));
+    sql.push_str(&crate::db::values_list(crate::db::Engine::Sqlite, last.len(), 4));
     sql.push_str(
         " ON CONFLICT (device_id, name) DO UPDATE SET document = excluded.document, version = excluded.version",
     );
