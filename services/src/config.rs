@@ -11,11 +11,28 @@ use serde::Deserialize;
 
 /// Command line of the `antumbra` binary.
 #[derive(Debug, Parser)]
-#[command(name = "antumbra", version, about = "Self-hosted device-shadow IoT platform")]
+#[command(
+    name = "antumbra",
+    version,
+    about = "Self-hosted device-shadow IoT platform",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// What to do; `serve` when omitted.
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// `serve`'s flags and environment, read when no subcommand is given: plain `antumbra` (and `cargo run`)
+    /// is `antumbra serve`, with the same `ANTUMBRA_*` variables and flags.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+impl Cli {
+    /// The subcommand, `serve` with the top-level flags and environment when none was given.
+    pub fn command(self) -> Command {
+        self.command
+            .unwrap_or_else(|| Command::Serve(Box::new(self.serve)))
+    }
 }
 
 /// Subcommands.
@@ -401,11 +418,28 @@ mod tests {
             "a,b",
         ])
         .unwrap();
-        let Some(Command::Serve(args)) = cli.command else {
+        let Command::Serve(args) = cli.command() else {
             panic!("serve expected")
         };
         let s = Settings::layer(*args, FileConfig::default()).unwrap();
         assert_eq!(s.http_addr.port(), 0);
         assert_eq!(s.mqtt_dns_names, vec!["a", "b"]);
+    }
+
+    #[test]
+    fn without_a_subcommand_the_flags_are_serves() {
+        let cli = Cli::try_parse_from(["antumbra", "--http", "127.0.0.1:0", "--data-dir", "/tmp/x"]).unwrap();
+        let Command::Serve(args) = cli.command() else {
+            panic!("serve expected")
+        };
+        let s = Settings::layer(*args, FileConfig::default()).unwrap();
+        assert_eq!(s.http_addr.port(), 0);
+        assert_eq!(s.data_dir, std::path::Path::new("/tmp/x"));
+        // A subcommand's own flags still go with it, and `serve`'s flags are not taken before another one.
+        assert!(Cli::try_parse_from(["antumbra", "--http", "127.0.0.1:0", "openapi"]).is_err());
+        assert!(matches!(
+            Cli::try_parse_from(["antumbra", "openapi"]).unwrap().command(),
+            Command::Openapi { out: None }
+        ));
     }
 }

@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command.unwrap_or_else(|| Command::Serve(Box::default())) {
+    match cli.command() {
         Command::Openapi { out: Some(path) } => {
             Ok(std::fs::write(path, antumbra::http::openapi::document())?)
         }
