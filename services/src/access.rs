@@ -83,10 +83,18 @@ pub async fn bootstrap_admin(
         revoked_at: None,
     };
     if let Some(token) = configured {
+        if token.trim().is_empty() {
+            return Err(AccessError::Invalid(
+                "ANTUMBRA_ADMIN_TOKEN is empty; unset it to have one generated".into(),
+            ));
+        }
         if token.len() < MIN_ADMIN_TOKEN_LEN {
-            return Err(AccessError::Invalid(format!(
-                "ANTUMBRA_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LEN} characters"
-            )));
+            // The operator chose it; a refusal would stop the platform over a guessable but working secret.
+            tracing::warn!(
+                length = token.len(),
+                "ANTUMBRA_ADMIN_TOKEN is shorter than {MIN_ADMIN_TOKEN_LEN} characters and easy to guess; \
+                 use a long random one (or unset it to have one generated)"
+            );
         }
         let hash = hash_token(token);
         let current = registry
@@ -105,11 +113,16 @@ pub async fn bootstrap_admin(
         Ok(_) => Ok(AdminBootstrap::Existing),
         Err(RegistryError::NotFound) => {
             let token = new_token();
-            registry
+            match registry
                 .insert_api_key(&record("admin (generated on first start)"), &hash_token(&token))
                 .await
-                .map_err(AccessError::Registry)?;
-            Ok(AdminBootstrap::Generated(token))
+            {
+                Ok(()) => Ok(AdminBootstrap::Generated(token)),
+                // Another instance on the same database generated it between the lookup and the insert (a cluster's
+                // first start): its token, shown in its log, is the admin token.
+                Err(RegistryError::Conflict) => Ok(AdminBootstrap::Existing),
+                Err(e) => Err(AccessError::Registry(e)),
+            }
         }
         Err(e) => Err(AccessError::Registry(e)),
     }
@@ -187,6 +200,56 @@ mod tests {
             "{a}"
         );
         assert_ne!(a, new_token());
+    }
+
+    #[tokio::test]
+    async fn instances_starting_together_generate_one_admin_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::db::sqlite_url(&dir.path().join("registry.db"));
+        let registry = Registry::new(crate::db::connect(&url).await.unwrap());
+        let starts: Vec<_> = (0..8).map(|_| bootstrap_admin(&registry, None)).collect();
+        let outcomes: Vec<_> = futures_util::future::join_all(starts)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let generated: Vec<_> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                AdminBootstrap::Generated(token) => Some(token),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(generated.len(), 1, "{outcomes:?}");
+        let key = registry
+            .active_api_key_by_hash(&hash_token(generated[0]))
+            .await
+            .unwrap();
+        assert_eq!(key.map(|k| k.id), Some(BOOTSTRAP_KEY_ID.to_owned()));
+        assert_eq!(
+            bootstrap_admin(&registry, None).await.unwrap(),
+            AdminBootstrap::Existing
+        );
+    }
+
+    #[tokio::test]
+    async fn a_configured_token_is_the_admin_key_even_when_short_but_not_when_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::db::sqlite_url(&dir.path().join("registry.db"));
+        let registry = Registry::new(crate::db::connect(&url).await.unwrap());
+        assert!(matches!(
+            bootstrap_admin(&registry, Some("  ")).await,
+            Err(AccessError::Invalid(_))
+        ));
+        assert_eq!(
+            bootstrap_admin(&registry, Some("admin")).await.unwrap(),
+            AdminBootstrap::FromEnvironment
+        );
+        let key = registry
+            .active_api_key_by_hash(&hash_token("admin"))
+            .await
+            .unwrap();
+        assert_eq!(key.map(|k| k.id), Some(BOOTSTRAP_KEY_ID.to_owned()));
     }
 
     #[test]
