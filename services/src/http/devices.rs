@@ -302,7 +302,13 @@ pub async fn delete(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    state.provisioning.delete(&device_id(&id)?).await?;
+    let id = device_id(&id)?;
+    state.provisioning.delete(&id).await?;
+    // Every instance also purges on the deletion event; this one does it before answering, so a device registered
+    // again under this id right after never sees the old documents.
+    if let Err(e) = state.shadows.purge(&id).await {
+        tracing::warn!(device_id = %id, error = %e, "could not purge the deleted device's shadows");
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -136,7 +136,7 @@ async fn versions_survive_delete_and_recreate(store: Store) {
         .unwrap());
 }
 
-async fn named_shadows_are_separate_and_purge_forgets_all(store: Store) {
+async fn named_shadows_are_separate_and_purge_keeps_only_versions(store: Store) {
     let classic = key("dev-3", None);
     let named = key("dev-3", Some("config"));
     let other = key("dev-4", None);
@@ -157,13 +157,34 @@ async fn named_shadows_are_separate_and_purge_forgets_all(store: Store) {
         Some(json!({"n": 1}).as_object().unwrap().clone())
     );
     store.purge(&classic.device).await.unwrap();
-    assert_eq!(store.load(&classic).await.unwrap().version, 0);
-    assert_eq!(store.load(&named).await.unwrap().version, 0);
+    for k in [&classic, &named] {
+        let stored = store.load(k).await.unwrap();
+        assert_eq!(
+            (stored.document, stored.version),
+            (None, 1),
+            "documents go, versions stay"
+        );
+        assert!(
+            !store
+                .compare_and_set(k, 0, 1, Some(&doc(1, json!({}))))
+                .await
+                .unwrap(),
+            "a device registered again does not restart from zero"
+        );
+    }
+    assert!(store
+        .compare_and_set(&named, 1, 2, Some(&doc(2, json!({"n": 2}))))
+        .await
+        .unwrap());
     assert_eq!(
         store.load(&other).await.unwrap().version,
         1,
         "other devices are untouched"
     );
+    // A second purge finds the shadow written after the first.
+    store.purge(&classic.device).await.unwrap();
+    let stored = store.load(&named).await.unwrap();
+    assert_eq!((stored.document, stored.version), (None, 2));
     store.ping().await.unwrap();
 }
 
@@ -353,6 +374,32 @@ async fn redis_reads_see_what_another_instance_wrote() {
     assert_eq!(a.update(&k, &report(4), true).await.unwrap().document.version, 4);
 }
 
+/// An instance that missed a device's deletion (its purge notice) still holds the old document in memory; the
+/// device is registered again and its shadow written to the same number of changes as before elsewhere. The
+/// instance's next read sees the new document, not its memory: the versions continued past the purge.
+#[tokio::test]
+async fn redis_reads_after_a_missed_purge_see_the_new_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_redis_instances(&dir).await;
+    let k = key("reborn", None);
+    let report = |n: u64| {
+        parse_update(
+            format!(r#"{{"state":{{"reported":{{"n":{n}}}}}}}"#).as_bytes(),
+            &Limits::default(),
+        )
+        .unwrap()
+    };
+    b.update(&k, &report(1), true).await.unwrap();
+    assert_eq!(a.get(&k, true).await.unwrap().reported.unwrap()["n"], 1);
+    b.purge(&k.device).await.unwrap();
+    assert_eq!(a.get(&k, true).await.unwrap_err().code(), 404);
+    assert_eq!(a.get(&k, true).await.unwrap_err().code(), 404);
+    let updated = b.update(&k, &report(2), true).await.unwrap();
+    assert_eq!(updated.document.version, 2, "the version continues");
+    let seen = a.get(&k, true).await.unwrap();
+    assert_eq!((seen.version, seen.reported.unwrap()["n"].clone()), (2, json!(2)));
+}
+
 /// Shadows written by an earlier release (`d` in the older storage form, no `t`) read back, and their next
 /// update is stored in the current form.
 #[tokio::test]
@@ -462,7 +509,7 @@ macro_rules! conformance {
 conformance!(
     compare_and_set_is_exact,
     versions_survive_delete_and_recreate,
-    named_shadows_are_separate_and_purge_forgets_all,
+    named_shadows_are_separate_and_purge_keeps_only_versions,
     concurrent_updates_never_lose_one,
     the_service_applies_aws_rules_end_to_end,
 );

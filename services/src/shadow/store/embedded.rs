@@ -300,7 +300,9 @@ async fn write_loop(
         };
         match job {
             Job::Purge { device, done } => {
-                let result = sqlx::query("DELETE FROM shadows WHERE device_id = ?")
+                // The documents go; the versions stay, so a device registered again under this id continues
+                // them (a version never goes back).
+                let result = sqlx::query("UPDATE shadows SET document = NULL WHERE device_id = ?")
                     .bind(device.as_str())
                     .execute(&mut connection)
                     .await

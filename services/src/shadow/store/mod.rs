@@ -105,7 +105,8 @@ pub trait ShadowStore: Send + Sync {
         document: Option<&Arc<Document>>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Forgets every shadow of a device (when the device is deleted), versions included.
+    /// Forgets every shadow document of a device (when the device is deleted). The versions stay, so a device
+    /// registered again under the same id continues them: a version never goes back.
     fn purge(&self, device: &DeviceId) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Checks the backend answers.

@@ -34,7 +34,7 @@ return 1
 const RECENT: usize = 50_000;
 
 /// The production store: Redis, keys `{prefix}shadow/{device}/{name}` (hash fields `d` document, `v` version)
-/// plus a set `{prefix}shadows/{device}` of a device's names for purging.
+/// plus a set `{prefix}shadows/{device}` of a device's names for purging (a purge keeps `v` and the set).
 #[derive(Clone)]
 pub struct RedisStore {
     client: redis::Client,
@@ -293,16 +293,17 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
-        let mut keys: Vec<String> = names
-            .iter()
-            .map(|n| format!("{}shadow/{}/{}", self.prefix, device, n))
-            .collect();
-        keys.push(self.index(device));
-        let _: i64 = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .map_err(backend)?;
+        // The documents go; each shadow's version (`v`) and the index stay, so a device registered again under this
+        // id continues its versions (a version never goes back) and a later purge still finds every shadow.
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.cmd("HDEL")
+                .arg(format!("{}shadow/{}/{}", self.prefix, device, name))
+                .arg("d")
+                .arg("t")
+                .ignore();
+        }
+        let () = pipe.query_async(&mut conn).await.map_err(backend)?;
         Ok(())
     }
 }
