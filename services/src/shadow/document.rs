@@ -617,7 +617,7 @@ pub fn delta(desired: &Object, reported: &Object) -> Object {
                     out.insert(key.clone(), Value::Object(inner));
                 }
             }
-            (want, Some(have)) if want == have => {}
+            (want, Some(have)) if same(want, have) => {}
             (want, _) => {
                 out.insert(key.clone(), want.clone());
             }
@@ -659,9 +659,23 @@ pub fn request_metadata(patch: &Object, now: i64) -> Object {
 pub fn contained(desired: &Object, reported: &Object) -> bool {
     desired.iter().all(|(k, v)| match (v, reported.get(k)) {
         (Value::Object(want), Some(Value::Object(have))) => contained(want, have),
-        (want, Some(have)) => want == have,
+        (want, Some(have)) => same(want, have),
         (_, None) => false,
     })
+}
+
+/// Equality of JSON values with numbers compared as numbers: `21` and `21.0` are one value, so a device whose
+/// JSON writer prints every number as a float (Python's `21.0`, a C `printf("%f")`) is not sent a delta for ever.
+/// Arrays and objects compare element by element; everything else as written.
+pub fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => x.as_f64() == y.as_f64(),
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same(a, b)),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| same(v, w)))
+        }
+        _ => a == b,
+    }
 }
 
 #[cfg(test)]

@@ -67,6 +67,23 @@ fn delta_is_nested_and_counts_missing_fields() {
 }
 
 #[test]
+fn numbers_are_compared_as_numbers() {
+    let d = doc(
+        json!({"temp": 21, "fan": {"speed": 2.0}, "list": [1, 2.5], "half": 0.5, "cfg": [{"a": 1}]}),
+        json!({"temp": 21.0, "fan": {"speed": 2}, "list": [1.0, 2.5], "half": 0.5, "cfg": [{"a": 1.0}]}),
+    );
+    assert!(d.delta().is_empty(), "{:?}", d.delta());
+    let d = doc(
+        json!({"temp": 21, "list": [1, 2]}),
+        json!({"temp": 21.5, "list": [1.0, 2.0, 3]}),
+    );
+    assert_eq!(d.delta(), obj(json!({"temp": 21, "list": [1, 2]})));
+    assert!(!same(&json!(1), &json!("1")));
+    assert!(!same(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
+    assert!(same(&json!(-3), &json!(-3.0)));
+}
+
+#[test]
 fn new_objects_drop_their_null_fields_and_get_full_metadata() {
     let d = doc(json!({"cfg": {"a": 1, "b": null, "c": {"d": "x"}}}), json!({}));
     assert_eq!(d.desired, Some(obj(json!({"cfg": {"a": 1, "c": {"d": "x"}}}))));
@@ -133,6 +150,9 @@ fn leaf() -> impl Strategy<Value = Value> {
     prop_oneof![
         any::<bool>().prop_map(Value::from),
         (-5i64..5).prop_map(Value::from),
+        // The same numbers written as floats (`2.0`), and one that is not whole.
+        (-5i64..5).prop_map(|n| Value::from(n as f64)),
+        Just(Value::from(0.5)),
         "[a-c]{0,2}".prop_map(Value::from),
         prop::collection::vec((-3i64..3).prop_map(Value::from), 0..3).prop_map(Value::Array),
     ]
