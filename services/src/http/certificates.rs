@@ -135,6 +135,8 @@ pub struct IssueRequest {
 pub struct IssueResponse {
     /// The certificate.
     pub certificate: CertificateBody,
+    /// The certificate, PEM (the same as `certificate.pem`, beside the CA chain and the key).
+    pub certificate_pem: String,
     /// The CA certificate chain, PEM.
     pub ca_chain_pem: String,
     /// The private key, PKCS#8 PEM; only when the platform generated it, shown only this once.
@@ -165,8 +167,10 @@ pub struct FormatQuery {
 }
 
 fn issued_response(state: &AppState, issued: Issued, still_active: Option<Vec<String>>) -> HttpResponse {
+    let certificate = CertificateBody::from(issued.certificate);
     HttpResponse::Created().json(IssueResponse {
-        certificate: issued.certificate.into(),
+        certificate_pem: certificate.pem.clone(),
+        certificate,
         ca_chain_pem: state.provisioning.ca_pem().to_owned(),
         private_key_pem: issued.private_key_pem,
         still_active,

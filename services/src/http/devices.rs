@@ -106,6 +106,8 @@ pub struct RegisterResponse {
     pub device: DeviceBody,
     /// Its certificate.
     pub certificate: CertificateBody,
+    /// The certificate, PEM (the same as `certificate.pem`, beside the CA chain and the key).
+    pub certificate_pem: String,
     /// The CA certificate chain, PEM: what the device and the broker trust.
     pub ca_chain_pem: String,
     /// The private key, PKCS#8 PEM; present only when the platform generated it, and shown only this once.
@@ -193,11 +195,13 @@ pub async fn register(
     };
     let (device, issued) = state.provisioning.register(registration).await?;
     let location = format!("/v1/devices/{}", device.id);
+    let certificate = CertificateBody::from(issued.certificate);
     Ok(HttpResponse::Created()
         .insert_header(("Location", location))
         .json(RegisterResponse {
             device: device.into(),
-            certificate: issued.certificate.into(),
+            certificate_pem: certificate.pem.clone(),
+            certificate,
             ca_chain_pem: state.provisioning.ca_pem().to_owned(),
             private_key_pem: issued.private_key_pem,
         }))

@@ -71,6 +71,11 @@ async fn issue_rotate_and_revoke_keep_a_truthful_record(backend: Backend) {
     assert_eq!(res.status(), 201);
     let rotated: Value = res.json().await.unwrap();
     let second = rotated["certificate"]["serial"].as_str().unwrap().to_owned();
+    assert!(rotated["certificate_pem"]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(rotated["certificate_pem"], rotated["certificate"]["pem"]);
     assert_ne!(first, second);
     assert_eq!(rotated["still_active"], json!([first]));
     assert!(rotated["private_key_pem"].is_string());

@@ -25,6 +25,7 @@ async fn registration_with_a_generated_key_returns_a_verifiable_certificate_and_
     assert_eq!(body["device"]["attributes"], json!({"model": "esl-2.9"}));
     assert_eq!(body["device"]["tags"], json!(["berlin", "esl"]));
     let cert = body["certificate"]["pem"].as_str().unwrap();
+    assert_eq!(body["certificate_pem"], body["certificate"]["pem"]);
     let ca = body["ca_chain_pem"].as_str().unwrap();
     let key = body["private_key_pem"]
         .as_str()
