@@ -152,12 +152,7 @@ async fn patch_get_and_delete_follow_the_aws_rules(backend: Backend) {
         accepted["version"], 6,
         "the version never goes back, not even after the device is deleted and registered again"
     );
-    let shadow: Value = app
-        .get("/v1/devices/thermo/shadow")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let shadow: Value = app.get("/v1/devices/thermo/shadow").await.json().await.unwrap();
     assert_eq!(
         shadow["state"],
         json!({"desired": {"y": 2}, "delta": {"y": 2}}),
