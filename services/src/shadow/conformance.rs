@@ -214,6 +214,38 @@ async fn concurrent_updates_never_lose_one(store: Store) {
     assert_eq!(document.reported.unwrap().len(), 200, "no update was lost");
 }
 
+/// A flood on one shadow: past `MAX_IN_FLIGHT` waiting requests the rest are refused with 429 at once, every
+/// accepted one is applied, and once the queue has drained the shadow takes requests again.
+async fn a_flood_on_one_shadow_is_refused_past_the_in_flight_limit(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let shadows = service(store, &dir).await;
+    let k = key("flooded", None);
+    let other = key("calm", None);
+    let update = |field: String| {
+        parse_update(
+            json!({"state": {"reported": {field: 1}}}).to_string().as_bytes(),
+            &Limits::default(),
+        )
+        .unwrap()
+    };
+    let requests: Vec<_> = (0..crate::shadow::MAX_IN_FLIGHT + 50)
+        .map(|i| update(format!("f{i}")))
+        .collect();
+    // Polled together on one task: each request enters (and waits) before any has finished.
+    let outcomes = futures_util::future::join_all(requests.iter().map(|r| shadows.update(&k, r, true))).await;
+    let accepted = outcomes.iter().filter(|o| o.is_ok()).count();
+    let refused: Vec<_> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(!refused.is_empty(), "the flood met the limit");
+    assert!(refused.iter().all(|e| e.code() == 429), "{refused:?}");
+    assert!(accepted >= crate::shadow::MAX_IN_FLIGHT, "{accepted} accepted");
+    let document = shadows.get(&k, true).await.unwrap();
+    assert_eq!(document.version, accepted as u64, "every accepted update applied");
+    assert_eq!(document.reported.unwrap().len(), accepted);
+    // Another shadow is not affected, and this one takes requests again.
+    shadows.update(&other, &update("x".into()), true).await.unwrap();
+    shadows.update(&k, &update("again".into()), true).await.unwrap();
+}
+
 async fn the_service_applies_aws_rules_end_to_end(store: Store) {
     let dir = tempfile::tempdir().unwrap();
     let shadows = service(store, &dir).await;
@@ -511,5 +543,6 @@ conformance!(
     versions_survive_delete_and_recreate,
     named_shadows_are_separate_and_purge_keeps_only_versions,
     concurrent_updates_never_lose_one,
+    a_flood_on_one_shadow_is_refused_past_the_in_flight_limit,
     the_service_applies_aws_rules_end_to_end,
 );

@@ -29,6 +29,9 @@ const MAX_ATTEMPTS: usize = 32;
 /// Lock stripes: updates to one shadow queue behind each other inside this process, so compare-and-set only
 /// ever races against other instances.
 const STRIPES: usize = 256;
+/// Most requests one shadow may have in flight in this process (written, or queued behind the one being written);
+/// one more is answered 429 at once instead of joining an ever longer queue. AWS IoT allows 10 per shadow.
+pub const MAX_IN_FLIGHT: usize = 100;
 /// How long a device found in the registry is taken to exist without asking again (REST requests only; the
 /// MQTT side knows its device). Deleting a device forgets it at once on every instance (see [`Shadows::purge`]);
 /// this bounds how stale the answer can be should that notice be missed.
@@ -63,6 +66,8 @@ pub struct Shadows {
     events: EventBus,
     outbox: mpsc::UnboundedSender<Outgoing>,
     stripes: std::sync::Arc<Vec<tokio::sync::Mutex<()>>>,
+    /// Requests in flight per shadow (see [`MAX_IN_FLIGHT`]); a shadow with none has no entry.
+    in_flight: std::sync::Arc<std::sync::Mutex<HashMap<ShadowKey, usize>>>,
     /// Devices recently found in the registry, and when (a plain mutex: held for a map lookup, never across an
     /// await).
     known: std::sync::Arc<std::sync::Mutex<HashMap<DeviceId, std::time::Instant>>>,
@@ -99,6 +104,7 @@ impl Shadows {
                 events,
                 outbox,
                 stripes,
+                in_flight: Default::default(),
                 known: Default::default(),
             },
             rx,
@@ -275,6 +281,7 @@ impl Shadows {
         key: &ShadowKey,
         mut decide: impl FnMut(Stored) -> Result<(Write, T), ShadowError>,
     ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Write, T), ShadowError> {
+        let _in_flight = InFlight::enter(&self.in_flight, key)?;
         let turn = self.stripe(key).lock().await;
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 1 {
@@ -412,6 +419,39 @@ impl Shadows {
 
 /// The firmware version the device reports (`reported.firmware.version`), when this update reported its
 /// `firmware`: what OTA needs to see a rollback, without reading the shadow again.
+/// One request counted against its shadow's [`MAX_IN_FLIGHT`] until dropped (also when its future is).
+struct InFlight<'a> {
+    counts: &'a std::sync::Mutex<HashMap<ShadowKey, usize>>,
+    key: &'a ShadowKey,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(
+        counts: &'a std::sync::Mutex<HashMap<ShadowKey, usize>>,
+        key: &'a ShadowKey,
+    ) -> Result<Self, ShadowError> {
+        let mut map = counts.lock().expect("in-flight counts");
+        let count = map.entry(key.clone()).or_default();
+        if *count >= MAX_IN_FLIGHT {
+            return Err(ShadowError::TooManyRequests);
+        }
+        *count += 1;
+        Ok(Self { counts, key })
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().expect("in-flight counts");
+        if let Some(count) = map.get_mut(self.key) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(self.key);
+            }
+        }
+    }
+}
+
 fn reported_firmware(patch: &Patch, next: &Document) -> Option<String> {
     match patch {
         Patch::Merge(fields) if fields.contains_key("firmware") => next.firmware_version().map(str::to_owned),

@@ -50,7 +50,7 @@ pub enum ShadowError {
     /// 413: state larger than allowed.
     #[error("{0}")]
     TooLarge(String),
-    /// 429: too many requests in flight (the store kept losing races).
+    /// 429: too many requests in flight on one shadow (`MAX_IN_FLIGHT`), or the store kept losing races.
     #[error("too many requests; retry")]
     TooManyRequests,
     /// 503: the store does not answer.
