@@ -374,6 +374,15 @@ async fn redis_instances_with_stale_memories_never_lose_an_update() {
     assert_eq!(a.update(&k, &request, true).await.unwrap().document.version, 41);
 }
 
+/// An update that reports `n`.
+fn report(n: u64) -> super::request::UpdateRequest {
+    parse_update(
+        format!(r#"{{"state":{{"reported":{{"n":{n}}}}}}}"#).as_bytes(),
+        &Limits::default(),
+    )
+    .unwrap()
+}
+
 /// A read on one instance remembers the document; the other instance then updates it, deletes it and writes it
 /// again. Each read on the first sees each change, though it asks Redis only whether its memory is current.
 #[tokio::test]
@@ -381,13 +390,6 @@ async fn redis_reads_see_what_another_instance_wrote() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = two_redis_instances(&dir).await;
     let k = key("shared", None);
-    let report = |n: u64| {
-        parse_update(
-            format!(r#"{{"state":{{"reported":{{"n":{n}}}}}}}"#).as_bytes(),
-            &Limits::default(),
-        )
-        .unwrap()
-    };
     a.update(&k, &report(1), true).await.unwrap();
     assert_eq!(a.get(&k, true).await.unwrap().reported.unwrap()["n"], 1);
     b.update(&k, &report(2), true).await.unwrap();
@@ -414,13 +416,6 @@ async fn redis_reads_after_a_missed_purge_see_the_new_document() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = two_redis_instances(&dir).await;
     let k = key("reborn", None);
-    let report = |n: u64| {
-        parse_update(
-            format!(r#"{{"state":{{"reported":{{"n":{n}}}}}}}"#).as_bytes(),
-            &Limits::default(),
-        )
-        .unwrap()
-    };
     b.update(&k, &report(1), true).await.unwrap();
     assert_eq!(a.get(&k, true).await.unwrap().reported.unwrap()["n"], 1);
     b.purge(&k.device).await.unwrap();
