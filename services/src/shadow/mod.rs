@@ -417,8 +417,6 @@ impl Shadows {
     }
 }
 
-/// The firmware version the device reports (`reported.firmware.version`), when this update reported its
-/// `firmware`: what OTA needs to see a rollback, without reading the shadow again.
 /// One request counted against its shadow's [`MAX_IN_FLIGHT`] until dropped (also when its future is).
 struct InFlight<'a> {
     counts: &'a std::sync::Mutex<HashMap<ShadowKey, usize>>,
@@ -452,6 +450,8 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// The firmware version the device reports (`reported.firmware.version`), when this update reported its
+/// `firmware`: what OTA needs to see a rollback, without reading the shadow again.
 fn reported_firmware(patch: &Patch, next: &Document) -> Option<String> {
     match patch {
         Patch::Merge(fields) if fields.contains_key("firmware") => next.firmware_version().map(str::to_owned),
