@@ -116,7 +116,12 @@ impl RedisStore {
     }
 
     fn key(&self, key: &ShadowKey) -> String {
-        format!("{}shadow/{}/{}", self.prefix, key.device, key.name_str())
+        self.shadow_key(&key.device, key.name_str())
+    }
+
+    /// The hash of `device`'s shadow named `name` as the index lists it (`""`: the classic shadow).
+    fn shadow_key(&self, device: &DeviceId, name: &str) -> String {
+        format!("{}shadow/{}/{}", self.prefix, device, name)
     }
 
     fn index(&self, device: &DeviceId) -> String {
@@ -298,7 +303,7 @@ impl RedisStore {
         let mut pipe = redis::pipe();
         for name in &names {
             pipe.cmd("HDEL")
-                .arg(format!("{}shadow/{}/{}", self.prefix, device, name))
+                .arg(self.shadow_key(device, name))
                 .arg("d")
                 .arg("t")
                 .ignore();
