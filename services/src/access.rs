@@ -205,8 +205,7 @@ mod tests {
     #[tokio::test]
     async fn instances_starting_together_generate_one_admin_token() {
         let dir = tempfile::tempdir().unwrap();
-        let url = crate::db::sqlite_url(&dir.path().join("registry.db"));
-        let registry = Registry::new(crate::db::connect(&url).await.unwrap());
+        let registry = Registry::sqlite_in(dir.path()).await;
         let starts: Vec<_> = (0..8).map(|_| bootstrap_admin(&registry, None)).collect();
         let outcomes: Vec<_> = futures_util::future::join_all(starts)
             .await
@@ -235,8 +234,7 @@ mod tests {
     #[tokio::test]
     async fn a_configured_token_is_the_admin_key_even_when_short_but_not_when_empty() {
         let dir = tempfile::tempdir().unwrap();
-        let url = crate::db::sqlite_url(&dir.path().join("registry.db"));
-        let registry = Registry::new(crate::db::connect(&url).await.unwrap());
+        let registry = Registry::sqlite_in(dir.path()).await;
         assert!(matches!(
             bootstrap_admin(&registry, Some("  ")).await,
             Err(AccessError::Invalid(_))

@@ -135,11 +135,6 @@ mod tests {
 
     use super::*;
 
-    async fn database(dir: &Path) -> Registry {
-        let url = crate::db::sqlite_url(&dir.join("shared.db"));
-        Registry::new(crate::db::connect(&url).await.unwrap())
-    }
-
     fn source(dir: &Path, keep_files: bool) -> CaSource {
         CaSource {
             dir: dir.to_owned(),
@@ -157,7 +152,7 @@ mod tests {
     #[tokio::test]
     async fn the_first_instance_creates_the_ca_in_the_database_and_the_others_load_it() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = database(dir.path()).await;
+        let registry = Registry::sqlite_in(dir.path()).await;
         let (a, made) = load(&source(&dir.path().join("a"), false), &registry).await;
         let (b, found) = load(&source(&dir.path().join("b"), false), &registry).await;
         assert_eq!((made, found), (CaProvenance::Generated, CaProvenance::Database));
@@ -171,7 +166,7 @@ mod tests {
     #[tokio::test]
     async fn instances_starting_at_once_agree_on_one_ca() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = database(dir.path()).await;
+        let registry = Registry::sqlite_in(dir.path()).await;
         let sources: Vec<_> = (0..4)
             .map(|i| source(&dir.path().join(i.to_string()), false))
             .collect();
@@ -185,7 +180,7 @@ mod tests {
     async fn a_data_directory_ca_is_imported_into_an_empty_database_and_kept_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let old = CertificateAuthority::load_or_create(&source(dir.path(), true), Duration::days(1)).unwrap();
-        let registry = database(dir.path()).await;
+        let registry = Registry::sqlite_in(dir.path()).await;
         let (ca, provenance) = load(&source(dir.path(), true), &registry).await;
         assert_eq!(provenance, CaProvenance::ImportedFromDataDir);
         assert_eq!(
@@ -203,7 +198,7 @@ mod tests {
     #[tokio::test]
     async fn a_local_database_keeps_a_copy_of_the_ca_in_the_data_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = database(dir.path()).await;
+        let registry = Registry::sqlite_in(dir.path()).await;
         let (ca, _) = load(&source(&dir.path().join("pki"), true), &registry).await;
         let file = std::fs::read_to_string(dir.path().join("pki/ca.crt")).unwrap();
         assert_eq!(file.trim(), ca.ca_pem().trim());
@@ -213,7 +208,7 @@ mod tests {
     #[tokio::test]
     async fn the_database_ca_wins_over_another_in_the_data_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = database(dir.path()).await;
+        let registry = Registry::sqlite_in(dir.path()).await;
         let (shared, _) = load(&source(&dir.path().join("first"), false), &registry).await;
         let other = dir.path().join("other");
         CertificateAuthority::load_or_create(&source(&other, true), Duration::days(1)).unwrap();
@@ -228,7 +223,7 @@ mod tests {
         let pki = dir.path().join("pki");
         CertificateAuthority::load_or_create(&source(&pki, true), Duration::days(1)).unwrap();
         std::fs::remove_file(pki.join("ca.key")).unwrap();
-        let registry = database(dir.path()).await;
+        let registry = Registry::sqlite_in(dir.path()).await;
         let err = CertificateAuthority::load_shared(&source(&pki, true), &registry, Duration::days(1))
             .await
             .unwrap_err();
@@ -242,7 +237,7 @@ mod tests {
         let operator = dir.path().join("operator");
         let theirs =
             CertificateAuthority::load_or_create(&source(&operator, true), Duration::days(1)).unwrap();
-        let registry = database(dir.path()).await;
+        let registry = Registry::sqlite_in(dir.path()).await;
         let provided = CaSource {
             dir: dir.path().join("pki"),
             provided: Some((operator.join("ca.crt"), operator.join("ca.key"))),
@@ -258,7 +253,7 @@ mod tests {
     #[tokio::test]
     async fn an_unusable_ca_on_record_is_an_error_not_a_new_ca() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = database(dir.path()).await;
+        let registry = Registry::sqlite_in(dir.path()).await;
         let junk = StoredCa {
             cert_pem: "not a certificate".into(),
             key_pem: "not a key".into(),

@@ -83,11 +83,6 @@ impl Registry {
 mod tests {
     use super::*;
 
-    async fn registry(dir: &std::path::Path) -> Registry {
-        let url = crate::db::sqlite_url(&dir.join("registry.db"));
-        Registry::new(crate::db::connect(&url).await.unwrap())
-    }
-
     fn ca(n: u8) -> StoredCa {
         StoredCa {
             cert_pem: format!("cert {n}"),
@@ -98,7 +93,7 @@ mod tests {
     #[tokio::test]
     async fn the_first_ca_stored_wins_and_is_never_replaced() {
         let dir = tempfile::tempdir().unwrap();
-        let reg = registry(dir.path()).await;
+        let reg = Registry::sqlite_in(dir.path()).await;
         assert_eq!(reg.stored_ca().await.unwrap(), None);
         assert_eq!(
             reg.store_ca_if_absent(&ca(1), CaOrigin::Generated).await.unwrap(),

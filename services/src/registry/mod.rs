@@ -107,6 +107,13 @@ impl Registry {
         Ok(())
     }
 
+    /// A registry on a SQLite file in `dir`, created and migrated: for unit tests.
+    #[cfg(test)]
+    pub(crate) async fn sqlite_in(dir: &std::path::Path) -> Self {
+        let url = crate::db::sqlite_url(&dir.join("registry.db"));
+        Self::new(crate::db::connect(&url).await.expect("test database"))
+    }
+
     /// The engine behind the pool.
     pub(crate) fn engine(&self) -> crate::db::Engine {
         self.engine
