@@ -308,8 +308,8 @@ pub async fn delete(
 ) -> Result<HttpResponse, ApiError> {
     let id = device_id(&id)?;
     state.provisioning.delete(&id).await?;
-    // Every instance also purges on the deletion event; this one does it before answering, so a device registered
-    // again under this id right after never sees the old documents.
+    // Here, once, before answering: a device registered again under this id right after never sees the old
+    // documents, and no late purge can wipe its new ones (the other instances only forget on the event).
     if let Err(e) = state.shadows.purge(&id).await {
         tracing::warn!(device_id = %id, error = %e, "could not purge the deleted device's shadows");
     }

@@ -181,6 +181,12 @@ async fn named_shadows_are_separate_and_purge_keeps_only_versions(store: Store) 
         1,
         "other devices are untouched"
     );
+    // Forgetting (what other instances do on the deletion event) writes nothing: a shadow written after the
+    // purge, by a device registered again, keeps its document.
+    store.forget(&classic.device);
+    let stored = store.load(&named).await.unwrap();
+    assert_eq!(stored.version, 2);
+    assert!(stored.document.is_some(), "forget left the new document");
     // A second purge finds the shadow written after the first.
     store.purge(&classic.device).await.unwrap();
     let stored = store.load(&named).await.unwrap();

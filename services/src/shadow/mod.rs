@@ -33,7 +33,7 @@ const STRIPES: usize = 256;
 /// one more is answered 429 at once instead of joining an ever longer queue. AWS IoT allows 10 per shadow.
 pub const MAX_IN_FLIGHT: usize = 100;
 /// How long a device found in the registry is taken to exist without asking again (REST requests only; the
-/// MQTT side knows its device). Deleting a device forgets it at once on every instance (see [`Shadows::purge`]);
+/// MQTT side knows its device). Deleting a device forgets it at once on every instance (see [`Shadows::forget`]);
 /// this bounds how stale the answer can be should that notice be missed.
 const KNOWN_DEVICE_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 /// Most devices remembered as existing; past it the memory starts again empty.
@@ -310,10 +310,18 @@ impl Shadows {
         Err(ShadowError::TooManyRequests)
     }
 
-    /// Forgets every shadow of a deleted device (called on every instance when a device is deleted).
+    /// Drops the documents of a deleted device's shadows, keeping their versions. Called once, by the instance
+    /// that deleted the device, before it answers; every instance then [`Shadows::forget`]s on the event.
     pub async fn purge(&self, device: &DeviceId) -> Result<(), ShadowError> {
-        self.known.lock().expect("known devices").remove(device);
+        self.forget(device);
         Ok(self.store.purge(device).await?)
+    }
+
+    /// Drops what this process remembers of a deleted device (that it exists, its shadows), writing nothing. A
+    /// purge here instead could arrive after the device was registered again and wipe its new documents.
+    pub fn forget(&self, device: &DeviceId) {
+        self.known.lock().expect("known devices").remove(device);
+        self.store.forget(device);
     }
 
     /// Offline replay: publishes the current delta of `key` (if any) on its delta topic. Called when the device

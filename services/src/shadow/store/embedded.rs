@@ -262,7 +262,7 @@ impl ShadowStore for EmbeddedStore {
     }
 
     async fn purge(&self, device: &DeviceId) -> Result<(), StoreError> {
-        self.memory().forget_device(device);
+        self.forget(device);
         let result = self
             .queue(|done| Job::Purge {
                 device: device.clone(),
@@ -270,8 +270,12 @@ impl ShadowStore for EmbeddedStore {
             })
             .await;
         // Anything read from the file before the purge was committed is stale now.
-        self.memory().forget_device(device);
+        self.forget(device);
         result
+    }
+
+    fn forget(&self, device: &DeviceId) {
+        self.memory().forget_device(device);
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -109,6 +109,9 @@ pub trait ShadowStore: Send + Sync {
     /// registered again under the same id continues them: a version never goes back.
     fn purge(&self, device: &DeviceId) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Drops what this process remembers of a device's shadows, writing nothing: another instance purged them.
+    fn forget(&self, device: &DeviceId);
+
     /// Checks the backend answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
@@ -162,6 +165,13 @@ impl ShadowStore for Store {
         match self {
             Store::Embedded(s) => s.purge(device).await,
             Store::Redis(s) => s.purge(device).await,
+        }
+    }
+
+    fn forget(&self, device: &DeviceId) {
+        match self {
+            Store::Embedded(s) => s.forget(device),
+            Store::Redis(s) => s.forget(device),
         }
     }
 

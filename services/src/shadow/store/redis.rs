@@ -187,8 +187,12 @@ impl ShadowStore for RedisStore {
     }
 
     async fn purge(&self, device: &DeviceId) -> Result<(), StoreError> {
-        self.recent().retain(|key, _| key.device != *device);
+        self.forget(device);
         self.bounded(self.purge_unbounded(device)).await
+    }
+
+    fn forget(&self, device: &DeviceId) {
+        self.recent().retain(|key, _| key.device != *device);
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
