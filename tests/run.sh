@@ -64,7 +64,7 @@ log "starting PostgreSQL on 127.0.0.1:$pg_port and Redis on 127.0.0.1:$redis_por
 # A port can still be taken between the check and the bind: try another one, a few times.
 for attempt in 1 2 3 4 5; do
   "${as_pg[@]}" "$bin/pg_ctl" -D "$work/pg" -l "$work/pg.log" -w -t 60 \
-    -o "-p $pg_port -k $work -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=300" \
+    -o "-p $pg_port -k $work -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=300 -c max_wal_size=64MB -c min_wal_size=32MB" \
     start >/dev/null && break
   [ "$attempt" -lt 5 ] || { cat "$work/pg.log"; exit 1; }
   pg_port=$(free_port)
@@ -88,6 +88,10 @@ done
 
 export ANTUMBRA_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
 export ANTUMBRA_TEST_REDIS_URL="redis://127.0.0.1:$redis_port/0"
+
+# A clean clone (CI) gains nothing from incremental compilation and would keep gigabytes of its files;
+# set CARGO_INCREMENTAL=1 to keep them between local runs.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 # --- checks and tests ----------------------------------------------------------------------------------
 log "cargo fmt --check"
