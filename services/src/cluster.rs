@@ -7,7 +7,12 @@
 //! - **Events** that other instances must act on: a session started (they close a stale session of the same
 //!   device as a takeover and record the device online there), a session ended, a certificate revoked or a
 //!   device deleted (they drop its connections). Each message carries its instance id; an instance ignores its
-//!   own.
+//!   own. What an instance hears goes to its bus as heard (`EventBus::publish_heard`), so its event streams
+//!   show the whole cluster, and it is never sent on again.
+//! - **Shadow changes**, for the event streams of other instances, only while one of them has a stream open:
+//!   such an instance says so every few seconds ([`Message::Watching`]); the others send their shadow events
+//!   until they have not heard it for [`WATCH_LAPSE`]. A fleet's updates cost no Redis traffic when no one
+//!   watches.
 //!
 //! No consensus of our own: Redis orders the messages, PostgreSQL and the shadow store hold the state.
 
@@ -24,9 +29,21 @@ use crate::shadow::Outgoing;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Message {
-    Outgoing { topic: String, payload: String },
-    Event { event: PlatformEvent },
+    Outgoing {
+        topic: String,
+        payload: String,
+    },
+    Event {
+        event: PlatformEvent,
+    },
+    /// The sender has applications watching its event stream.
+    Watching,
 }
+
+/// How often an instance with an event stream open says so.
+const WATCH_PERIOD: Duration = Duration::from_secs(5);
+/// How long the others keep sending shadow events after they last heard it.
+const WATCH_LAPSE: Duration = Duration::from_secs(16);
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
@@ -53,17 +70,18 @@ fn manager_config() -> redis::aio::ConnectionManagerConfig {
 pub async fn bridge(
     url: &str,
     prefix: &str,
+    instance: String,
     outbox: mpsc::UnboundedReceiver<Outgoing>,
     events: EventBus,
     presence: std::sync::Arc<Presence>,
 ) -> Result<mpsc::UnboundedReceiver<Outgoing>, redis::RedisError> {
-    let instance = format!("{:016x}", rand::random::<u64>());
     let channel = format!("{prefix}cluster");
     let client = redis::Client::open(url)?;
     let publisher = redis::aio::ConnectionManager::new_with_config(client.clone(), manager_config()).await?;
     let (to_broker, from_cluster) = mpsc::unbounded_channel();
 
     let lost = std::sync::Arc::new(tokio::sync::Notify::new());
+    let watched_until = std::sync::Arc::new(std::sync::Mutex::new(None));
     let publisher = Publisher {
         client: client.clone(),
         conn: Some(publisher),
@@ -75,22 +93,35 @@ pub async fn bridge(
         publisher,
         instance.clone(),
         outbox,
-        events.subscribe(),
+        events.clone(),
+        watched_until.clone(),
     ));
-    tokio::spawn(subscribe_loop(
-        lost, client, channel, instance, to_broker, events, presence,
-    ));
+    let here = Here {
+        instance,
+        events,
+        presence,
+        watched_until,
+    };
+    tokio::spawn(subscribe_loop(lost, client, channel, to_broker, here));
     Ok(from_cluster)
 }
 
-fn shared(event: &PlatformEvent) -> bool {
-    matches!(
-        event,
+/// Until when another instance watches the events (`None`: none has said so lately).
+type WatchedUntil = std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>;
+
+/// Whether the other instances get `event`: always what they act on, shadow changes while one watches.
+fn shared(event: &PlatformEvent, watched_until: &WatchedUntil) -> bool {
+    match event {
         PlatformEvent::Connected { .. }
-            | PlatformEvent::Disconnected { .. }
-            | PlatformEvent::CertificateRevoked { .. }
-            | PlatformEvent::DeviceDeleted { .. }
-    )
+        | PlatformEvent::Disconnected { .. }
+        | PlatformEvent::CertificateRevoked { .. }
+        | PlatformEvent::DeviceDeleted { .. } => true,
+        PlatformEvent::ShadowUpdated { .. } | PlatformEvent::ShadowDeleted { .. } => watched_until
+            .lock()
+            .expect("watch deadline")
+            .is_some_and(|until| tokio::time::Instant::now() < until),
+        PlatformEvent::SessionMoved { .. } => false,
+    }
 }
 
 /// Most messages published in one round trip to Redis.
@@ -160,8 +191,12 @@ async fn publish_loop(
     mut publisher: Publisher,
     instance: String,
     mut outbox: mpsc::UnboundedReceiver<Outgoing>,
-    mut events: tokio::sync::broadcast::Receiver<PlatformEvent>,
+    bus: EventBus,
+    watched_until: WatchedUntil,
 ) {
+    let mut events = bus.subscribe();
+    let mut watching = tokio::time::interval(WATCH_PERIOD);
+    watching.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let envelope = |message: Message| {
         serde_json::to_string(&Envelope {
             from: instance.clone(),
@@ -184,8 +219,14 @@ async fn publish_loop(
                 if n == 0 { break }
                 texts.extend(queued.drain(..).map(|out| envelope(outgoing(out))));
             },
+            // Said at once when the first stream opens, so the others start sending shadow events now.
+            _ = bus.first_watcher() => texts.push(envelope(Message::Watching)),
+            _ = watching.tick() => {
+                if !bus.watched() { continue }
+                texts.push(envelope(Message::Watching));
+            },
             event = events.recv() => match event {
-                Ok(event) if shared(&event) => texts.push(envelope(Message::Event { event })),
+                Ok(event) if shared(&event, &watched_until) => texts.push(envelope(Message::Event { event })),
                 Ok(_) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "cluster bridge lagged behind local events");
@@ -200,14 +241,21 @@ async fn publish_loop(
     tracing::info!("cluster publisher stopped");
 }
 
+/// What the subscribing side applies heard messages to.
+struct Here {
+    /// This instance's id: its own messages come back from Redis and are skipped.
+    instance: String,
+    events: EventBus,
+    presence: std::sync::Arc<Presence>,
+    watched_until: WatchedUntil,
+}
+
 async fn subscribe_loop(
     lost: std::sync::Arc<tokio::sync::Notify>,
     client: redis::Client,
     channel: String,
-    instance: String,
     to_broker: mpsc::UnboundedSender<Outgoing>,
-    events: EventBus,
-    presence: std::sync::Arc<Presence>,
+    here: Here,
 ) {
     loop {
         let subscribed = tokio::time::timeout(REDIS_DEADLINE, async {
@@ -254,33 +302,38 @@ async fn subscribe_loop(
                         payload: payload.into_bytes(),
                     });
                 }
-                Message::Event { event } if envelope.from != instance => {
-                    apply_remote(&event, &events, &presence)
+                _ if envelope.from == here.instance => {}
+                Message::Event { event } => apply_remote(event, &envelope.from, &here.events, &here.presence),
+                Message::Watching => {
+                    *here.watched_until.lock().expect("watch deadline") =
+                        Some(tokio::time::Instant::now() + WATCH_LAPSE);
                 }
-                Message::Event { .. } => {}
             }
         }
         tracing::warn!("cluster subscription ended; resubscribing");
     }
 }
 
-fn apply_remote(event: &PlatformEvent, events: &EventBus, presence: &Presence) {
+/// What another instance published: applied to this instance's presence and sessions, then passed on to its
+/// bus as heard (for the event streams and the front door; never forwarded again).
+fn apply_remote(event: PlatformEvent, from: &str, events: &EventBus, presence: &Presence) {
     use crate::events::DisconnectReason;
-    match event {
+    match &event {
         PlatformEvent::Connected {
             device_id,
             session,
             remote_addr,
             at,
         } => {
-            if let Ok(device) = antumbra_wire::DeviceId::parse(device_id.clone()) {
-                presence.remote_connected(&device, *session, remote_addr.clone(), *at);
-                // A local session of the same device is stale now: the device moved to another instance.
-                events.publish(PlatformEvent::SessionMoved {
-                    device_id: device_id.clone(),
-                    session: *session,
-                });
-            }
+            let Ok(device) = antumbra_wire::DeviceId::parse(device_id.clone()) else {
+                return;
+            };
+            presence.remote_connected(&device, *session, remote_addr.clone(), *at, from);
+            // A local session of the same device is stale now: the device moved to another instance.
+            events.publish(PlatformEvent::SessionMoved {
+                device_id: device_id.clone(),
+                session: *session,
+            });
         }
         PlatformEvent::Disconnected {
             device_id,
@@ -289,15 +342,18 @@ fn apply_remote(event: &PlatformEvent, events: &EventBus, presence: &Presence) {
             at,
             ..
         } => {
-            if let Ok(device) = antumbra_wire::DeviceId::parse(device_id.clone()) {
-                if *reason != DisconnectReason::Takeover {
-                    presence.remote_disconnected(&device, *session, *reason, *at);
-                }
+            let Ok(device) = antumbra_wire::DeviceId::parse(device_id.clone()) else {
+                return;
+            };
+            if *reason != DisconnectReason::Takeover {
+                presence.remote_disconnected(&device, *session, *reason, *at);
             }
         }
-        PlatformEvent::CertificateRevoked { .. } | PlatformEvent::DeviceDeleted { .. } => {
-            events.publish(event.clone())
-        }
-        _ => {}
+        PlatformEvent::CertificateRevoked { .. }
+        | PlatformEvent::DeviceDeleted { .. }
+        | PlatformEvent::ShadowUpdated { .. }
+        | PlatformEvent::ShadowDeleted { .. } => {}
+        PlatformEvent::SessionMoved { .. } => return,
     }
+    events.publish_heard(event);
 }

@@ -1,12 +1,17 @@
-//! The platform's in-process event bus: presence changes, revocations, deletions (and, later, shadow changes).
+//! The platform's in-process event bus: presence changes, revocations, deletions, shadow changes.
 //!
-//! A `tokio::sync::broadcast` channel: publishers never block, and a subscriber that falls behind loses the
-//! oldest events and learns how many (the SSE stream tells its client). The MQTT front door listens for
-//! revocations here to drop live connections; `/v1/events` streams everything to applications.
+//! `tokio::sync::broadcast` channels: publishers never block, and a subscriber that falls behind loses the
+//! oldest events and learns how many (the SSE stream tells its client). Two of them: what happened on this
+//! instance, and what this instance heard from the other instances of its cluster (`crate::cluster`). The cluster
+//! bridge forwards only the first, so nothing heard is sent back; the MQTT front door (revocations, deletions)
+//! and `/v1/events` read both ([`EventBus::subscribe_fleet`]).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 use utoipa::ToSchema;
 
 /// Why a device's MQTT session ended.
@@ -173,6 +178,12 @@ impl PlatformEvent {
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<PlatformEvent>,
+    /// Events of other instances, heard through the cluster.
+    heard: broadcast::Sender<PlatformEvent>,
+    /// Applications watching the events (`/v1/events` streams open on this instance).
+    watchers: Arc<AtomicUsize>,
+    /// Told when the first application starts watching.
+    first_watcher: Arc<Notify>,
 }
 
 impl Default for EventBus {
@@ -187,16 +198,81 @@ impl EventBus {
     pub fn new() -> Self {
         Self {
             tx: broadcast::channel(65_536).0,
+            heard: broadcast::channel(65_536).0,
+            watchers: Arc::new(AtomicUsize::new(0)),
+            first_watcher: Arc::new(Notify::new()),
         }
     }
 
-    /// Publishes; having no subscriber is fine.
+    /// Publishes something that happened on this instance; having no subscriber is fine.
     pub fn publish(&self, event: PlatformEvent) {
         let _ = self.tx.send(event);
     }
 
-    /// A new subscription, seeing events from now on.
+    /// Publishes an event another instance of the cluster published.
+    pub fn publish_heard(&self, event: PlatformEvent) {
+        let _ = self.heard.send(event);
+    }
+
+    /// A new subscription to this instance's events, from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<PlatformEvent> {
         self.tx.subscribe()
+    }
+
+    /// A new subscription to the events of the whole cluster (this instance's and those heard), from now on.
+    pub fn subscribe_fleet(&self) -> FleetEvents {
+        FleetEvents {
+            local: self.tx.subscribe(),
+            heard: self.heard.subscribe(),
+            watching: None,
+        }
+    }
+
+    /// [`EventBus::subscribe_fleet`] for an application (an event stream): while it lives, the other instances
+    /// of the cluster are asked to send their shadow changes too, which they otherwise keep to themselves.
+    pub fn watch(&self) -> FleetEvents {
+        let mut events = self.subscribe_fleet();
+        if self.watchers.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.first_watcher.notify_one();
+        }
+        events.watching = Some(self.watchers.clone());
+        events
+    }
+
+    /// Whether an application watches the events here.
+    pub fn watched(&self) -> bool {
+        self.watchers.load(Ordering::SeqCst) > 0
+    }
+
+    /// Resolves when the first application starts watching (at once if one started since the last call).
+    pub async fn first_watcher(&self) {
+        self.first_watcher.notified().await
+    }
+}
+
+/// A subscription to this instance's events and those heard from the rest of the cluster.
+#[derive(Debug)]
+pub struct FleetEvents {
+    local: broadcast::Receiver<PlatformEvent>,
+    heard: broadcast::Receiver<PlatformEvent>,
+    /// The watcher count this subscription is in, if it is an application's.
+    watching: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for FleetEvents {
+    fn drop(&mut self) {
+        if let Some(watchers) = &self.watching {
+            watchers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl FleetEvents {
+    /// The next event from either source; `Lagged` when this subscription fell behind on one of them.
+    pub async fn recv(&mut self) -> Result<PlatformEvent, broadcast::error::RecvError> {
+        tokio::select! {
+            event = self.local.recv() => event,
+            event = self.heard.recv() => event,
+        }
     }
 }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod events;
 pub mod http;
+pub mod liveness;
 pub mod memory;
 pub mod mqtt;
 pub mod ota;

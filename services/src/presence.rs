@@ -66,6 +66,17 @@ impl SeenClock {
 struct Entry {
     status: DeviceStatus,
     seen: Option<Arc<AtomicI64>>,
+    /// In a cluster: the other instance holding the device's session, while it is online there.
+    holder: Option<String>,
+}
+
+/// What a cluster instance knows of the cluster when it loads presence.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// This instance's id.
+    pub instance: String,
+    /// The other instances whose heartbeat lives.
+    pub alive: std::collections::HashSet<String>,
 }
 
 /// The presence service.
@@ -86,11 +97,16 @@ impl std::fmt::Debug for Presence {
 
 impl Presence {
     /// Loads stored presence. Devices stored as online were cut off when the last process stopped: they are
-    /// marked offline with `server_shutdown`. Starts the writer task.
-    pub async fn load(registry: &Registry, events: EventBus) -> Result<Arc<Self>, RegistryError> {
+    /// marked offline with `server_shutdown`, except, in a cluster, those that a live instance holds. Starts the
+    /// writer task.
+    pub async fn load(
+        registry: &Registry,
+        events: EventBus,
+        cluster: Option<ClusterView>,
+    ) -> Result<Arc<Self>, RegistryError> {
         let rows = sqlx::query(
             "SELECT device_id, online, session, connected_at, disconnected_at, last_seen_at, \
-             last_disconnect_reason, remote_addr FROM device_presence",
+             last_disconnect_reason, remote_addr, instance FROM device_presence",
         )
         .fetch_all(registry.pool())
         .await?;
@@ -117,15 +133,27 @@ impl Presence {
                 remote_addr: row.try_get("remote_addr")?,
             };
             max_session = max_session.max(status.session);
-            if status.online {
+            let holder = row
+                .try_get::<Option<String>, _>("instance")?
+                .filter(|holder| cluster.as_ref().is_some_and(|c| c.alive.contains(holder)));
+            if status.online && holder.is_none() {
                 status.online = false;
                 status.disconnected_at = Some(now);
                 status.last_disconnect_reason = Some(DisconnectReason::ServerShutdown);
                 let _ = writer.send((id.clone(), status.clone()));
             }
-            entries.insert(id, Entry { status, seen: None });
+            let holder = holder.filter(|_| status.online);
+            entries.insert(
+                id,
+                Entry {
+                    status,
+                    seen: None,
+                    holder,
+                },
+            );
         }
-        tokio::spawn(write_behind(registry.clone(), queue));
+        // In a cluster, each stored session names this instance as its holder.
+        tokio::spawn(write_behind(registry.clone(), queue, cluster.map(|c| c.instance)));
         Ok(Arc::new(Self {
             entries: Mutex::new(entries),
             next_session: AtomicU64::new(max_session + 1),
@@ -172,12 +200,20 @@ impl Presence {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Another instance started a session of `device`: it is online there, with that session number.
-    pub fn remote_connected(&self, device: &DeviceId, session: u64, remote_addr: String, at: OffsetDateTime) {
+    /// Instance `holder` started a session of `device`: it is online there, with that session number.
+    pub fn remote_connected(
+        &self,
+        device: &DeviceId,
+        session: u64,
+        remote_addr: String,
+        at: OffsetDateTime,
+        holder: &str,
+    ) {
         let mut entries = self.entries.lock().expect("presence lock");
         let entry = entries.entry(device.clone()).or_insert_with(|| Entry {
             status: DeviceStatus::never(),
             seen: None,
+            holder: None,
         });
         if session >= entry.status.session {
             entry.status.online = true;
@@ -186,6 +222,7 @@ impl Presence {
             entry.status.last_seen_at = Some(at);
             entry.status.remote_addr = Some(remote_addr);
             entry.seen = None;
+            entry.holder = Some(holder.to_owned());
         }
         self.next_session.fetch_max(session + 1, Ordering::Relaxed);
     }
@@ -204,8 +241,50 @@ impl Presence {
                 entry.status.online = false;
                 entry.status.disconnected_at = Some(at);
                 entry.status.last_disconnect_reason = Some(reason);
+                entry.holder = None;
             }
         }
+    }
+
+    /// Instance `dead` stopped beating (see `crate::liveness`): the devices it held are offline
+    /// (`server_shutdown`), in the database and here; this instance's event streams hear each disconnect.
+    /// Returns how many devices this instance had online there.
+    pub async fn held_by_dead(&self, registry: &Registry, dead: &str) -> Result<usize, RegistryError> {
+        let now = registry::now();
+        // A device that has since connected elsewhere has another instance (and a newer session) in its row.
+        sqlx::query(
+            "UPDATE device_presence SET online = 0, disconnected_at = $1, last_disconnect_reason = $2 \
+             WHERE instance = $3 AND online = 1",
+        )
+        .bind(to_millis(now))
+        .bind(DisconnectReason::ServerShutdown.as_str())
+        .bind(dead)
+        .execute(registry.pool())
+        .await?;
+        let ended: Vec<(DeviceId, u64)> = {
+            let mut entries = self.entries.lock().expect("presence lock");
+            entries
+                .iter_mut()
+                .filter(|(_, entry)| entry.holder.as_deref() == Some(dead))
+                .map(|(device, entry)| {
+                    entry.holder = None;
+                    entry.status.online = false;
+                    entry.status.disconnected_at = Some(now);
+                    entry.status.last_disconnect_reason = Some(DisconnectReason::ServerShutdown);
+                    (device.clone(), entry.status.session)
+                })
+                .collect()
+        };
+        for (device, session) in &ended {
+            self.events.publish_heard(PlatformEvent::Disconnected {
+                device_id: device.to_string(),
+                session: *session,
+                reason: DisconnectReason::ServerShutdown,
+                online: false,
+                at: now,
+            });
+        }
+        Ok(ended.len())
     }
 
     /// A session of `device` started: returns its number and the clock it reports activity on.
@@ -218,7 +297,9 @@ impl Presence {
             let entry = entries.entry(device.clone()).or_insert_with(|| Entry {
                 status: DeviceStatus::never(),
                 seen: None,
+                holder: None,
             });
+            entry.holder = None;
             entry.status.online = true;
             entry.status.session = session;
             entry.status.connected_at = Some(now);
@@ -293,7 +374,11 @@ impl Presence {
 }
 
 /// Upserts queued statuses, batching whatever accumulated while the previous batch was written.
-async fn write_behind(registry: Registry, mut queue: mpsc::UnboundedReceiver<(DeviceId, DeviceStatus)>) {
+async fn write_behind(
+    registry: Registry,
+    mut queue: mpsc::UnboundedReceiver<(DeviceId, DeviceStatus)>,
+    instance: Option<String>,
+) {
     let mut batch = Vec::new();
     // Statuses not stored yet: kept across a database outage (newer changes merge in) and retried, so a device
     // that left while the database was away is not shown online for good.
@@ -315,7 +400,7 @@ async fn write_behind(registry: Registry, mut queue: mpsc::UnboundedReceiver<(De
         for (id, status) in batch.drain(..) {
             pending.insert(id, status);
         }
-        match upsert(&registry, &pending).await {
+        match upsert(&registry, &pending, instance.as_deref()).await {
             Ok(()) => {
                 pending.clear();
                 // Changes that arrive meanwhile make the next batch. Each commit waits for the disk (an fsync on
@@ -329,7 +414,7 @@ async fn write_behind(registry: Registry, mut queue: mpsc::UnboundedReceiver<(De
         }
     }
     if !pending.is_empty() {
-        let _ = upsert(&registry, &pending).await;
+        let _ = upsert(&registry, &pending, instance.as_deref()).await;
     }
 }
 
@@ -340,9 +425,11 @@ const WRITE_GAP: Duration = Duration::from_millis(50);
 /// How long the presence writer waits before it tries a failed write again.
 const RETRY: Duration = Duration::from_secs(1);
 
+/// Stores `statuses`, each with `instance` (this instance, in a cluster) as the holder of its session.
 async fn upsert(
     registry: &Registry,
     statuses: &HashMap<DeviceId, DeviceStatus>,
+    instance: Option<&str>,
 ) -> Result<(), RegistryError> {
     let statuses: Vec<_> = statuses.iter().collect();
     let mut tx = registry.begin().await?;
@@ -351,14 +438,15 @@ async fn upsert(
     for chunk in statuses.chunks(UPSERT_CHUNK) {
         let mut sql = String::from(
             "INSERT INTO device_presence (device_id, online, session, connected_at, disconnected_at, \
-             last_seen_at, last_disconnect_reason, remote_addr) VALUES ",
+             last_seen_at, last_disconnect_reason, remote_addr, instance) VALUES ",
         );
-        sql.push_str(&crate::db::values_list(registry.engine(), chunk.len(), 8));
+        sql.push_str(&crate::db::values_list(registry.engine(), chunk.len(), 9));
         sql.push_str(
             " ON CONFLICT (device_id) DO UPDATE SET online = excluded.online, session = excluded.session, \
              connected_at = excluded.connected_at, disconnected_at = excluded.disconnected_at, \
              last_seen_at = excluded.last_seen_at, last_disconnect_reason = excluded.last_disconnect_reason, \
-             remote_addr = excluded.remote_addr WHERE device_presence.session <= excluded.session",
+             remote_addr = excluded.remote_addr, instance = excluded.instance \
+             WHERE device_presence.session <= excluded.session",
         );
         let mut query = sqlx::query(&sql);
         for (id, s) in chunk {
@@ -370,7 +458,8 @@ async fn upsert(
                 .bind(s.disconnected_at.map(to_millis))
                 .bind(s.last_seen_at.map(to_millis))
                 .bind(s.last_disconnect_reason.map(|r| r.as_str()))
-                .bind(s.remote_addr.clone());
+                .bind(s.remote_addr.clone())
+                .bind(instance);
         }
         query.execute(&mut *tx).await?;
     }
@@ -378,5 +467,5 @@ async fn upsert(
     Ok(())
 }
 
-/// Devices per presence statement (8 parameters each; SQLite allows 32,766 per statement, PostgreSQL 65,535).
+/// Devices per presence statement (9 parameters each; SQLite allows 32,766 per statement, PostgreSQL 65,535).
 const UPSERT_CHUNK: usize = 256;

@@ -12,10 +12,11 @@ use crate::access::{self, AdminBootstrap};
 use crate::config::Settings;
 use crate::events::EventBus;
 use crate::http::{self, AppState};
+use crate::liveness::Liveness;
 use crate::mqtt::{self, FrontDoor, Metrics};
 use crate::pki::known::KnownCertificates;
 use crate::pki::{CaSource, CertificateAuthority};
-use crate::presence::Presence;
+use crate::presence::{ClusterView, Presence};
 use crate::provisioning::Provisioning;
 use crate::registry::Registry;
 use crate::shadow::store::{EmbeddedStore, RedisStore, Store};
@@ -32,6 +33,8 @@ pub struct Application {
     door: Arc<FrontDoor>,
     state: AppState,
     admin: AdminBootstrap,
+    /// In a cluster: this instance's heartbeat, stopped on a clean stop.
+    liveness: Option<Liveness>,
 }
 
 fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -93,7 +96,33 @@ impl Application {
             .transpose()?;
 
         let events = EventBus::new();
-        let mut presence = Presence::load(&registry, events.clone())
+        // With Redis, this instance is one of a cluster: it keeps a heartbeat there (devices held by an instance
+        // that stops beating go offline), session numbers come from one shared counter, and device messages and
+        // session events travel through Redis to whichever instance needs them.
+        let redis = match &settings.redis_url {
+            Some(url) => {
+                let client = redis::Client::open(url.as_str()).context("REDIS_URL")?;
+                let conn = redis::aio::ConnectionManager::new(client)
+                    .await
+                    .context("connecting to Redis (REDIS_URL)")?;
+                let liveness = Liveness::join(conn.clone(), &settings.redis_prefix)
+                    .await
+                    .context("joining the cluster's heartbeats in Redis")?;
+                Some((url, conn, liveness))
+            }
+            None => None,
+        };
+        let view = match &redis {
+            Some((_, _, liveness)) => Some(ClusterView {
+                instance: liveness.instance.clone(),
+                alive: liveness
+                    .alive()
+                    .await
+                    .context("reading the cluster's heartbeats in Redis")?,
+            }),
+            None => None,
+        };
+        let mut presence = Presence::load(&registry, events.clone(), view)
             .await
             .context("loading presence")?;
         let store = match &settings.redis_url {
@@ -109,14 +138,8 @@ impl Application {
             ),
         };
         let (shadows, outbox) = Shadows::new(store, settings.shadow_limits, registry.clone(), events.clone());
-        // With Redis, this instance is one of a cluster: session numbers come from one shared counter, and
-        // device messages and session events travel through Redis to whichever instance needs them.
-        let cluster = match &settings.redis_url {
-            Some(url) => {
-                let client = redis::Client::open(url.as_str()).context("REDIS_URL")?;
-                let conn = redis::aio::ConnectionManager::new(client)
-                    .await
-                    .context("connecting to Redis (REDIS_URL)")?;
+        let cluster = match redis {
+            Some((url, conn, liveness)) => {
                 presence = presence
                     .share_counter(conn, format!("{}session-seq", settings.redis_prefix))
                     .await;
@@ -124,16 +147,19 @@ impl Application {
                 let from = crate::cluster::bridge(
                     url,
                     &settings.redis_prefix,
+                    liveness.instance.clone(),
                     to_cluster,
                     events.clone(),
                     presence.clone(),
                 )
                 .await
                 .context("joining the cluster over Redis")?;
-                Some(crate::mqtt::ClusterLink { to, from })
+                liveness.clone().spawn(presence.clone(), registry.clone());
+                Some((crate::mqtt::ClusterLink { to, from }, liveness))
             }
             None => None,
         };
+        let (cluster, liveness) = cluster.unzip();
         let ota = crate::ota::Ota::new(registry.clone(), shadows.clone(), events.clone());
         ota.clone().spawn(std::time::Duration::from_millis(250));
         let mqtt_metrics = Arc::new(Metrics::default());
@@ -168,6 +194,7 @@ impl Application {
             door,
             state,
             admin,
+            liveness,
         })
     }
 
@@ -278,6 +305,9 @@ impl Application {
             let _ = listener.await;
         }
         let (_, ()) = tokio::join!(handle.stop(true), self.door.shutdown());
+        if let Some(liveness) = &self.liveness {
+            liveness.leave().await;
+        }
         server.await.context("REST server task")??;
         tracing::info!("stopped");
         Ok(())

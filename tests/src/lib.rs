@@ -219,6 +219,30 @@ impl Server {
             .unwrap()
     }
 
+    /// Opens `GET /v1/events` (`query`: e.g. `?device_id=x`, or empty) with `token`; each event's JSON `data`
+    /// arrives on the returned channel, read by a thread of its own.
+    pub fn events(&self, token: &str, query: &str) -> std::sync::mpsc::Receiver<serde_json::Value> {
+        use std::io::BufRead;
+        let (tx, events) = std::sync::mpsc::channel();
+        let res = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .unwrap()
+            .get(format!("{}/v1/events{query}", self.base))
+            .bearer_auth(token)
+            .send()
+            .unwrap();
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(res).lines().map_while(Result::ok) {
+                if let Some(data) = line.strip_prefix("data: ") {
+                    let _ = tx.send(serde_json::from_str(data).unwrap());
+                }
+            }
+        });
+        events
+    }
+
     /// The value of one Prometheus sample line (`name{labels}`), 0 when absent.
     pub fn metric(&self, sample: &str) -> f64 {
         let text = reqwest::blocking::get(format!("{}/metrics", self.base))

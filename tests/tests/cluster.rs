@@ -1,7 +1,9 @@
 //! Several `antumbra serve` processes on loopback sharing a real PostgreSQL and a real Redis (started by
 //! tests/run.sh), as a cluster runs behind a load balancer. Here: a device on B gets the delta PATCHed on A, a
 //! device that moves from B to A is never shown offline and B's stale socket is closed, a revocation on A drops
-//! and refuses the device on B, desired state set on A while a device was away reaches it on B as one delta.
+//! and refuses the device on B, desired state set on A while a device was away reaches it on B as one delta, the
+//! event stream of A carries what happens on B (once), and presence stays fleet-wide when an instance restarts
+//! or dies.
 //! - `pki`: instances share the CA kept in the database (or the operator's files, which take precedence);
 //! - `ota`: deployments made on one instance reach devices on another, rollouts run on every instance;
 //! - `faults`: Redis restarting, PostgreSQL going away, an instance killed with SIGKILL;
@@ -316,4 +318,130 @@ fn desired_state_set_on_one_instance_while_offline_is_one_delta_when_the_device_
         "every pending field, newest values: {delta}"
     );
     assert_eq!(delta["version"], 3, "{delta}");
+}
+
+/// Waits for the next event on `events` for which `wanted` holds, skipping others; panics after `limit`.
+fn next_event(
+    events: &std::sync::mpsc::Receiver<Value>,
+    limit: Duration,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match events.recv_timeout(left) {
+            Ok(event) if wanted(&event) => return event,
+            Ok(_) => {}
+            Err(_) => panic!("no such event within {limit:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_event_stream_of_one_instance_carries_the_events_of_the_other_once() {
+    let c = cluster();
+    let dir = tempfile::tempdir().unwrap();
+    let d = c.a.register(TOKEN, "lamp-1", dir.path());
+    let events = c.a.events(TOKEN, "?device_id=lamp-1");
+    let of = |kind: &'static str| move |e: &Value| e["type"] == kind;
+    let wait = Duration::from_secs(10);
+
+    let mut device = paho_connected(&c.b, &d, "hold", &[]);
+    let connected = next_event(&events, wait, of("device.connected"));
+    assert_eq!(connected["session"], status(&c.b, "lamp-1")["session"]);
+
+    // A shadow change made through B, while A has a stream open.
+    let (code, _, _) = api(
+        &c.b,
+        reqwest::Method::PATCH,
+        "/v1/devices/lamp-1/shadow",
+        Some(json!({"state": {"desired": {"on": true}}})),
+    );
+    assert_eq!(code, 200);
+    let updated = next_event(&events, wait, of("shadow.updated"));
+    assert_eq!(updated["version"], 1);
+
+    // A revocation through B: A hears it, and the disconnect it causes on B.
+    let (code, _, _) = api(
+        &c.b,
+        reqwest::Method::POST,
+        &format!("/v1/devices/lamp-1/certificates/{}/revoke", d.serial),
+        Some(json!({"reason": "key_compromise"})),
+    );
+    assert_eq!(code, 200);
+    next_event(&events, wait, of("certificate.revoked"));
+    let gone = next_event(&events, wait, of("device.disconnected"));
+    assert_eq!(
+        (gone["reason"].as_str(), gone["online"].as_bool()),
+        (Some("revoked"), Some(false))
+    );
+    device.kill();
+
+    // Each event once: nothing heard from the other instance is sent back to it and heard again.
+    let mut echoes = Vec::new();
+    while let Ok(event) = events.recv_timeout(Duration::from_secs(2)) {
+        echoes.push(event);
+    }
+    assert!(echoes.is_empty(), "events heard twice: {echoes:?}");
+}
+
+#[test]
+fn presence_stays_fleet_wide_when_an_instance_restarts_and_when_one_dies() {
+    let db = test_database();
+    let (redis, prefix) = test_redis();
+    let env = [
+        ("DATABASE_URL", db.as_str()),
+        ("REDIS_URL", redis.as_str()),
+        ("ANTUMBRA_REDIS_PREFIX", prefix.as_str()),
+        ("ANTUMBRA_ADMIN_TOKEN", TOKEN),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let a = instance(dir.path(), "a", &env, &[]);
+    let mut b = instance(dir.path(), "b", &env, &[]);
+    let d = a.register(TOKEN, "fan-3", dir.path());
+    let _device = paho_connected(&b, &d, "silent", &["--keepalive", "60"]);
+    assert!(eventually(Duration::from_secs(5), || status(&a, "fan-3")
+        ["online"]
+        == true));
+
+    // A stops and starts again: B still holds the device, so A shows it online, and lists it so.
+    let status_a = a.terminate();
+    assert!(status_a.success());
+    let a = instance(dir.path(), "a", &env, &[]);
+    let s = status(&a, "fan-3");
+    assert_eq!(
+        s["online"], true,
+        "a restarted instance keeps a device that B holds online: {s}"
+    );
+    let online = a.get_json(TOKEN, "/v1/devices?online=true");
+    assert!(
+        online["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|dev| dev["id"] == "fan-3"),
+        "{online}"
+    );
+
+    // B dies without a word: within its heartbeat's lapse, A shows the device offline and says so on its stream.
+    let events = a.events(TOKEN, "?device_id=fan-3");
+    b.child.kill().unwrap();
+    let _ = b.child.wait();
+    let gone = next_event(&events, Duration::from_secs(40), |e| {
+        e["type"] == "device.disconnected"
+    });
+    assert_eq!(
+        (gone["reason"].as_str(), gone["online"].as_bool()),
+        (Some("server_shutdown"), Some(false))
+    );
+    let s = status(&a, "fan-3");
+    assert_eq!(
+        (s["online"].as_bool(), s["last_disconnect_reason"].as_str()),
+        (Some(false), Some("server_shutdown")),
+        "{s}"
+    );
+    assert!(eventually(Duration::from_secs(5), || {
+        let online = a.get_json(TOKEN, "/v1/devices?online=true");
+        online["items"].as_array().unwrap().is_empty()
+    }));
 }

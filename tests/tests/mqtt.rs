@@ -1,7 +1,6 @@
 //! The embedded broker through clients we did not write: mosquitto_pub / mosquitto_sub and Eclipse Paho
 //! (Python), over mutual TLS with certificates issued by the REST API of a real `antumbra` process.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -531,25 +530,7 @@ fn status_and_event_stream_follow_connect_clean_disconnect_kill_and_takeover() {
         (Value::Bool(false), Value::from(0))
     );
 
-    let (tx, events) = std::sync::mpsc::channel::<Value>();
-    let url = format!("{}/v1/events?device_id=cam-5", server.base);
-    std::thread::spawn(move || {
-        let res = reqwest::blocking::Client::builder()
-            .timeout(None)
-            .build()
-            .unwrap()
-            .get(url)
-            .bearer_auth(TOKEN)
-            .send()
-            .unwrap();
-        assert_eq!(res.headers()["content-type"], "text/event-stream");
-        for line in BufReader::new(res).lines().map_while(Result::ok) {
-            if let Some(data) = line.strip_prefix("data: ") {
-                let _ = tx.send(serde_json::from_str(data).unwrap());
-            }
-        }
-    });
-    std::thread::sleep(Duration::from_millis(300));
+    let events = server.events(TOKEN, "?device_id=cam-5");
     let next = || events.recv_timeout(Duration::from_secs(10)).expect("an event");
 
     // Connect, then a clean disconnect.

@@ -33,8 +33,9 @@ pub struct EventsQuery {
 }
 
 /// Stream platform events as server-sent events. Each event has `event: <type>` (`device.connected`,
-/// `device.disconnected`, `certificate.revoked`, `device.deleted`) and `data: <JSON>`; a subscriber that falls
-/// behind gets `event: lagged` with the number of events it missed.
+/// `device.disconnected`, `certificate.revoked`, `device.deleted`, `shadow.updated`, `shadow.deleted`) and
+/// `data: <JSON>`; a subscriber that falls behind gets `event: lagged` with the number of events it missed. In a
+/// cluster, the stream of any instance carries the events of every instance.
 #[utoipa::path(
     get, path = "/v1/events", tag = "events", params(EventsQuery),
     responses(
@@ -56,11 +57,13 @@ pub async fn stream(
         .map(|d| device_id(&d))
         .transpose()?
         .map(|d| d.to_string());
-    let rx = state.events.subscribe();
+    let rx = state.events.watch();
     let events = futures_util::stream::unfold((rx, filter), |(mut rx, filter)| async move {
         loop {
             let chunk = match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
                 Err(_) => Bytes::from_static(b": heartbeat\n\n"),
+                // How an instance tells its sessions that the device moved: nothing an application acts on.
+                Ok(Ok(PlatformEvent::SessionMoved { .. })) => continue,
                 Ok(Ok(event)) if filter.as_deref().is_none_or(|f| f == event.device_id()) => sse(&event),
                 Ok(Ok(_)) => continue,
                 Ok(Err(RecvError::Lagged(missed))) => {

@@ -179,7 +179,7 @@ impl FrontDoor {
             },
             Arc::downgrade(&door),
         ));
-        tokio::spawn(drop_revoked(door.clone(), events.subscribe()));
+        tokio::spawn(drop_revoked(door.clone(), events.subscribe_fleet()));
         tokio::spawn(memory::trim_after_departures(Arc::downgrade(&door)));
         Ok(door)
     }
@@ -322,7 +322,7 @@ fn forward(tx: &mut LinkTx, mut packets: Vec<Packet>) -> bool {
 }
 
 /// Drops live sessions whose certificate was revoked or whose device was deleted.
-async fn drop_revoked(door: Arc<FrontDoor>, mut events: tokio::sync::broadcast::Receiver<PlatformEvent>) {
+async fn drop_revoked(door: Arc<FrontDoor>, mut events: crate::events::FleetEvents) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match events.recv().await {

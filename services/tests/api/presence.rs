@@ -28,7 +28,7 @@ async fn a_wave_of_statuses_is_stored_and_read_back_after_a_restart(backend: Bac
     let url = fresh_database(backend, dir.path()).await;
     let pool = antumbra::db::connect(&url).await.unwrap();
     let registry = Registry::new(pool.clone());
-    let presence = Presence::load(&registry, EventBus::new()).await.unwrap();
+    let presence = Presence::load(&registry, EventBus::new(), None).await.unwrap();
     // More devices than one statement takes, so several statements go in one batch.
     let devices: Vec<DeviceId> = (0..700)
         .map(|i| DeviceId::parse(format!("tag-{i:04}")).unwrap())
@@ -54,7 +54,7 @@ async fn a_wave_of_statuses_is_stored_and_read_back_after_a_restart(backend: Bac
 
     // A restart reads them back: the devices still online were cut off by the stop.
     drop(presence);
-    let presence = Presence::load(&registry, EventBus::new()).await.unwrap();
+    let presence = Presence::load(&registry, EventBus::new(), None).await.unwrap();
     for (i, (device, session)) in devices.iter().zip(&sessions).enumerate() {
         let status = presence.status(device);
         assert!(!status.online, "{device}");

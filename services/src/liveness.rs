@@ -1,0 +1,161 @@
+//! Which instances of a cluster are alive: each keeps a heartbeat key in Redis that lapses when it stops.
+//!
+//! Every instance adds its id to one set (`{prefix}instances`) at start and refreshes `{prefix}instance:{id}`
+//! every [`BEAT`] with a time to live of [`LAPSE`]. Every [`BEAT`] each instance also looks for ids in the set
+//! whose key has lapsed: the devices such an instance held are offline (`server_shutdown`), in the database and in
+//! this instance's memory and event streams ([`Presence::held_by_dead`]); then the id leaves the set. Several
+//! instances may do this for the same dead one at once: every step is idempotent.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+
+use crate::presence::Presence;
+use crate::registry::Registry;
+
+/// How often an instance beats and looks for dead ones.
+pub const BEAT: Duration = Duration::from_secs(5);
+/// How long a heartbeat lives: an instance that has not beaten for this long is dead.
+pub const LAPSE: Duration = Duration::from_secs(15);
+/// Longest a Redis call here may take.
+const DEADLINE: Duration = Duration::from_secs(2);
+
+/// This instance's place in the cluster's liveness.
+#[derive(Clone)]
+pub struct Liveness {
+    conn: ConnectionManager,
+    prefix: String,
+    /// This instance's id (random, drawn at start).
+    pub instance: String,
+}
+
+impl std::fmt::Debug for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Liveness")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Liveness {
+    /// Joins: draws an id, beats once and enters the set of instances.
+    pub async fn join(conn: ConnectionManager, prefix: &str) -> Result<Self, redis::RedisError> {
+        let this = Self {
+            conn,
+            prefix: prefix.to_owned(),
+            instance: format!("{:016x}", rand::random::<u64>()),
+        };
+        this.beat().await?;
+        let mut conn = this.conn.clone();
+        redis::cmd("SADD")
+            .arg(this.set_key())
+            .arg(&this.instance)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(this)
+    }
+
+    fn set_key(&self) -> String {
+        format!("{}instances", self.prefix)
+    }
+
+    fn beat_key(&self, instance: &str) -> String {
+        format!("{}instance:{instance}", self.prefix)
+    }
+
+    async fn beat(&self) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let mut set = redis::cmd("SET");
+        set.arg(self.beat_key(&self.instance))
+            .arg(1)
+            .arg("PX")
+            .arg(LAPSE.as_millis() as u64);
+        bounded(set.query_async::<()>(&mut conn)).await
+    }
+
+    /// Stops this instance's heartbeat at once (on a clean stop): the others mark offline at their next look
+    /// whatever it still held, instead of after [`LAPSE`].
+    pub async fn leave(&self) {
+        let mut conn = self.conn.clone();
+        let mut del = redis::cmd("DEL");
+        del.arg(self.beat_key(&self.instance));
+        if let Err(e) = bounded(del.query_async::<()>(&mut conn)).await {
+            tracing::warn!(error = %e, "could not remove this instance's heartbeat from Redis");
+        }
+    }
+
+    /// The other instances of the set, each with whether its heartbeat lives.
+    pub async fn others(&self) -> Result<Vec<(String, bool)>, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let members: Vec<String> =
+            bounded(redis::cmd("SMEMBERS").arg(self.set_key()).query_async(&mut conn)).await?;
+        let members: Vec<String> = members.into_iter().filter(|m| *m != self.instance).collect();
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for member in &members {
+            pipe.cmd("EXISTS").arg(self.beat_key(member));
+        }
+        let alive: Vec<bool> = bounded(pipe.query_async(&mut conn)).await?;
+        Ok(members.into_iter().zip(alive).collect())
+    }
+
+    /// The ids of the other instances whose heartbeat lives.
+    pub async fn alive(&self) -> Result<HashSet<String>, redis::RedisError> {
+        Ok(self
+            .others()
+            .await?
+            .into_iter()
+            .filter_map(|(id, alive)| alive.then_some(id))
+            .collect())
+    }
+
+    /// Beats every [`BEAT`], and marks offline the devices of instances that stopped beating.
+    pub fn spawn(self, presence: Arc<Presence>, registry: Registry) {
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(BEAT);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                if let Err(e) = self.beat().await {
+                    tracing::warn!(error = %e, "could not renew this instance's heartbeat in Redis");
+                    continue;
+                }
+                if let Err(e) = self.sweep(&presence, &registry).await {
+                    tracing::warn!(error = %e, "could not look for stopped instances");
+                }
+            }
+        });
+    }
+
+    async fn sweep(&self, presence: &Presence, registry: &Registry) -> anyhow::Result<()> {
+        for (dead, _) in self.others().await?.into_iter().filter(|(_, alive)| !alive) {
+            let devices = presence.held_by_dead(registry, &dead).await?;
+            tracing::info!(instance = %dead, devices, "an instance stopped beating; its devices are offline");
+            let mut conn = self.conn.clone();
+            bounded(
+                redis::cmd("SREM")
+                    .arg(self.set_key())
+                    .arg(&dead)
+                    .query_async::<()>(&mut conn),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, redis::RedisError> {
+    match tokio::time::timeout(DEADLINE, call).await {
+        Ok(result) => result,
+        Err(_) => Err(redis::RedisError::from((
+            redis::ErrorKind::IoError,
+            "Redis did not answer in time",
+        ))),
+    }
+}
