@@ -72,17 +72,40 @@ fn instance(dir: &std::path::Path, name: &str, env: &[(&str, &str)], extra: &[&s
 /// Two instances on the database `db` and the test Redis. Nothing else is shared: B finds the CA that A
 /// created in the database.
 fn cluster_on(db: &str) -> Cluster {
-    let (redis, prefix) = test_redis();
-    let env = [
-        ("DATABASE_URL", db),
-        ("REDIS_URL", redis.as_str()),
-        ("ANTUMBRA_REDIS_PREFIX", prefix.as_str()),
-        ("ANTUMBRA_ADMIN_TOKEN", TOKEN),
-    ];
+    let env = ClusterEnv::new(db);
+    let env = env.vars();
     let dir = tempfile::tempdir().unwrap();
     let a = instance(dir.path(), "a", &env, &[]);
     let b = instance(dir.path(), "b", &env, &[]);
     Cluster { a, b, _dir: dir }
+}
+
+/// The environment of one test's instances: its database, the test Redis under a key prefix of its own, the
+/// admin token.
+struct ClusterEnv {
+    db: String,
+    redis: String,
+    prefix: String,
+}
+
+impl ClusterEnv {
+    fn new(db: &str) -> Self {
+        let (redis, prefix) = test_redis();
+        Self {
+            db: db.to_owned(),
+            redis,
+            prefix,
+        }
+    }
+
+    fn vars(&self) -> [(&str, &str); 4] {
+        [
+            ("DATABASE_URL", self.db.as_str()),
+            ("REDIS_URL", self.redis.as_str()),
+            ("ANTUMBRA_REDIS_PREFIX", self.prefix.as_str()),
+            ("ANTUMBRA_ADMIN_TOKEN", TOKEN),
+        ]
+    }
 }
 
 fn cluster() -> Cluster {
@@ -387,14 +410,8 @@ fn the_event_stream_of_one_instance_carries_the_events_of_the_other_once() {
 
 #[test]
 fn presence_stays_fleet_wide_when_an_instance_restarts_and_when_one_dies() {
-    let db = test_database();
-    let (redis, prefix) = test_redis();
-    let env = [
-        ("DATABASE_URL", db.as_str()),
-        ("REDIS_URL", redis.as_str()),
-        ("ANTUMBRA_REDIS_PREFIX", prefix.as_str()),
-        ("ANTUMBRA_ADMIN_TOKEN", TOKEN),
-    ];
+    let env = ClusterEnv::new(&test_database());
+    let env = env.vars();
     let dir = tempfile::tempdir().unwrap();
     let a = instance(dir.path(), "a", &env, &[]);
     let mut b = instance(dir.path(), "b", &env, &[]);

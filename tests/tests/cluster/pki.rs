@@ -3,7 +3,7 @@
 
 use antumbra_e2e::{pub_, Server};
 
-use super::{instance, test_database, test_redis, TOKEN};
+use super::{instance, test_database, ClusterEnv, TOKEN};
 
 fn ca_of(server: &Server) -> String {
     reqwest::blocking::get(format!("{}/v1/ca", server.base))
@@ -14,21 +14,15 @@ fn ca_of(server: &Server) -> String {
 
 #[test]
 fn instances_starting_at_once_on_a_fresh_database_agree_on_one_ca() {
-    let db = test_database();
-    let (redis, prefix) = test_redis();
+    let env = std::sync::Arc::new(ClusterEnv::new(&test_database()));
     let dir = tempfile::tempdir().unwrap();
     let starting: Vec<_> = ["a", "b", "c"]
         .into_iter()
         .map(|name| {
-            let (db, redis, prefix) = (db.clone(), redis.clone(), prefix.clone());
+            let env = env.clone();
             let dir = dir.path().to_owned();
             std::thread::spawn(move || {
-                let env = [
-                    ("DATABASE_URL", db.as_str()),
-                    ("REDIS_URL", redis.as_str()),
-                    ("ANTUMBRA_REDIS_PREFIX", prefix.as_str()),
-                    ("ANTUMBRA_ADMIN_TOKEN", TOKEN),
-                ];
+                let env = env.vars();
                 instance(&dir, name, &env, &[])
             })
         })
@@ -87,13 +81,8 @@ fn operator_ca_files_take_precedence_and_stay_out_of_the_database() {
         key.to_str().unwrap(),
     ];
     let db = test_database();
-    let (redis, prefix) = test_redis();
-    let env = [
-        ("DATABASE_URL", db.as_str()),
-        ("REDIS_URL", redis.as_str()),
-        ("ANTUMBRA_REDIS_PREFIX", prefix.as_str()),
-        ("ANTUMBRA_ADMIN_TOKEN", TOKEN),
-    ];
+    let env = ClusterEnv::new(&db);
+    let env = env.vars();
     let a = instance(dir.path(), "a", &env, &files);
     let b = instance(dir.path(), "b", &env, &files);
     let operator_ca = std::fs::read_to_string(&cert).unwrap();
