@@ -19,7 +19,11 @@ use crate::events::PlatformEvent;
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
 pub(super) fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/events", web::get().to(stream));
+    cfg.service(
+        web::resource("/events")
+            .route(web::get().to(stream))
+            .default_service(web::to(super::devices::method_not_allowed)),
+    );
 }
 
 /// Filter for the event stream.

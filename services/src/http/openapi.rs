@@ -86,12 +86,15 @@ $spec
 
 pub(super) fn configure(cfg: &mut web::ServiceConfig) {
     let spec = document();
-    cfg.route(
-        "/openapi.json",
-        web::get().to(move || {
-            let spec = spec.clone();
-            async move { HttpResponse::Ok().content_type("application/json").body(spec) }
-        }),
+    let serve = move || {
+        let spec = spec.clone();
+        async move { HttpResponse::Ok().content_type("application/json").body(spec) }
+    };
+    cfg.service(
+        web::resource("/openapi.json")
+            .route(web::get().to(serve.clone()))
+            .route(web::head().to(serve))
+            .default_service(web::to(super::devices::method_not_allowed)),
     )
     .service(Scalar::with_url("/docs", ApiDoc::openapi()).custom_html(DOCS_HTML));
 }

@@ -1,7 +1,7 @@
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::helpers::{spawn_app, Backend};
+use crate::helpers::{assert_error, spawn_app, Backend};
 use crate::on_both_backends;
 
 on_both_backends!(health_readiness_spec_and_docs_are_served_without_a_key);
@@ -40,6 +40,21 @@ async fn health_readiness_spec_and_docs_are_served_without_a_key(backend: Backen
         antumbra::http::openapi::document(),
         "the served spec is the generated one"
     );
+
+    // HEAD answers as GET without a body; other methods are 405 with the JSON error body.
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        let head = app.request(Method::HEAD, path, None).send().await.unwrap();
+        assert_eq!(head.status(), 200, "HEAD {path}");
+        assert!(head.bytes().await.unwrap().is_empty(), "HEAD {path} has no body");
+        let post = app.request(Method::POST, path, None).send().await.unwrap();
+        assert_error(post, 405, "method_not_allowed").await;
+    }
+    let post = app
+        .request(Method::POST, "/v1/events", None)
+        .send()
+        .await
+        .unwrap();
+    assert_error(post, 405, "method_not_allowed").await;
 
     let docs = app.request(Method::GET, "/docs", None).send().await.unwrap();
     assert_eq!(docs.status(), 200);
