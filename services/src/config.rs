@@ -68,11 +68,11 @@ pub struct ServeArgs {
     /// Data directory: SQLite file, CA, embedded shadow store [default: ./data].
     #[arg(long, env = "ANTUMBRA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// REST listen address; port 0 picks a free port [default: 127.0.0.1:8080].
-    #[arg(long = "http", env = "ANTUMBRA_HTTP_ADDR")]
+    /// REST listen address, IP:port or host:port; port 0 picks a free port [default: 127.0.0.1:8080].
+    #[arg(long = "http", env = "ANTUMBRA_HTTP_ADDR", value_parser = listen_addr)]
     pub http_addr: Option<SocketAddr>,
-    /// MQTT over TLS listen address; port 0 picks a free port [default: 127.0.0.1:8883].
-    #[arg(long = "mqtts", env = "ANTUMBRA_MQTTS_ADDR")]
+    /// MQTT over TLS listen address, IP:port or host:port; port 0 picks a free port [default: 127.0.0.1:8883].
+    #[arg(long = "mqtts", env = "ANTUMBRA_MQTTS_ADDR", value_parser = listen_addr)]
     pub mqtts_addr: Option<SocketAddr>,
     /// Registry database: sqlite:… or postgres://… [default: SQLite file in the data dir].
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -108,7 +108,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ANTUMBRA_SHUTDOWN_TIMEOUT_SECS")]
     pub shutdown_timeout_secs: Option<u64>,
     /// Development only: also serve MQTT without TLS here (loopback addresses only; the client id is trusted).
-    #[arg(long = "mqtt-plain", env = "ANTUMBRA_MQTT_PLAIN_ADDR")]
+    #[arg(long = "mqtt-plain", env = "ANTUMBRA_MQTT_PLAIN_ADDR", value_parser = listen_addr)]
     pub mqtt_plain_addr: Option<SocketAddr>,
     /// Most MQTT device sessions at once [default: 50000].
     #[arg(long, env = "ANTUMBRA_MQTT_MAX_CONNECTIONS")]
@@ -127,13 +127,37 @@ pub struct ServeArgs {
     pub shadow_max_client_token: Option<usize>,
 }
 
+/// A listen address: `IP:port` (`[::1]:8080` for IPv6), or `host:port` with a name that resolves, such as
+/// `localhost:8080` (its first IPv4 address, else its first address).
+pub fn listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("`{text}` is neither IP:port nor host:port ({e})"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("`{text}` resolves to no address"))
+}
+
+fn file_listen_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    listen_addr(&text).map(Some).map_err(serde::de::Error::custom)
+}
+
 /// The config file: the same settings, snake_case, all optional. Unknown keys are an error, so a typo is
 /// reported instead of silently ignored.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     data_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "file_listen_addr")]
     http_addr: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "file_listen_addr")]
     mqtts_addr: Option<SocketAddr>,
     database_url: Option<String>,
     redis_url: Option<String>,
@@ -146,6 +170,7 @@ pub struct FileConfig {
     max_body_bytes: Option<usize>,
     log_format: Option<LogFormat>,
     shutdown_timeout_secs: Option<u64>,
+    #[serde(default, deserialize_with = "file_listen_addr")]
     mqtt_plain_addr: Option<SocketAddr>,
     mqtt_max_connections: Option<usize>,
     mqtt_max_packet_bytes: Option<usize>,
@@ -441,5 +466,28 @@ mod tests {
             Cli::try_parse_from(["antumbra", "openapi"]).unwrap().command(),
             Command::Openapi { out: None }
         ));
+    }
+
+    #[test]
+    fn listen_addresses_take_host_names_and_refuse_nonsense() {
+        let cli =
+            Cli::try_parse_from(["antumbra", "--http", "localhost:8081", "--mqtts", "[::1]:0"]).unwrap();
+        let Command::Serve(args) = cli.command() else {
+            panic!("serve expected")
+        };
+        let s = Settings::layer(*args, FileConfig::default()).unwrap();
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(s.mqtts_addr.to_string(), "[::1]:0");
+        let f = file("http_addr = \"localhost:9000\"\nmqtt_plain_addr = \"127.0.0.1:1883\"");
+        let s = Settings::layer(ServeArgs::default(), f).unwrap();
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:9000");
+        assert_eq!(
+            s.mqtt_plain_addr.map(|a| a.to_string()).as_deref(),
+            Some("127.0.0.1:1883")
+        );
+        for bad in ["localhost", "8080", "localhost:http-ish", ":8080"] {
+            assert!(listen_addr(bad).is_err(), "{bad}");
+            assert!(Cli::try_parse_from(["antumbra", "--http", bad]).is_err(), "{bad}");
+        }
     }
 }
