@@ -90,11 +90,6 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
         let spec = spec.clone();
         async move { HttpResponse::Ok().content_type("application/json").body(spec) }
     };
-    cfg.service(
-        web::resource("/openapi.json")
-            .route(web::get().to(serve.clone()))
-            .route(web::head().to(serve))
-            .default_service(web::to(super::devices::method_not_allowed)),
-    )
-    .service(Scalar::with_url("/docs", ApiDoc::openapi()).custom_html(DOCS_HTML));
+    cfg.service(super::ops::get_or_head("/openapi.json", serve))
+        .service(Scalar::with_url("/docs", ApiDoc::openapi()).custom_html(DOCS_HTML));
 }

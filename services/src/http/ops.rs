@@ -9,25 +9,23 @@ use super::error::{ApiError, ErrorBody};
 use super::AppState;
 
 pub(super) fn configure(cfg: &mut web::ServiceConfig) {
-    // HEAD as GET (probes and `curl -I`; actix sends no body for HEAD), any other method 405.
-    cfg.service(
-        web::resource("/healthz")
-            .route(web::get().to(healthz))
-            .route(web::head().to(healthz))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/readyz")
-            .route(web::get().to(readyz))
-            .route(web::head().to(readyz))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/metrics")
-            .route(web::get().to(metrics))
-            .route(web::head().to(metrics))
-            .default_service(web::to(method_not_allowed)),
-    );
+    cfg.service(get_or_head("/healthz", healthz))
+        .service(get_or_head("/readyz", readyz))
+        .service(get_or_head("/metrics", metrics));
+}
+
+/// A resource served by `handler` on GET and on HEAD (probes and `curl -I`; actix sends no body for HEAD), and
+/// 405 on any other method.
+pub(super) fn get_or_head<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args> + Clone,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path)
+        .route(web::get().to(handler.clone()))
+        .route(web::head().to(handler))
+        .default_service(web::to(method_not_allowed))
 }
 
 /// Health or readiness status.
