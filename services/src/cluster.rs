@@ -55,6 +55,21 @@ struct Envelope {
 /// Longest a Redis call of the bridge may take. A call that hangs (a connection half-dead, a reconnect that
 /// does not finish) must not stall every device message behind it.
 const REDIS_DEADLINE: Duration = Duration::from_secs(2);
+
+/// `call`, failing with an I/O error when Redis has not answered within [`REDIS_DEADLINE`].
+pub(crate) async fn bounded<T>(
+    call: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+) -> Result<T, redis::RedisError> {
+    tokio::time::timeout(REDIS_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::IoError,
+                "Redis did not answer",
+                format!("within {REDIS_DEADLINE:?}"),
+            )))
+        })
+}
 /// After a failed publish, how long messages are dropped at once instead of each trying to reconnect.
 const PUBLISH_BACKOFF: Duration = Duration::from_millis(250);
 
@@ -174,11 +189,8 @@ impl Publisher {
         for text in texts {
             pipe.cmd("PUBLISH").arg(&self.channel).arg(text).ignore();
         }
-        let sent = tokio::time::timeout(REDIS_DEADLINE, pipe.query_async::<()>(&mut conn)).await;
-        let error = match sent {
-            Ok(Ok(_)) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("Redis did not answer within {REDIS_DEADLINE:?}"),
+        let Err(error) = bounded(pipe.query_async::<()>(&mut conn)).await else {
+            return;
         };
         tracing::warn!(%error, "could not publish to the cluster; reconnecting");
         self.conn = None;
@@ -258,19 +270,15 @@ async fn subscribe_loop(
     here: Here,
 ) {
     loop {
-        let subscribed = tokio::time::timeout(REDIS_DEADLINE, async {
+        let subscribed = bounded(async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
+            Ok(pubsub)
         })
         .await;
         let mut pubsub = match subscribed {
-            Ok(Ok(pubsub)) => pubsub,
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("Redis did not answer within {REDIS_DEADLINE:?}"),
-                };
+            Ok(pubsub) => pubsub,
+            Err(error) => {
                 tracing::warn!(%error, "cluster subscription failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;

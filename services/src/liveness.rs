@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
+use crate::cluster::bounded;
 use crate::presence::Presence;
 use crate::registry::Registry;
 
@@ -19,8 +20,6 @@ use crate::registry::Registry;
 pub const BEAT: Duration = Duration::from_secs(5);
 /// How long a heartbeat lives: an instance that has not beaten for this long is dead.
 pub const LAPSE: Duration = Duration::from_secs(15);
-/// Longest a Redis call here may take.
-const DEADLINE: Duration = Duration::from_secs(2);
 
 /// This instance's place in the cluster's liveness.
 #[derive(Clone)]
@@ -49,11 +48,13 @@ impl Liveness {
         };
         this.beat().await?;
         let mut conn = this.conn.clone();
-        redis::cmd("SADD")
-            .arg(this.set_key())
-            .arg(&this.instance)
-            .query_async::<()>(&mut conn)
-            .await?;
+        bounded(
+            redis::cmd("SADD")
+                .arg(this.set_key())
+                .arg(&this.instance)
+                .query_async::<()>(&mut conn),
+        )
+        .await?;
         Ok(this)
     }
 
@@ -145,17 +146,5 @@ impl Liveness {
             .await?;
         }
         Ok(())
-    }
-}
-
-async fn bounded<T>(
-    call: impl std::future::Future<Output = Result<T, redis::RedisError>>,
-) -> Result<T, redis::RedisError> {
-    match tokio::time::timeout(DEADLINE, call).await {
-        Ok(result) => result,
-        Err(_) => Err(redis::RedisError::from((
-            redis::ErrorKind::IoError,
-            "Redis did not answer in time",
-        ))),
     }
 }
