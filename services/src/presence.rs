@@ -133,16 +133,16 @@ impl Presence {
                 remote_addr: row.try_get("remote_addr")?,
             };
             max_session = max_session.max(status.session);
+            // The live instance that still holds an online device's session, if one does.
             let holder = row
                 .try_get::<Option<String>, _>("instance")?
-                .filter(|holder| cluster.as_ref().is_some_and(|c| c.alive.contains(holder)));
+                .filter(|holder| status.online && cluster.as_ref().is_some_and(|c| c.alive.contains(holder)));
             if status.online && holder.is_none() {
                 status.online = false;
                 status.disconnected_at = Some(now);
                 status.last_disconnect_reason = Some(DisconnectReason::ServerShutdown);
                 let _ = writer.send((id.clone(), status.clone()));
             }
-            let holder = holder.filter(|_| status.online);
             entries.insert(
                 id,
                 Entry {
