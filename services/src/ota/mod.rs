@@ -61,6 +61,46 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}_{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
+/// A job a deployment is about to write: queued, or refused with a reason.
+struct NewJob {
+    id: String,
+    device: String,
+    wave: u32,
+    status: JobStatus,
+    reason: Option<String>,
+}
+
+impl NewJob {
+    fn new(device: &str, wave: u32, status: JobStatus, reason: Option<String>) -> NewJob {
+        NewJob {
+            id: new_id("job"),
+            device: device.to_owned(),
+            wave,
+            status,
+            reason,
+        }
+    }
+
+    async fn insert(
+        &self,
+        tx: &mut registry::Tx,
+        deployment: &str,
+        now: time::OffsetDateTime,
+    ) -> Result<(), RegistryError> {
+        repo::insert_job(
+            tx,
+            &self.id,
+            deployment,
+            &self.device,
+            self.wave,
+            self.status,
+            self.reason.as_deref(),
+            now,
+        )
+        .await
+    }
+}
+
 impl Ota {
     /// The service; job documents go out through the shadow service's outbox to the broker.
     pub fn new(registry: Registry, shadows: Shadows, events: EventBus) -> Self {
@@ -189,28 +229,42 @@ impl Ota {
         let waves = wave_sizes(&new.policy, devices.len());
         let id = new_id("dep");
         let now = registry::now();
-        repo::insert_deployment(&self.registry, &id, &new, &devices, &waves, now).await?;
         // Incompatible hardware is refused up front, in whichever wave the device falls.
+        let mut jobs = Vec::new();
         let mut start = 0usize;
         for (wave, size) in waves.iter().enumerate() {
             for device in &devices[start..start + *size as usize] {
                 if let Some(reason) = self.incompatibility(device, &firmware).await? {
-                    repo::insert_job(
-                        &self.registry,
-                        &new_id("job"),
-                        &id,
+                    jobs.push(NewJob::new(
                         device,
                         wave as u32,
                         JobStatus::Rejected,
-                        Some(&reason),
-                        now,
-                    )
-                    .await?;
+                        Some(reason),
+                    ));
                 }
             }
             start += *size as usize;
         }
-        self.start_wave(&id, 0).await?;
+        let refused: Vec<&str> = jobs.iter().map(|j| j.device.as_str()).collect();
+        let first = self
+            .plan_wave(
+                &devices[..waves[0] as usize],
+                0,
+                &refused,
+                new.allow_downgrade,
+                &firmware,
+            )
+            .await?;
+        jobs.extend(first);
+        // The deployment, its refusals and its first wave in one transaction: the rollout pass never sees the
+        // deployment with a first wave still being queued (it would take the wave for done and start the next).
+        let mut tx = self.registry.begin().await?;
+        repo::insert_deployment(&mut tx, &id, &new, &devices, &waves, now).await?;
+        for job in &jobs {
+            job.insert(&mut tx, &id, now).await?;
+        }
+        tx.commit().await.map_err(RegistryError::from)?;
+        self.wave_started(&id, 0, &jobs, &firmware);
         self.deployment(&id).await
     }
 
@@ -296,24 +350,50 @@ impl Ota {
         doc.firmware_version().map(str::to_owned)
     }
 
-    /// Queues the jobs of wave `wave` (those not refused up front) and tells the devices.
+    /// Queues the jobs of wave `wave` (those not refused up front) and tells the devices. The jobs and the
+    /// wave number are written in one transaction, so a rollout pass sees the wave either not started or whole.
     async fn start_wave(&self, deployment: &str, wave: u32) -> Result<(), OtaError> {
         let row = repo::deployment_row(&self.registry, deployment)
             .await?
             .ok_or_else(|| OtaError::DeploymentNotFound(deployment.into()))?;
         let firmware = self.firmware(&row.firmware_id).await?;
-        let target = semver::Version::parse(&firmware.version).ok();
         let start: usize = row.waves[..wave as usize].iter().map(|w| *w as usize).sum();
         let members = &row.devices[start..start + row.waves[wave as usize] as usize];
         let existing = repo::jobs_of(&self.registry, deployment).await?;
+        let existing: Vec<&str> = existing.iter().map(|j| j.device_id.as_str()).collect();
+        let jobs = self
+            .plan_wave(members, wave, &existing, row.allow_downgrade, &firmware)
+            .await?;
         let now = registry::now();
+        let mut tx = self.registry.begin().await?;
+        for job in &jobs {
+            job.insert(&mut tx, deployment, now).await?;
+        }
+        repo::set_wave(&mut tx, deployment, wave, now).await?;
+        tx.commit().await.map_err(RegistryError::from)?;
+        self.wave_started(deployment, wave, &jobs, &firmware);
+        Ok(())
+    }
+
+    /// The jobs of a wave's `members` that have none yet (`existing`: refused up front, or queued by another
+    /// instance): refused when it would downgrade without the deployment's leave or when the device has another
+    /// job in progress, queued otherwise.
+    async fn plan_wave(
+        &self,
+        members: &[String],
+        wave: u32,
+        existing: &[&str],
+        allow_downgrade: bool,
+        firmware: &Firmware,
+    ) -> Result<Vec<NewJob>, OtaError> {
+        let target = semver::Version::parse(&firmware.version).ok();
+        let mut jobs = Vec::new();
         for device in members {
-            if existing.iter().any(|j| &j.device_id == device) {
-                continue; // refused up front
+            if existing.contains(&device.as_str()) {
+                continue;
             }
-            let job_id = new_id("job");
             let mut refusal = None;
-            if !row.allow_downgrade {
+            if !allow_downgrade {
                 if let (Some(running), Some(target)) = (self.running_version(device).await, &target) {
                     if semver::Version::parse(&running).is_ok_and(|r| &r > target) {
                         refusal = Some(format!(
@@ -325,44 +405,29 @@ impl Ota {
             if refusal.is_none() && repo::active_job_of(&self.registry, device).await?.is_some() {
                 refusal = Some("the device has another job in progress".into());
             }
-            match refusal {
-                Some(reason) => {
-                    repo::insert_job(
-                        &self.registry,
-                        &job_id,
-                        deployment,
-                        device,
-                        wave,
-                        JobStatus::Rejected,
-                        Some(&reason),
-                        now,
-                    )
-                    .await?;
-                }
-                None => {
-                    repo::insert_job(
-                        &self.registry,
-                        &job_id,
-                        deployment,
-                        device,
-                        wave,
-                        JobStatus::Queued,
-                        None,
-                        now,
-                    )
-                    .await?;
-                    self.send_job(device, &job_id, deployment, JobStatus::Queued, &firmware);
-                }
-            }
+            let status = match refusal {
+                Some(_) => JobStatus::Rejected,
+                None => JobStatus::Queued,
+            };
+            jobs.push(NewJob::new(device, wave, status, refusal));
         }
-        repo::set_wave(&self.registry, deployment, wave, now).await?;
+        Ok(jobs)
+    }
+
+    /// Tells the devices of a committed wave their queued jobs.
+    fn wave_started(&self, deployment: &str, wave: u32, jobs: &[NewJob], firmware: &Firmware) {
+        for job in jobs
+            .iter()
+            .filter(|j| j.wave == wave && j.status == JobStatus::Queued)
+        {
+            self.send_job(&job.device, &job.id, deployment, JobStatus::Queued, firmware);
+        }
         tracing::info!(
             deployment,
             wave = wave + 1,
-            devices = members.len(),
+            jobs = jobs.iter().filter(|j| j.wave == wave).count(),
             "wave started"
         );
-        Ok(())
     }
 
     fn send_job(&self, device: &str, job_id: &str, deployment: &str, status: JobStatus, firmware: &Firmware) {
@@ -807,6 +872,84 @@ mod tests {
             failure_threshold: None,
             device_timeout_secs: 60,
         }
+    }
+
+    /// A rollout pass running while a deployment is created must not take the first wave, still being queued,
+    /// for done and start the next one (the staged-rollout end-to-end test caught that once under load: wave
+    /// 2's jobs existed while wave 1 still ran).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rollout_pass_during_creation_never_starts_the_second_wave_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = Registry::sqlite_in(dir.path()).await;
+        let store = crate::shadow::store::Store::Embedded(
+            crate::shadow::store::EmbeddedStore::open(&dir.path().join("shadows.db"))
+                .await
+                .unwrap(),
+        );
+        let events = EventBus::new();
+        let (shadows, _outbox) = Shadows::new(store, Default::default(), registry.clone(), events.clone());
+        let ota = Ota::new(registry.clone(), shadows, events);
+        for i in 0..40 {
+            let mut tx = registry.begin().await.unwrap();
+            let device = registry::NewDevice {
+                id: DeviceId::parse(format!("esl-{i:02}")).unwrap(),
+                name: None,
+                attributes: json!({"model": "esl-2.9"}).as_object().unwrap().clone(),
+                tags: vec!["fleet".into()],
+            };
+            registry
+                .insert_device(&mut tx, &device, registry::now())
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        let firmware = ota
+            .create_firmware(NewFirmware {
+                version: "2.0.0".into(),
+                models: vec!["esl-2.9".into()],
+                url: "https://firmware.example/esl-2.0.0.bin".into(),
+                sha256: "ab".repeat(32),
+                size: 1024,
+                signature: None,
+                release_notes: None,
+            })
+            .await
+            .unwrap();
+        let passes = {
+            let ota = ota.clone();
+            tokio::spawn(async move {
+                loop {
+                    let _ = ota.tick().await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        for _ in 0..5 {
+            let deployment = ota
+                .create_deployment(NewDeployment {
+                    firmware_id: firmware.id.clone(),
+                    target: model::Target {
+                        device_ids: None,
+                        tag: Some("fleet".into()),
+                        attributes: None,
+                    },
+                    policy: policy(Some(vec![50.0, 100.0]), None),
+                    allow_downgrade: false,
+                })
+                .await
+                .unwrap();
+            // Let the passes run over the new deployment: its first wave's jobs are queued and stay so (no
+            // device answers), so the second wave must not start.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let jobs = repo::jobs_of(&registry, &deployment.id).await.unwrap();
+            let waves: Vec<u32> = jobs.iter().map(|j| j.wave).collect();
+            assert!(
+                waves.iter().all(|w| *w == 0) && waves.len() == 20,
+                "jobs per wave: {waves:?}"
+            );
+            ota.cancel(&deployment.id).await.unwrap();
+        }
+        passes.abort();
     }
 
     #[test]

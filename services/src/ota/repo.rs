@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::model::{
     Counts, Deployment, Firmware, Job, NewDeployment, Policy, Target, Transition, WaveSummary,
 };
-use crate::registry::{from_millis, to_millis, Registry, RegistryError};
+use crate::registry::{from_millis, to_millis, Registry, RegistryError, Tx};
 
 fn json_of<T: serde::de::DeserializeOwned>(row: &AnyRow, column: &str) -> Result<T, RegistryError> {
     let text: String = row.try_get(column)?;
@@ -104,7 +104,7 @@ pub(super) async fn delete_firmware(reg: &Registry, id: &str) -> Result<(), Regi
 }
 
 pub(super) async fn insert_deployment(
-    reg: &Registry,
+    tx: &mut Tx,
     id: &str,
     new: &NewDeployment,
     devices: &[String],
@@ -123,7 +123,7 @@ pub(super) async fn insert_deployment(
     .bind(serde_json::to_string(waves).unwrap_or_default())
     .bind(i64::from(new.allow_downgrade))
     .bind(to_millis(now))
-    .execute(reg.pool())
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
@@ -187,19 +187,22 @@ pub(super) async fn active_deployments(reg: &Registry) -> Result<Vec<DeploymentR
     rows.iter().map(deployment_from).collect()
 }
 
+/// Makes `wave` the current one, never an earlier wave than the current one (two instances may start the same
+/// wave).
 pub(super) async fn set_wave(
-    reg: &Registry,
+    tx: &mut Tx,
     id: &str,
     wave: u32,
     now: OffsetDateTime,
 ) -> Result<(), RegistryError> {
     sqlx::query(
-        "UPDATE deployments SET current_wave = $2, wave_done_at = NULL, updated_at = $3 WHERE id = $1",
+        "UPDATE deployments SET current_wave = $2, wave_done_at = NULL, updated_at = $3 \
+         WHERE id = $1 AND current_wave <= $2",
     )
     .bind(id.to_owned())
     .bind(i64::from(wave))
     .bind(to_millis(now))
-    .execute(reg.pool())
+    .execute(&mut **tx)
     .await?;
     Ok(())
 }
@@ -264,7 +267,7 @@ fn job_row(row: &AnyRow) -> Result<JobRow, RegistryError> {
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn insert_job(
-    reg: &Registry,
+    tx: &mut Tx,
     id: &str,
     deployment: &str,
     device: &str,
@@ -273,7 +276,6 @@ pub(super) async fn insert_job(
     reason: Option<&str>,
     now: OffsetDateTime,
 ) -> Result<(), RegistryError> {
-    let mut tx = reg.begin().await?;
     sqlx::query(&format!(
         "INSERT INTO jobs ({JOB}) VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6, $7, $7)"
     ))
@@ -284,16 +286,15 @@ pub(super) async fn insert_job(
     .bind(status.as_str())
     .bind(reason.map(str::to_owned))
     .bind(to_millis(now))
-    .execute(&mut *tx)
+    .execute(&mut **tx)
     .await?;
     sqlx::query("INSERT INTO job_transitions (job_id, at, status, step, progress, reason) VALUES ($1, $2, $3, NULL, NULL, $4)")
         .bind(id.to_owned())
         .bind(to_millis(now))
         .bind(status.as_str())
         .bind(reason.map(str::to_owned))
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-    tx.commit().await?;
     Ok(())
 }
 
