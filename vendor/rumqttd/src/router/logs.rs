@@ -61,6 +61,56 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// Antumbra: filters and topics by their first two levels (`level_key`), so that a new topic is matched
+    /// against the filters that can match it and a new filter against the topics it can match, not against all
+    /// of them: a fleet's devices each bring their own `devices/{id}/…` topics and filters.
+    levels: LevelIndex,
+}
+
+/// Antumbra: the key of a topic or filter, its first two levels (`devices/d1` for `devices/d1/shadow/update`; a
+/// one-level name is its own key). A filter that [`matches`] a topic and has no wildcard in its key has the
+/// topic's key, since its first two levels are matched literally (`a/b/#` matches `a/b` too: same key).
+fn level_key(name: &str) -> &str {
+    match name.match_indices('/').nth(1) {
+        Some((end, _)) => &name[..end],
+        None => name,
+    }
+}
+
+/// Antumbra: filters whose key has no wildcard, by key, and the others (`+/…`, `a/#`, `#`), which any topic
+/// may match; known topics by key. Filters and topics are never removed from the data log, so neither is
+/// removed from here.
+#[derive(Default)]
+struct LevelIndex {
+    filters: HashMap<Box<str>, Vec<FilterIdx>>,
+    wildcard_filters: Vec<FilterIdx>,
+    topics: HashMap<Box<str>, Vec<Topic>>,
+}
+
+impl LevelIndex {
+    fn add_filter(&mut self, filter: &str, idx: FilterIdx) {
+        let key = level_key(filter);
+        if key.contains(['+', '#']) {
+            self.wildcard_filters.push(idx);
+        } else {
+            self.filters.entry(key.into()).or_default().push(idx);
+        }
+    }
+
+    /// The filters that may match `topic`.
+    fn candidates(&self, topic: &str) -> impl Iterator<Item = FilterIdx> + '_ {
+        let keyed = self.filters.get(level_key(topic)).map(Vec::as_slice);
+        keyed.unwrap_or_default().iter().chain(&self.wildcard_filters).copied()
+    }
+
+    /// The known topics that `filter` may match, or `None` when any may (a wildcard in its key).
+    fn topics_for(&self, filter: &str) -> Option<&[Topic]> {
+        let key = level_key(filter);
+        if key.contains(['+', '#']) {
+            return None;
+        }
+        Some(self.topics.get(key).map(Vec::as_slice).unwrap_or_default())
+    }
 }
 
 impl DataLog {
@@ -69,6 +119,7 @@ impl DataLog {
         let mut filter_indexes = HashMap::new();
         let retained_publishes = HashMap::new();
         let publish_filters = HashMap::new();
+        let mut levels = LevelIndex::default();
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -77,6 +128,7 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                levels.add_filter(&filter, idx);
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -87,6 +139,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            levels,
         })
     }
 
@@ -128,11 +181,11 @@ impl DataLog {
         match &self.publish_filters.get(topic) {
             Some(v) => Some(v.to_vec()),
             None => {
+                let native = &self.native;
                 let v: Vec<usize> = self
-                    .filter_indexes
-                    .iter()
-                    .filter(|(filter, _)| matches(topic, filter))
-                    .map(|(_, filter_idx)| *filter_idx)
+                    .levels
+                    .candidates(topic)
+                    .filter(|&idx| matches(topic, &native[idx].filter))
                     .collect();
 
                 // Antumbra: remember topics that match no filter too. Otherwise every publish to such a topic
@@ -142,6 +195,8 @@ impl DataLog {
                 // Bounded, so that a client publishing to ever new topics cannot grow it without end.
                 if !v.is_empty() || self.publish_filters.len() < 1_000_000 {
                     self.publish_filters.insert(topic.to_owned(), v.clone());
+                    let key = level_key(topic);
+                    self.levels.topics.entry(key.into()).or_default().push(topic.to_owned());
                 }
 
                 Some(v)
@@ -162,11 +217,27 @@ impl DataLog {
                 // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
+                self.levels.add_filter(filter, idx);
 
-                // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
+                // Match new filter to existing topics and add to publish_filters if it matches. Antumbra: only
+                // the topics with the filter's key, unless its key has a wildcard.
+                let add = |topic: &str, filters: &mut Vec<FilterIdx>| {
                     if matches(topic, filter) {
                         filters.push(idx);
+                    }
+                };
+                match self.levels.topics_for(filter) {
+                    Some(topics) => {
+                        for topic in topics {
+                            if let Some(filters) = publish_filters.get_mut(topic) {
+                                add(topic, filters);
+                            }
+                        }
+                    }
+                    None => {
+                        for (topic, filters) in publish_filters.iter_mut() {
+                            add(topic, filters);
+                        }
                     }
                 }
 
@@ -497,6 +568,76 @@ mod test {
         data.matches("topic/a");
 
         assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    }
+
+    fn data_log() -> DataLog {
+        let config = RouterConfig {
+            max_segment_size: 1024,
+            max_connections: 10,
+            max_segment_count: 10,
+            max_outgoing_packet_count: 1024,
+            custom_segment: None,
+            initialized_filters: Some(vec!["a/b".to_owned(), "+/b/#".to_owned()]),
+            shared_subscriptions_strategy: Strategy::RoundRobin,
+        };
+        DataLog::new(config).unwrap()
+    }
+
+    /// Antumbra: the level index gives the same matches as testing every filter, whatever the order in which
+    /// topics and filters arrive: filters before and after topics, keys with and without wildcards, one-level
+    /// names, `a/b/#` matching `a/b`, empty levels and `$` topics.
+    #[test]
+    fn level_index_matches_as_a_scan_of_every_filter() {
+        let names = [
+            "a", "b", "a/b", "a/c", "a/b/c", "a/b/c/d", "b/b", "b/b/x", "/a", "/a/b", "a//b", "$SYS/a/b",
+            "devices/d1/shadow/update", "devices/d2/shadow/update/delta",
+        ];
+        let filters = [
+            "a", "a/b", "a/b/#", "a/#", "#", "+", "+/b", "+/b/#", "a/+", "a/+/c", "a/b/+", "/a/#", "/+",
+            "a//b", "devices/d1/shadow/#", "devices/+/shadow/update", "devices/d2/shadow/update/delta",
+        ];
+        // A fixed shuffle of topics and filters together (linear congruential, so the test is the same on
+        // every run), in several orders.
+        for seed in 0..20u64 {
+            let mut data = data_log();
+            let mut state = seed;
+            let mut steps: Vec<(bool, &str)> = names
+                .iter()
+                .map(|n| (true, *n))
+                .chain(filters.iter().map(|f| (false, *f)))
+                .collect();
+            for i in (1..steps.len()).rev() {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                steps.swap(i, (state >> 33) as usize % (i + 1));
+            }
+            for (is_topic, name) in steps {
+                if is_topic {
+                    data.matches(name);
+                } else {
+                    data.next_native_offset(name);
+                }
+            }
+            for topic in names {
+                let mut got = data.matches(topic).unwrap();
+                got.sort_unstable();
+                let mut want: Vec<usize> = data
+                    .native
+                    .iter()
+                    .filter(|(_, d)| crate::protocol::matches(topic, &d.filter))
+                    .map(|(idx, _)| idx)
+                    .collect();
+                want.sort_unstable();
+                assert_eq!(got, want, "topic {topic}, seed {seed}");
+            }
+        }
+        // Spot checks of what the scan says, so that the comparison above does not rest on it alone.
+        let mut data = data_log();
+        data.next_native_offset("a/b/#");
+        data.next_native_offset("devices/d1/shadow/#");
+        assert_eq!(data.matches("a/b").unwrap().len(), 3, "a/b, a/b/# and +/b/#");
+        assert_eq!(data.matches("x/b/y").unwrap().len(), 1, "+/b/#");
+        assert_eq!(data.matches("devices/d1/shadow/update").unwrap().len(), 1);
+        assert!(data.matches("devices/d2/shadow/update").unwrap().is_empty());
     }
 
     //     #[test]
