@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use antumbra_wire::topics::{parse_shadow_reply, shadow_filter, shadow_topic};
+use antumbra_wire::topics::{parse_shadow_reply, shadow_filters, shadow_topic};
 use antumbra_wire::DeviceId;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeFilter, TlsConfiguration, Transport};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, oneshot, watch};
 
@@ -225,12 +225,11 @@ impl Inner {
         }
     }
 
-    /// After a (re)connect: subscribe to every shadow topic (the platform then replays pending deltas) and ask
-    /// for every shadow in use, so whatever changed while away reaches the application.
+    /// After a (re)connect: subscribe to the shadow replies and deltas (the platform then replays pending
+    /// deltas) and ask for every shadow in use, so whatever changed while away reaches the application.
     fn resync(&self) {
-        let _ = self
-            .client
-            .try_subscribe(shadow_filter(&self.device_id), QoS::AtLeastOnce);
+        let filters = shadow_filters(&self.device_id).map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
+        let _ = self.client.try_subscribe_many(filters);
         // The platform sends the open OTA job, if any, as soon as this subscription is in place.
         let _ = self
             .client

@@ -105,9 +105,19 @@ pub fn parse_shadow_reply<'a>(id: &DeviceId, topic: &'a str) -> Option<(Option<&
     suffix.contains('/').then_some((name, suffix))
 }
 
-/// The filter that covers every shadow topic of a device, classic and named.
-pub fn shadow_filter(id: &DeviceId) -> String {
-    format!("devices/{id}/shadow/#")
+/// The filters of a device's shadow replies, classic and named: `accepted` and `rejected` of every operation
+/// and `update/delta`, as AWS IoT's device SDKs subscribe. Not `…/shadow/#`: that also brings back each of the
+/// device's own requests and the `documents` message of every update (both versions of the document, the
+/// largest message there is), which a device does not read.
+pub fn shadow_filters(id: &DeviceId) -> [String; 6] {
+    [
+        format!("devices/{id}/shadow/+/accepted"),
+        format!("devices/{id}/shadow/+/rejected"),
+        format!("devices/{id}/shadow/update/delta"),
+        format!("devices/{id}/shadow/name/+/+/accepted"),
+        format!("devices/{id}/shadow/name/+/+/rejected"),
+        format!("devices/{id}/shadow/name/+/update/delta"),
+    ]
 }
 
 #[cfg(test)]
@@ -124,6 +134,35 @@ mod tests {
             shadow_topic(&id, Some("cfg"), "get/accepted"),
             "devices/lamp-1/shadow/name/cfg/get/accepted"
         );
+    }
+
+    /// MQTT filter matching, enough for the filters above (`+` only).
+    fn covers(filter: &str, topic: &str) -> bool {
+        let (f, t): (Vec<_>, Vec<_>) = (filter.split('/').collect(), topic.split('/').collect());
+        f.len() == t.len() && f.iter().zip(&t).all(|(f, t)| *f == "+" || f == t)
+    }
+
+    #[test]
+    fn the_shadow_filters_cover_each_reply_once_and_no_request_or_documents() {
+        let id = DeviceId::parse("lamp-1").unwrap();
+        let filters = shadow_filters(&id);
+        for shadow in ["devices/lamp-1/shadow", "devices/lamp-1/shadow/name/cfg"] {
+            for op in ["update", "get", "delete"] {
+                for reply in ["accepted", "rejected"] {
+                    let topic = format!("{shadow}/{op}/{reply}");
+                    assert_eq!(filters.iter().filter(|f| covers(f, &topic)).count(), 1, "{topic}");
+                }
+                let request = format!("{shadow}/{op}");
+                assert!(!filters.iter().any(|f| covers(f, &request)), "{request}");
+            }
+            let delta = format!("{shadow}/update/delta");
+            assert_eq!(filters.iter().filter(|f| covers(f, &delta)).count(), 1, "{delta}");
+            let documents = format!("{shadow}/update/documents");
+            assert!(!filters.iter().any(|f| covers(f, &documents)), "{documents}");
+        }
+        assert!(!filters
+            .iter()
+            .any(|f| covers(f, "devices/lamp-2/shadow/update/accepted")));
     }
 
     #[test]

@@ -35,8 +35,8 @@ const KEEP_ALIVE_SECS: u16 = 300;
 /// How a device subscribes to its shadow topics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Subscriptions {
-    /// One filter, `devices/{id}/shadow/#`, as antumbra's SDK does: the device also gets its own requests
-    /// echoed and every `documents` message.
+    /// As antumbra's SDK does (`antumbra_sdk::topics::shadow_filters`): six filters, the `accepted` and
+    /// `rejected` replies of every operation and `update/delta`, classic and named.
     Sdk,
     /// Three filters, `…/shadow/update/accepted`, `…/rejected` and `…/delta`, as AWS IoT's device SDKs do.
     Aws,
@@ -53,7 +53,10 @@ impl Subscriptions {
 
     fn filters(self, id: &str) -> Vec<String> {
         let mut filters = match self {
-            Subscriptions::Sdk => vec![format!("devices/{id}/shadow/#")],
+            Subscriptions::Sdk => {
+                let id = antumbra_sdk::DeviceId::parse(id).expect("the tool's device ids are valid");
+                antumbra_sdk::topics::shadow_filters(&id).to_vec()
+            }
             Subscriptions::Aws => ["accepted", "rejected", "delta"]
                 .iter()
                 .map(|s| format!("devices/{id}/shadow/update/{s}"))

@@ -91,7 +91,7 @@ impl StoreKind {
 pub enum SubscriptionsArg {
     /// `sdk` for each store, then `aws` for each store.
     Both,
-    /// One `devices/{id}/shadow/#` filter per device, as antumbra's SDK.
+    /// The six reply and delta filters of antumbra's SDK per device (classic and named shadows).
     Sdk,
     /// `accepted`, `rejected` and `delta` filters per device, as AWS IoT's device SDKs.
     Aws,
@@ -324,7 +324,7 @@ fn bench_setup(setup: Setup, cx: &Shared) -> Result<Figures> {
             "  connected {} devices (mTLS, {} subscriptions + devices/{{id}}/raw) in {:.1} s; update request {} bytes",
             fleet.alive,
             match setup.subscriptions {
-                Subscriptions::Sdk => "devices/{id}/shadow/#",
+                Subscriptions::Sdk => "SDK: +/accepted, +/rejected, update/delta, the same named",
                 Subscriptions::Aws => "accepted, rejected, delta",
             },
             connecting.elapsed().as_secs_f64(),
@@ -654,7 +654,8 @@ pub fn run(args: &Args) -> Result<()> {
             setup.name(),
             setup.store.name(),
             match setup.subscriptions {
-                Subscriptions::Sdk => "antumbra's SDK (devices/{id}/shadow/#)",
+                Subscriptions::Sdk =>
+                    "antumbra's SDK (+/accepted, +/rejected, update/delta, classic and named)",
                 Subscriptions::Aws => "AWS IoT's SDKs (update/accepted, update/rejected, update/delta)",
             }
         );
