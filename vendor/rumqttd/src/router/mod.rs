@@ -350,12 +350,22 @@ pub struct IncomingMeter {
 
 impl IncomingMeter {
     pub fn register_publish(&mut self, publish: &Publish) -> Result<(), std::str::Utf8Error> {
-        let meter = {
-            let topic = std::str::from_utf8(&publish.topic)?.to_string();
-            self.publishes.entry(topic).or_default()
-        };
-        meter.count += 1;
-        meter.size += publish.len();
+        // Antumbra: the topic is copied only the first time it is seen; upstream allocated a `String` for every
+        // publish to look its meter up.
+        let topic = std::str::from_utf8(&publish.topic)?;
+        match self.publishes.get_mut(topic) {
+            Some(meter) => {
+                meter.count += 1;
+                meter.size += publish.len();
+            }
+            None => {
+                let meter = MeterData {
+                    count: 1,
+                    size: publish.len(),
+                };
+                self.publishes.insert(topic.to_owned(), meter);
+            }
+        }
 
         self.total_publishes.count += 1;
         self.total_publishes.size += publish.len();
