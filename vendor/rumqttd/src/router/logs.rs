@@ -88,13 +88,21 @@ struct LevelIndex {
 }
 
 impl LevelIndex {
+    /// A filter's key when it has no wildcard, `None` otherwise.
+    fn literal_key(filter: &str) -> Option<&str> {
+        Some(level_key(filter)).filter(|key| !key.contains(['+', '#']))
+    }
+
     fn add_filter(&mut self, filter: &str, idx: FilterIdx) {
-        let key = level_key(filter);
-        if key.contains(['+', '#']) {
-            self.wildcard_filters.push(idx);
-        } else {
-            self.filters.entry(key.into()).or_default().push(idx);
+        match Self::literal_key(filter) {
+            Some(key) => self.filters.entry(key.into()).or_default().push(idx),
+            None => self.wildcard_filters.push(idx),
         }
+    }
+
+    fn add_topic(&mut self, topic: &str) {
+        let key = level_key(topic);
+        self.topics.entry(key.into()).or_default().push(topic.to_owned());
     }
 
     /// The filters that may match `topic`.
@@ -105,10 +113,7 @@ impl LevelIndex {
 
     /// The known topics that `filter` may match, or `None` when any may (a wildcard in its key).
     fn topics_for(&self, filter: &str) -> Option<&[Topic]> {
-        let key = level_key(filter);
-        if key.contains(['+', '#']) {
-            return None;
-        }
+        let key = Self::literal_key(filter)?;
         Some(self.topics.get(key).map(Vec::as_slice).unwrap_or_default())
     }
 }
@@ -195,8 +200,7 @@ impl DataLog {
                 // Bounded, so that a client publishing to ever new topics cannot grow it without end.
                 if !v.is_empty() || self.publish_filters.len() < 1_000_000 {
                     self.publish_filters.insert(topic.to_owned(), v.clone());
-                    let key = level_key(topic);
-                    self.levels.topics.entry(key.into()).or_default().push(topic.to_owned());
+                    self.levels.add_topic(topic);
                 }
 
                 Some(v)
