@@ -21,6 +21,7 @@ use crate::registry::{self, DeviceQuery, Registry, RegistryError};
 use crate::shadow::store::ShadowKey;
 use crate::shadow::{Outgoing, Shadows};
 use model::{Deployment, Firmware, Job, NewDeployment, NewFirmware, ThresholdAction};
+use repo::NewJob;
 
 /// Errors of the OTA service.
 #[derive(Debug, thiserror::Error)]
@@ -61,15 +62,6 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}_{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
-/// A job a deployment is about to write: queued, or refused with a reason.
-struct NewJob {
-    id: String,
-    device: String,
-    wave: u32,
-    status: JobStatus,
-    reason: Option<String>,
-}
-
 impl NewJob {
     fn new(device: &str, wave: u32, status: JobStatus, reason: Option<String>) -> NewJob {
         NewJob {
@@ -79,25 +71,6 @@ impl NewJob {
             status,
             reason,
         }
-    }
-
-    async fn insert(
-        &self,
-        tx: &mut registry::Tx,
-        deployment: &str,
-        now: time::OffsetDateTime,
-    ) -> Result<(), RegistryError> {
-        repo::insert_job(
-            tx,
-            &self.id,
-            deployment,
-            &self.device,
-            self.wave,
-            self.status,
-            self.reason.as_deref(),
-            now,
-        )
-        .await
     }
 }
 
@@ -261,7 +234,7 @@ impl Ota {
         let mut tx = self.registry.begin().await?;
         repo::insert_deployment(&mut tx, &id, &new, &devices, &waves, now).await?;
         for job in &jobs {
-            job.insert(&mut tx, &id, now).await?;
+            repo::insert_job(&mut tx, &id, job, now).await?;
         }
         tx.commit().await.map_err(RegistryError::from)?;
         self.wave_started(&id, 0, &jobs, &firmware);
@@ -367,7 +340,7 @@ impl Ota {
         let now = registry::now();
         let mut tx = self.registry.begin().await?;
         for job in &jobs {
-            job.insert(&mut tx, deployment, now).await?;
+            repo::insert_job(&mut tx, deployment, job, now).await?;
         }
         repo::set_wave(&mut tx, deployment, wave, now).await?;
         tx.commit().await.map_err(RegistryError::from)?;

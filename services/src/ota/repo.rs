@@ -265,34 +265,39 @@ fn job_row(row: &AnyRow) -> Result<JobRow, RegistryError> {
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A job a deployment is about to write: queued, or refused with a reason.
+pub(super) struct NewJob {
+    pub id: String,
+    pub device: String,
+    pub wave: u32,
+    pub status: JobStatus,
+    pub reason: Option<String>,
+}
+
+/// Writes `job` of `deployment` and its first transition, inside the caller's transaction.
 pub(super) async fn insert_job(
     tx: &mut Tx,
-    id: &str,
     deployment: &str,
-    device: &str,
-    wave: u32,
-    status: JobStatus,
-    reason: Option<&str>,
+    job: &NewJob,
     now: OffsetDateTime,
 ) -> Result<(), RegistryError> {
     sqlx::query(&format!(
         "INSERT INTO jobs ({JOB}) VALUES ($1, $2, $3, $4, $5, NULL, NULL, $6, $7, $7)"
     ))
-    .bind(id.to_owned())
+    .bind(job.id.clone())
     .bind(deployment.to_owned())
-    .bind(device.to_owned())
-    .bind(i64::from(wave))
-    .bind(status.as_str())
-    .bind(reason.map(str::to_owned))
+    .bind(job.device.clone())
+    .bind(i64::from(job.wave))
+    .bind(job.status.as_str())
+    .bind(job.reason.clone())
     .bind(to_millis(now))
     .execute(&mut **tx)
     .await?;
     sqlx::query("INSERT INTO job_transitions (job_id, at, status, step, progress, reason) VALUES ($1, $2, $3, NULL, NULL, $4)")
-        .bind(id.to_owned())
+        .bind(job.id.clone())
         .bind(to_millis(now))
-        .bind(status.as_str())
-        .bind(reason.map(str::to_owned))
+        .bind(job.status.as_str())
+        .bind(job.reason.clone())
         .execute(&mut **tx)
         .await?;
     Ok(())
