@@ -52,9 +52,9 @@ struct Envelope {
     message: Message,
 }
 
-/// Longest a Redis call of the bridge may take. A call that hangs (a connection half-dead, a reconnect that
-/// does not finish) must not stall every device message behind it.
-const REDIS_DEADLINE: Duration = Duration::from_secs(2);
+/// Longest a Redis call of this process may take (the bridge, liveness, the shadow store). A call that hangs (a
+/// connection half-dead, a reconnect that does not finish) must not stall every device message behind it.
+pub(crate) const REDIS_DEADLINE: Duration = Duration::from_secs(2);
 
 /// `call`, failing with an I/O error when Redis has not answered within [`REDIS_DEADLINE`].
 pub(crate) async fn bounded<T>(
@@ -73,7 +73,9 @@ pub(crate) async fn bounded<T>(
 /// After a failed publish, how long messages are dropped at once instead of each trying to reconnect.
 const PUBLISH_BACKOFF: Duration = Duration::from_millis(250);
 
-fn manager_config() -> redis::aio::ConnectionManagerConfig {
+/// A connection manager's settings for a Redis connection of this process: connecting and each answer within
+/// [`REDIS_DEADLINE`], one retry.
+pub(crate) fn manager_config() -> redis::aio::ConnectionManagerConfig {
     redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(REDIS_DEADLINE)
         .set_response_timeout(REDIS_DEADLINE)

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use antumbra_wire::DeviceId;
 
 use super::{backend, decode, ShadowKey, ShadowStore, StoreError, Stored};
+use crate::cluster::{manager_config, REDIS_DEADLINE};
 use crate::shadow::document::Document;
 
 /// Compare-and-set in one round trip: the document, its timestamp and its version live in one hash (`d`, `t`,
@@ -59,10 +60,7 @@ impl RedisStore {
     /// Connects to `url`; every key starts with `prefix` (e.g. `antumbra:`).
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(backend)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(std::time::Duration::from_secs(2))
-            .set_response_timeout(std::time::Duration::from_secs(2))
-            .set_number_of_retries(2);
+        let config = manager_config().set_number_of_retries(2);
         let conn = redis::aio::ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(backend)?;
@@ -90,10 +88,7 @@ impl RedisStore {
         let (client, slot, flag) = (self.client.clone(), self.conn.clone(), self.rebuilding.clone());
         tokio::spawn(async move {
             loop {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(std::time::Duration::from_secs(2))
-                    .set_response_timeout(std::time::Duration::from_secs(2))
-                    .set_number_of_retries(1);
+                let config = manager_config();
                 match redis::aio::ConnectionManager::new_with_config(client.clone(), config).await {
                     Ok(conn) => {
                         *slot.write().expect("redis connection lock") = conn;
@@ -129,10 +124,8 @@ impl RedisStore {
     }
 }
 
-/// Longest a Redis call may take before the store reports itself unavailable: a request fails fast with 503
-/// while Redis is away instead of waiting on reconnect attempts.
-const REDIS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
-
+/// `call` within [`REDIS_DEADLINE`] (the bridge's deadline), else the store reports itself unavailable: a
+/// request fails fast with 503 while Redis is away instead of waiting on reconnect attempts.
 async fn bounded<T>(call: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
     tokio::time::timeout(REDIS_DEADLINE, call)
         .await
