@@ -502,12 +502,12 @@ where
                     }
                 };
                 door.metrics.received(packets.len() as u64, n as u64);
-                if !super::forward(&mut link.tx, packets) {
-                    return End::RouterClosed;
-                }
-                // After the router has the packets: a SUBSCRIBE is in place before its replayed delta is queued.
+                let mut relay = shadow::Relay::new(&mut link.tx, packets);
                 for work in shadow_work {
-                    Box::pin(shadow::perform(&door.shadows, &door.ota, device, work)).await;
+                    Box::pin(shadow::perform(&door.shadows, &door.ota, device, work, &mut relay)).await;
+                }
+                if !relay.flush() {
+                    return End::RouterClosed;
                 }
                 if buf.capacity() > 64 * 1024 && buf.is_empty() {
                     *buf = BytesMut::with_capacity(512);

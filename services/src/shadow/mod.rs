@@ -48,6 +48,22 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
 }
 
+/// Where the messages of a change go. A change hands them over while it still holds its shadow's stripe, so
+/// the messages of two changes of one shadow reach the broker in the order the changes were written.
+pub trait Courier: Send {
+    /// Takes the messages of one change (or one reply), in order.
+    fn deliver(&mut self, messages: Vec<Outgoing>);
+}
+
+/// The outbox, which the broker drains: REST changes and everything not made by a device session.
+impl Courier for &mpsc::UnboundedSender<Outgoing> {
+    fn deliver(&mut self, messages: Vec<Outgoing>) {
+        for message in messages {
+            let _ = self.send(message);
+        }
+    }
+}
+
 /// The result of an accepted update.
 #[derive(Debug, Clone)]
 pub struct Updated {
@@ -170,13 +186,26 @@ impl Shadows {
     }
 
     /// Applies an update: read, merge in Rust, compare-and-set, retrying when another writer got in between.
-    /// `known_device` skips the registry check (the MQTT side has authenticated the device already).
-    #[tracing::instrument(skip_all, fields(device_id = %key.device, shadow = key.name.as_ref().map(|n| n.as_str())))]
+    /// `known_device` skips the registry check (the MQTT side has authenticated the device already). Its
+    /// messages go to the outbox.
     pub async fn update(
         &self,
         key: &ShadowKey,
         request: &UpdateRequest,
         known_device: bool,
+    ) -> Result<Updated, ShadowError> {
+        self.update_via(key, request, known_device, &mut &self.outbox)
+            .await
+    }
+
+    /// [`Shadows::update`], its messages handed to `courier`.
+    #[tracing::instrument(skip_all, fields(device_id = %key.device, shadow = key.name.as_ref().map(|n| n.as_str())))]
+    async fn update_via(
+        &self,
+        key: &ShadowKey,
+        request: &UpdateRequest,
+        known_device: bool,
+        courier: &mut dyn Courier,
     ) -> Result<Updated, ShadowError> {
         if !known_device {
             self.ensure_device(&key.device).await?;
@@ -211,7 +240,7 @@ impl Shadows {
             .await?;
         let next = write.document.expect("an update writes a document");
         let accepted = accepted_reply(request, &next, now);
-        self.announce_update(key, previous_view.as_deref(), &next, &accepted, request);
+        self.announce_update(key, previous_view.as_deref(), &next, &accepted, request, courier);
         Ok(Updated {
             accepted,
             document: next,
@@ -235,12 +264,25 @@ impl Shadows {
         self.store.load(key).await?.document.ok_or_else(|| not_found(key))
     }
 
-    /// Deletes the document (its version number is kept, so the next document continues from it).
+    /// Deletes the document (its version number is kept, so the next document continues from it). Its message
+    /// goes to the outbox.
     pub async fn delete(
         &self,
         key: &ShadowKey,
         request: &PlainRequest,
         known_device: bool,
+    ) -> Result<Value, ShadowError> {
+        self.delete_via(key, request, known_device, &mut &self.outbox)
+            .await
+    }
+
+    /// [`Shadows::delete`], its message handed to `courier`.
+    async fn delete_via(
+        &self,
+        key: &ShadowKey,
+        request: &PlainRequest,
+        known_device: bool,
+        courier: &mut dyn Courier,
     ) -> Result<Value, ShadowError> {
         if !known_device {
             self.ensure_device(&key.device).await?;
@@ -262,7 +304,7 @@ impl Shadows {
         if let Some(token) = &request.client_token {
             reply["clientToken"] = json!(token);
         }
-        self.send(key, "delete/accepted", &reply);
+        courier.deliver(vec![json_message(key, "delete/accepted", &reply)]);
         self.events.publish(PlatformEvent::ShadowDeleted {
             device_id: key.device.to_string(),
             name: key.name.as_ref().map(|n| n.as_str().to_owned()),
@@ -324,26 +366,29 @@ impl Shadows {
         self.store.forget(device);
     }
 
-    /// Offline replay: publishes the current delta of `key` (if any) on its delta topic. Called when the device
-    /// subscribes to that topic, so desired state set while it was away reaches it as one delta, latest version.
-    pub async fn replay(&self, key: &ShadowKey) -> Result<bool, ShadowError> {
+    /// Offline replay: hands `courier` the current delta of `key` (if any) on its delta topic. Called when the
+    /// device subscribes to that topic, so desired state set while it was away reaches it as one delta, latest
+    /// version.
+    pub async fn replay(&self, key: &ShadowKey, courier: &mut dyn Courier) -> Result<bool, ShadowError> {
         let stored = self.store.load(key).await?;
         match stored.document.as_deref().and_then(Document::delta_message) {
             Some(delta) => {
-                self.send(key, "update/delta", &delta);
+                courier.deliver(vec![json_message(key, "update/delta", &delta)]);
                 Ok(true)
             }
             None => Ok(false),
         }
     }
 
-    /// Handles a request a device published on `…/shadow[/name/{n}]/{op}`: replies go out on the outbox.
+    /// Handles a request a device published on `…/shadow[/name/{n}]/{op}`: its replies, and every other message
+    /// the change makes, go to `courier`.
     pub async fn handle_device_request(
         &self,
         device: &DeviceId,
         name: Option<&str>,
         op: antumbra_wire::topics::ShadowOp,
         payload: &[u8],
+        courier: &mut dyn Courier,
     ) {
         use antumbra_wire::topics::ShadowOp;
         // Only a rejection needs the token read apart from the request (which may not parse).
@@ -353,38 +398,40 @@ impl Shadows {
             Err(e) => {
                 // A name that is not a shadow name: reply on the classic shadow's rejected topic for that op.
                 let key = ShadowKey::classic(device.clone());
-                self.send(
+                let suffix = format!("{}/rejected", op.as_str());
+                courier.deliver(vec![json_message(
                     &key,
-                    &format!("{}/rejected", op.as_str()),
+                    &suffix,
                     &rejection(&e, token().as_deref()),
-                );
+                )]);
                 return;
             }
         };
         let result = match op {
             ShadowOp::Update => match request::parse_update(payload, &self.limits) {
-                Ok(request) => self.update(&key, &request, true).await.map(|_| ()),
+                Ok(request) => self.update_via(&key, &request, true, courier).await.map(|_| ()),
                 Err(e) => Err(e),
             },
             ShadowOp::Get => match request::parse_plain(payload, &self.limits) {
                 Ok(request) => self.get_shared(&key, true).await.map(|doc| {
                     let reply = doc.to_json_bytes(request.client_token.as_deref());
-                    self.send_bytes(&key, "get/accepted", reply);
+                    courier.deliver(vec![message(&key, "get/accepted", reply)]);
                 }),
                 Err(e) => Err(e),
             },
             ShadowOp::Delete => match request::parse_plain(payload, &self.limits) {
-                Ok(request) => self.delete(&key, &request, true).await.map(|_| ()),
+                Ok(request) => self.delete_via(&key, &request, true, courier).await.map(|_| ()),
                 Err(e) => Err(e),
             },
         };
         if let Err(e) = result {
             tracing::debug!(device_id = %device, op = op.as_str(), error = %e, "shadow request rejected");
-            self.send(
+            let suffix = format!("{}/rejected", op.as_str());
+            courier.deliver(vec![json_message(
                 &key,
-                &format!("{}/rejected", op.as_str()),
+                &suffix,
                 &rejection(&e, token().as_deref()),
-            );
+            )]);
         }
     }
 
@@ -395,17 +442,20 @@ impl Shadows {
         next: &Document,
         accepted: &[u8],
         request: &UpdateRequest,
+        courier: &mut dyn Courier,
     ) {
         let token = request.client_token.as_deref();
-        self.send_bytes(key, "update/accepted", accepted.to_vec());
-        self.send_bytes(
+        let mut messages = Vec::with_capacity(3);
+        messages.push(message(key, "update/accepted", accepted.to_vec()));
+        messages.push(message(
             key,
             "update/documents",
             document::documents_message(previous_view, next, token),
-        );
+        ));
         if let Some(delta) = next.delta_message() {
-            self.send(key, "update/delta", &delta);
+            messages.push(json_message(key, "update/delta", &delta));
         }
+        courier.deliver(messages);
         self.events.publish(PlatformEvent::ShadowUpdated {
             device_id: key.device.to_string(),
             name: key.name.as_ref().map(|n| n.as_str().to_owned()),
@@ -414,15 +464,16 @@ impl Shadows {
             reported_firmware: reported_firmware(&request.reported, next),
         });
     }
+}
 
-    fn send(&self, key: &ShadowKey, suffix: &str, payload: &Value) {
-        self.send_bytes(key, suffix, serde_json::to_vec(payload).unwrap_or_default());
-    }
+/// A message on one of the shadow's topics (`suffix` after `…/shadow[/name/{n}]/`).
+fn message(key: &ShadowKey, suffix: &str, payload: Vec<u8>) -> Outgoing {
+    let topic = shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
+    Outgoing { topic, payload }
+}
 
-    fn send_bytes(&self, key: &ShadowKey, suffix: &str, payload: Vec<u8>) {
-        let topic = shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
-        let _ = self.outbox.send(Outgoing { topic, payload });
-    }
+fn json_message(key: &ShadowKey, suffix: &str, payload: &Value) -> Outgoing {
+    message(key, suffix, serde_json::to_vec(payload).unwrap_or_default())
 }
 
 /// One request counted against its shadow's [`MAX_IN_FLIGHT`] until dropped (also when its future is).
