@@ -142,6 +142,34 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows the server's side of the story: the log lines the test did not read itself, up
+        // to the last few hundred (the test harness prints a failed test's stderr).
+        if std::thread::panicking() {
+            const KEEP: usize = 400;
+            let mut tail = std::collections::VecDeque::with_capacity(KEEP);
+            let mut skipped = 0usize;
+            // The reader thread ends with the process's stderr; wait for it briefly.
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            loop {
+                match self.logs.recv_timeout(Duration::from_millis(100)) {
+                    Ok(line) => {
+                        if tail.len() == KEEP {
+                            tail.pop_front();
+                            skipped += 1;
+                        }
+                        tail.push_back(line);
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) if std::time::Instant::now() > deadline => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                }
+            }
+            eprintln!("---- antumbra's log ({skipped} earlier lines left out) ----");
+            for line in tail {
+                eprintln!("{line}");
+            }
+            eprintln!("---- end of antumbra's log ----");
+        }
     }
 }
 
