@@ -15,7 +15,7 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/api-keys")
             .route(web::post().to(create))
-            .route(web::get().to(list))
+            .route(super::get().to(list))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

@@ -19,17 +19,17 @@ pub const PEM: &str = "application/x-pem-file";
 pub(super) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/ca")
-            .route(web::get().to(ca))
+            .route(super::get().to(ca))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/devices/{id}/certificate")
-            .route(web::get().to(current))
+            .route(super::get().to(current))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/devices/{id}/certificates")
-            .route(web::get().to(list))
+            .route(super::get().to(list))
             .route(web::post().to(issue))
             .default_service(web::to(method_not_allowed)),
     )
@@ -40,7 +40,7 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::resource("/devices/{id}/certificates/{serial}")
-            .route(web::get().to(get))
+            .route(super::get().to(get))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

@@ -16,19 +16,19 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/devices")
             .route(web::post().to(register))
-            .route(web::get().to(list))
+            .route(super::get().to(list))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/devices/{id}")
-            .route(web::get().to(get))
+            .route(super::get().to(get))
             .route(web::patch().to(update))
             .route(web::delete().to(delete))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/devices/{id}/status")
-            .route(web::get().to(status))
+            .route(super::get().to(status))
             .default_service(web::to(method_not_allowed)),
     );
 }

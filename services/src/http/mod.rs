@@ -64,6 +64,13 @@ pub fn configure(cfg: &mut web::ServiceConfig, state: AppState, max_body_bytes: 
         );
 }
 
+/// A route for GET that answers HEAD too: the same status and headers, no body (actix leaves the body out), as
+/// `curl -I` and HTTP caches expect. Not for streams (`/v1/events`), which would stay open for nothing.
+pub(crate) fn get() -> actix_web::Route {
+    use actix_web::guard;
+    web::route().guard(guard::Any(guard::Get()).or(guard::Head()))
+}
+
 /// Answer for routes that do not exist: JSON, like every other error.
 pub async fn not_found() -> actix_web::HttpResponse {
     actix_web::ResponseError::error_response(&ApiError::new(ErrorCode::NotFound, "no such route"))

@@ -14,17 +14,15 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
         .service(get_or_head("/metrics", metrics));
 }
 
-/// A resource served by `handler` on GET and on HEAD (probes and `curl -I`; actix sends no body for HEAD), and
-/// 405 on any other method.
+/// A resource served by `handler` on GET and on HEAD (probes and `curl -I`), and 405 on any other method.
 pub(super) fn get_or_head<F, Args>(path: &str, handler: F) -> actix_web::Resource
 where
-    F: actix_web::Handler<Args> + Clone,
+    F: actix_web::Handler<Args>,
     Args: actix_web::FromRequest + 'static,
     F::Output: actix_web::Responder + 'static,
 {
     web::resource(path)
-        .route(web::get().to(handler.clone()))
-        .route(web::head().to(handler))
+        .route(super::get().to(handler))
         .default_service(web::to(method_not_allowed))
 }
 

@@ -15,29 +15,29 @@ pub(super) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/firmware")
             .route(web::post().to(create_firmware))
-            .route(web::get().to(list_firmware))
+            .route(super::get().to(list_firmware))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/firmware/{firmware_id}")
-            .route(web::get().to(get_firmware))
+            .route(super::get().to(get_firmware))
             .route(web::delete().to(delete_firmware))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/deployments")
             .route(web::post().to(create_deployment))
-            .route(web::get().to(list_deployments))
+            .route(super::get().to(list_deployments))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/deployments/{deployment_id}")
-            .route(web::get().to(get_deployment))
+            .route(super::get().to(get_deployment))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
         web::resource("/deployments/{deployment_id}/jobs")
-            .route(web::get().to(jobs))
+            .route(super::get().to(jobs))
             .default_service(web::to(method_not_allowed)),
     )
     .service(

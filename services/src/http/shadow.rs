@@ -16,7 +16,7 @@ use crate::shadow::Shadows;
 pub(super) fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/devices/{id}/shadow")
-            .route(web::get().to(get))
+            .route(super::get().to(get))
             .route(web::patch().to(patch))
             .route(web::delete().to(delete))
             .default_service(web::to(method_not_allowed)),

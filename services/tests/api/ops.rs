@@ -1,10 +1,13 @@
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::helpers::{assert_error, spawn_app, Backend};
+use crate::helpers::{assert_error, spawn_app, Backend, ADMIN};
 use crate::on_both_backends;
 
-on_both_backends!(health_readiness_spec_and_docs_are_served_without_a_key);
+on_both_backends!(
+    health_readiness_spec_and_docs_are_served_without_a_key,
+    head_answers_every_get_route_as_get_without_a_body,
+);
 
 async fn health_readiness_spec_and_docs_are_served_without_a_key(backend: Backend) {
     let app = spawn_app(backend).await;
@@ -98,4 +101,62 @@ fn every_operation_documents_its_errors_with_examples() {
             }
         }
     }
+}
+
+async fn head_answers_every_get_route_as_get_without_a_body(backend: Backend) {
+    let app = spawn_app(backend).await;
+    app.register("lamp").await;
+    let patched = app
+        .request(Method::PATCH, "/v1/devices/lamp/shadow", Some(ADMIN))
+        .json(&serde_json::json!({"state": {"desired": {"on": true}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    for path in [
+        "/v1/devices",
+        "/v1/devices/lamp",
+        "/v1/devices/lamp/status",
+        "/v1/devices/lamp/shadow",
+        "/v1/devices/lamp/certificate",
+        "/v1/devices/lamp/certificates",
+        "/v1/ca",
+        "/v1/api-keys",
+        "/v1/firmware",
+        "/v1/deployments",
+    ] {
+        let get = app.request(Method::GET, path, Some(ADMIN)).send().await.unwrap();
+        let head = app.request(Method::HEAD, path, Some(ADMIN)).send().await.unwrap();
+        assert_eq!(get.status(), 200, "GET {path}");
+        assert_eq!(head.status(), 200, "HEAD {path}");
+        for header in ["content-type", "etag"] {
+            assert_eq!(
+                get.headers().get(header),
+                head.headers().get(header),
+                "{header} of HEAD {path}"
+            );
+        }
+        assert!(head.bytes().await.unwrap().is_empty(), "HEAD {path} has no body");
+    }
+    // HEAD is GET in every other way: the same key check and the same errors, still without a body.
+    let anonymous = app
+        .request(Method::HEAD, "/v1/devices", None)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let missing = app
+        .request(Method::HEAD, "/v1/devices/ghost/shadow", Some(ADMIN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    assert!(missing.bytes().await.unwrap().is_empty());
+    // The event stream is GET only.
+    let events = app
+        .request(Method::HEAD, "/v1/events", Some(ADMIN))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 405);
 }
