@@ -137,6 +137,57 @@ fn desired_state_set_while_offline_reaches_a_plain_mosquitto_sub_as_one_delta() 
 }
 
 #[test]
+fn named_shadows_replay_to_a_wildcard_subscription_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "label-2", dir.path());
+    let named = |name: &str, body: Value| {
+        let res = reqwest::blocking::Client::new()
+            .patch(format!("{}/v1/devices/label-2/shadow?name={name}", server.base))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        res.json::<Value>().unwrap()
+    };
+    named("cfg", json!({"state": {"desired": {"interval": 30}}}));
+    let cfg = named("cfg", json!({"state": {"desired": {"mode": "eco"}}}));
+    named("leds", json!({"state": {"reported": {"on": false}}}));
+    let leds = named("leds", json!({"state": {"desired": {"on": false}}}));
+    assert!(leds["state"].get("delta").is_none(), "leds has nothing pending");
+    patch(&server, "label-2", json!({"state": {"desired": {"price": 5}}}));
+
+    // The SDK's filter: one delta per named shadow with something pending, none for the classic one.
+    let out = sub(
+        &server,
+        &d,
+        "devices/label-2/shadow/name/+/update/delta",
+        2,
+        3,
+        &[],
+    )
+    .output(Duration::from_secs(20));
+    let got = messages(&out);
+    assert_eq!(got.len(), 1, "only cfg has a delta: {got:?}");
+    assert_eq!(got[0].0, "devices/label-2/shadow/name/cfg/update/delta");
+    assert_eq!(got[0].1["state"], json!({"interval": 30, "mode": "eco"}));
+    assert_eq!(got[0].1["version"], cfg["version"]);
+
+    // Everything under the device: the classic delta and the named one.
+    let out = sub(&server, &d, "devices/label-2/#", 3, 3, &[]).output(Duration::from_secs(20));
+    let mut topics: Vec<String> = messages(&out).into_iter().map(|(t, _)| t).collect();
+    topics.sort();
+    assert_eq!(
+        topics,
+        [
+            "devices/label-2/shadow/name/cfg/update/delta",
+            "devices/label-2/shadow/update/delta"
+        ]
+    );
+}
+
+#[test]
 fn an_online_device_gets_the_delta_at_once_and_reporting_it_clears_it() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());

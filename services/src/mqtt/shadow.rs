@@ -21,6 +21,8 @@ pub(super) enum Work {
     },
     /// The device subscribed to this shadow's delta topic.
     Replay(ShadowKey),
+    /// The device subscribed to the delta topic of every named shadow it has.
+    ReplayNamed,
     /// An OTA progress or outcome report.
     OtaUpdate(Bytes),
     /// The device subscribed to its OTA job topic.
@@ -52,6 +54,9 @@ pub(super) fn collect(device: &DeviceId, packet: &Packet, work: &mut Vec<Work>) 
                         .into_iter()
                         .map(Work::Replay),
                 );
+                if covers_every_named_delta(device, &filter.path) {
+                    work.push(Work::ReplayNamed);
+                }
                 if matches(&antumbra_wire::ota::job_topic(device), &filter.path) {
                     work.push(Work::OtaReplay);
                 }
@@ -125,6 +130,16 @@ impl Courier for Relay<'_> {
     }
 }
 
+/// Whether `filter` has a wildcard where a named shadow's delta topic has the name, so that it covers the delta
+/// topic of every named shadow of `device`. Probed with a name no shadow can have (U+0001): only a wildcard
+/// matches it.
+fn covers_every_named_delta(device: &DeviceId, filter: &str) -> bool {
+    matches(
+        &format!("devices/{device}/shadow/name/\u{1}/update/delta"),
+        filter,
+    )
+}
+
 /// Does the work: shadow replies go through `relay`, OTA messages through the outbox.
 pub(super) async fn perform(
     shadows: &Shadows,
@@ -153,6 +168,11 @@ pub(super) async fn perform(
         Work::Replay(key) => {
             if let Err(e) = shadows.replay(&key, relay).await {
                 tracing::warn!(device_id = %device, error = %e, "could not replay the shadow delta");
+            }
+        }
+        Work::ReplayNamed => {
+            if let Err(e) = shadows.replay_named(device, relay).await {
+                tracing::warn!(device_id = %device, error = %e, "could not replay the named shadows' deltas");
             }
         }
     }
@@ -186,6 +206,28 @@ mod tests {
             "devices/lamp/shadow/name/x/update/delta",
         ] {
             assert_eq!(classic(f), 0, "{f}");
+        }
+        for f in [
+            "devices/lamp/shadow/name/+/update/delta",
+            "devices/lamp/shadow/name/+/update/+",
+            "devices/lamp/shadow/name/#",
+            "devices/lamp/shadow/#",
+            "devices/lamp/#",
+            "devices/lamp/+/name/+/update/delta",
+        ] {
+            assert!(covers_every_named_delta(&d, f), "{f}");
+            assert!(
+                delta_subscriptions(&d, f).iter().all(|k| k.name.is_none()),
+                "{f}: no one named shadow is replayed twice"
+            );
+        }
+        for f in [
+            "devices/lamp/shadow/name/cfg/update/delta",
+            "devices/lamp/shadow/name/+/update/accepted",
+            "devices/lamp/shadow/update/delta",
+            "devices/other/shadow/name/+/update/delta",
+        ] {
+            assert!(!covers_every_named_delta(&d, f), "{f}");
         }
         let named = delta_subscriptions(&d, "devices/lamp/shadow/name/cfg/update/delta");
         assert_eq!(named.len(), 1);

@@ -156,6 +156,21 @@ async fn named_shadows_are_separate_and_purge_keeps_only_versions(store: Store) 
         store.load(&named).await.unwrap().document.unwrap().reported,
         Some(json!({"n": 1}).as_object().unwrap().clone())
     );
+    let second = key("dev-3", Some("calibration"));
+    assert!(store
+        .compare_and_set(&second, 0, 1, Some(&doc(1, json!({"k": 1}))))
+        .await
+        .unwrap());
+    let mut names: Vec<String> = store
+        .named(&classic.device)
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().to_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["calibration", "config"], "named lists named shadows only");
+    assert!(store.named(&other.device).await.unwrap().is_empty());
     store.purge(&classic.device).await.unwrap();
     for k in [&classic, &named] {
         let stored = store.load(k).await.unwrap();

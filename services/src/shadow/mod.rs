@@ -380,6 +380,25 @@ impl Shadows {
         }
     }
 
+    /// Offline replay for a subscription that covers the delta topic of every named shadow of `device` (a
+    /// wildcard in the name's place, as in `devices/{id}/shadow/name/+/update/delta` or `devices/{id}/#`): the
+    /// pending delta of each named shadow that has one. Returns how many were replayed.
+    pub async fn replay_named(
+        &self,
+        device: &DeviceId,
+        courier: &mut dyn Courier,
+    ) -> Result<usize, ShadowError> {
+        let mut replayed = 0;
+        for name in self.store.named(device).await? {
+            let key = ShadowKey {
+                device: device.clone(),
+                name: Some(name),
+            };
+            replayed += usize::from(self.replay(&key, courier).await?);
+        }
+        Ok(replayed)
+    }
+
     /// Handles a request a device published on `…/shadow[/name/{n}]/{op}`: its replies, and every other message
     /// the change makes, go to `courier`.
     pub async fn handle_device_request(

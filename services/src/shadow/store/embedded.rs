@@ -20,7 +20,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Row, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{backend, decode, ShadowKey, ShadowStore, StoreError, Stored};
+use super::{backend, decode, ShadowKey, ShadowName, ShadowStore, StoreError, Stored};
 use crate::shadow::document::Document;
 
 /// Most shadows kept in memory; past it, some that have nothing left to write are forgotten (and read from the
@@ -259,6 +259,22 @@ impl ShadowStore for EmbeddedStore {
         Err(StoreError::Backend(
             "the shadow store is too busy forgetting; retry".into(),
         ))
+    }
+
+    /// From the file: a compare-and-set returns only once its write is committed, so every change that was
+    /// answered is there.
+    async fn named(&self, device: &DeviceId) -> Result<Vec<ShadowName>, StoreError> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM shadows WHERE device_id = ? AND name <> '' AND document IS NOT NULL",
+        )
+        .bind(device.as_str())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(backend)?;
+        Ok(names
+            .iter()
+            .filter_map(|name| ShadowName::parse(name).ok())
+            .collect())
     }
 
     async fn purge(&self, device: &DeviceId) -> Result<(), StoreError> {

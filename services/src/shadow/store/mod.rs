@@ -105,6 +105,10 @@ pub trait ShadowStore: Send + Sync {
         document: Option<&Arc<Document>>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// The names of `device`'s named shadows, unordered. Every one that holds a document is listed; one whose
+    /// document was deleted may be listed too.
+    fn named(&self, device: &DeviceId) -> impl Future<Output = Result<Vec<ShadowName>, StoreError>> + Send;
+
     /// Forgets every shadow document of a device (when the device is deleted). The versions stay, so a device
     /// registered again under the same id continues them: a version never goes back.
     fn purge(&self, device: &DeviceId) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -158,6 +162,13 @@ impl ShadowStore for Store {
         match self {
             Store::Embedded(s) => s.compare_and_set(key, expected, version, document).await,
             Store::Redis(s) => s.compare_and_set(key, expected, version, document).await,
+        }
+    }
+
+    async fn named(&self, device: &DeviceId) -> Result<Vec<ShadowName>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.named(device).await,
+            Store::Redis(s) => s.named(device).await,
         }
     }
 

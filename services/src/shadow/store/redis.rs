@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use antumbra_wire::DeviceId;
 
-use super::{backend, decode, ShadowKey, ShadowStore, StoreError, Stored};
+use super::{backend, decode, ShadowKey, ShadowName, ShadowStore, StoreError, Stored};
 use crate::cluster::{manager_config, REDIS_DEADLINE};
 use crate::shadow::document::Document;
 
@@ -177,6 +177,25 @@ impl ShadowStore for RedisStore {
         };
         self.remember(key, known);
         done
+    }
+
+    /// The device's index: every shadow ever written, deleted ones included (a purge keeps the index).
+    async fn named(&self, device: &DeviceId) -> Result<Vec<ShadowName>, StoreError> {
+        let names: Vec<String> = self
+            .bounded(async {
+                let mut conn = self.connection();
+                redis::cmd("SMEMBERS")
+                    .arg(self.index(device))
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(backend)
+            })
+            .await?;
+        Ok(names
+            .iter()
+            .filter(|name| !name.is_empty())
+            .filter_map(|name| ShadowName::parse(name).ok())
+            .collect())
     }
 
     async fn purge(&self, device: &DeviceId) -> Result<(), StoreError> {
