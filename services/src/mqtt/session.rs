@@ -474,7 +474,18 @@ where
     loop {
         tokio::select! {
             biased;
-            reason = kicked.recv() => return End::Kicked(reason.unwrap_or(DisconnectReason::ServerShutdown)),
+            reason = kicked.recv() => {
+                let reason = reason.unwrap_or(DisconnectReason::ServerShutdown);
+                // Bytes the device sent before it was told to go come first: a clean DISCONNECT that arrived while
+                // this task waited for its turn (a busy machine) ends the session as the device asked, without the
+                // will, and a request in the same bytes is still handled.
+                if let Some(Ok(n @ 1..)) = io.read_buf(buf).now_or_never() {
+                    if let Some(end) = handle_read(door, device, codec, buf, link, n).await {
+                        return end;
+                    }
+                }
+                return End::Kicked(reason);
+            }
             read = io.read_buf(buf) => {
                 let n = match read {
                     Ok(0) | Err(_) => return End::Network,
@@ -482,37 +493,7 @@ where
                 };
                 deadline = Instant::now() + period;
                 seen.touch();
-                let mut packets = Vec::new();
-                let mut shadow_work = Vec::new();
-                let outcome = loop {
-                    match codec.read(buf) {
-                        Ok(None) => break None,
-                        Ok(Some(Packet::Disconnect(d, _))) => {
-                            break Some(End::Client { with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage })
-                        }
-                        Ok(Some(packet)) if !allowed(device, &packet) => break Some(End::Acl),
-                        Ok(Some(packet)) => {
-                            shadow::collect(device, &packet, &mut shadow_work);
-                            packets.push(packet);
-                        }
-                        Err(e) => {
-                            tracing::debug!(device_id = %device, error = %e, "protocol error");
-                            break Some(End::Network);
-                        }
-                    }
-                };
-                door.metrics.received(packets.len() as u64, n as u64);
-                let mut relay = shadow::Relay::new(&mut link.tx, packets);
-                for work in shadow_work {
-                    Box::pin(shadow::perform(&door.shadows, &door.ota, device, work, &mut relay)).await;
-                }
-                if !relay.flush() {
-                    return End::RouterClosed;
-                }
-                if buf.capacity() > 64 * 1024 && buf.is_empty() {
-                    *buf = BytesMut::with_capacity(512);
-                }
-                if let Some(end) = outcome {
+                if let Some(end) = handle_read(door, device, codec, buf, link, n).await {
                     return end;
                 }
             }
@@ -546,6 +527,58 @@ where
             }
         }
     }
+}
+
+/// Handles the `n` bytes just read into `buf`: the packets go to the router, the shadow and OTA work is done.
+/// `Some` when the session ends here (DISCONNECT, a topic outside the device's, a protocol error, no router).
+async fn handle_read(
+    door: &FrontDoor,
+    device: &DeviceId,
+    codec: &mut Codec,
+    buf: &mut BytesMut,
+    link: &mut Link,
+    n: usize,
+) -> Option<End> {
+    let mut packets = Vec::new();
+    let mut shadow_work = Vec::new();
+    let outcome = loop {
+        match codec.read(buf) {
+            Ok(None) => break None,
+            Ok(Some(Packet::Disconnect(d, _))) => {
+                break Some(End::Client {
+                    with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                })
+            }
+            Ok(Some(packet)) if !allowed(device, &packet) => break Some(End::Acl),
+            Ok(Some(packet)) => {
+                shadow::collect(device, &packet, &mut shadow_work);
+                packets.push(packet);
+            }
+            Err(e) => {
+                tracing::debug!(device_id = %device, error = %e, "protocol error");
+                break Some(End::Network);
+            }
+        }
+    };
+    door.metrics.received(packets.len() as u64, n as u64);
+    let mut relay = shadow::Relay::new(&mut link.tx, packets);
+    for work in shadow_work {
+        Box::pin(shadow::perform(
+            &door.shadows,
+            &door.ota,
+            device,
+            work,
+            &mut relay,
+        ))
+        .await;
+    }
+    if !relay.flush() {
+        return Some(End::RouterClosed);
+    }
+    if buf.capacity() > 64 * 1024 && buf.is_empty() {
+        *buf = BytesMut::with_capacity(512);
+    }
+    outcome
 }
 
 /// Topic isolation for one packet from the device.
