@@ -23,8 +23,13 @@ fn start(dir: &std::path::Path) -> Server {
 }
 
 fn patch(server: &Server, id: &str, body: Value) -> Value {
+    patch_query(server, id, "", body)
+}
+
+/// PATCH of `id`'s shadow with `query` after the path (e.g. `?name=cfg`); asserts 200.
+fn patch_query(server: &Server, id: &str, query: &str, body: Value) -> Value {
     let res = reqwest::blocking::Client::new()
-        .patch(format!("{}/v1/devices/{id}/shadow", server.base))
+        .patch(format!("{}/v1/devices/{id}/shadow{query}", server.base))
         .bearer_auth(TOKEN)
         .json(&body)
         .send()
@@ -141,16 +146,7 @@ fn named_shadows_replay_to_a_wildcard_subscription_too() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
     let d = server.register(TOKEN, "label-2", dir.path());
-    let named = |name: &str, body: Value| {
-        let res = reqwest::blocking::Client::new()
-            .patch(format!("{}/v1/devices/label-2/shadow?name={name}", server.base))
-            .bearer_auth(TOKEN)
-            .json(&body)
-            .send()
-            .unwrap();
-        assert_eq!(res.status(), 200);
-        res.json::<Value>().unwrap()
-    };
+    let named = |name: &str, body: Value| patch_query(&server, "label-2", &format!("?name={name}"), body);
     named("cfg", json!({"state": {"desired": {"interval": 30}}}));
     let cfg = named("cfg", json!({"state": {"desired": {"mode": "eco"}}}));
     named("leds", json!({"state": {"reported": {"on": false}}}));

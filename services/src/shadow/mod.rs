@@ -382,21 +382,20 @@ impl Shadows {
 
     /// Offline replay for a subscription that covers the delta topic of every named shadow of `device` (a
     /// wildcard in the name's place, as in `devices/{id}/shadow/name/+/update/delta` or `devices/{id}/#`): the
-    /// pending delta of each named shadow that has one. Returns how many were replayed.
+    /// pending delta of each named shadow that has one.
     pub async fn replay_named(
         &self,
         device: &DeviceId,
         courier: &mut dyn Courier,
-    ) -> Result<usize, ShadowError> {
-        let mut replayed = 0;
+    ) -> Result<(), ShadowError> {
         for name in self.store.named(device).await? {
             let key = ShadowKey {
                 device: device.clone(),
                 name: Some(name),
             };
-            replayed += usize::from(self.replay(&key, courier).await?);
+            self.replay(&key, courier).await?;
         }
-        Ok(replayed)
+        Ok(())
     }
 
     /// Handles a request a device published on `…/shadow[/name/{n}]/{op}`: its replies, and every other message
@@ -410,19 +409,21 @@ impl Shadows {
         courier: &mut dyn Courier,
     ) {
         use antumbra_wire::topics::ShadowOp;
-        // Only a rejection needs the token read apart from the request (which may not parse).
-        let token = || request::client_token_of(payload, &self.limits);
+        // The op's rejected reply. Only a rejection needs the token read apart from the request (which may not
+        // parse).
+        let rejected = |key: &ShadowKey, e: &ShadowError| {
+            let token = request::client_token_of(payload, &self.limits);
+            json_message(
+                key,
+                &format!("{}/rejected", op.as_str()),
+                &rejection(e, token.as_deref()),
+            )
+        };
         let key = match Self::key(device, name) {
             Ok(key) => key,
             Err(e) => {
                 // A name that is not a shadow name: reply on the classic shadow's rejected topic for that op.
-                let key = ShadowKey::classic(device.clone());
-                let suffix = format!("{}/rejected", op.as_str());
-                courier.deliver(vec![json_message(
-                    &key,
-                    &suffix,
-                    &rejection(&e, token().as_deref()),
-                )]);
+                courier.deliver(vec![rejected(&ShadowKey::classic(device.clone()), &e)]);
                 return;
             }
         };
@@ -445,12 +446,7 @@ impl Shadows {
         };
         if let Err(e) = result {
             tracing::debug!(device_id = %device, op = op.as_str(), error = %e, "shadow request rejected");
-            let suffix = format!("{}/rejected", op.as_str());
-            courier.deliver(vec![json_message(
-                &key,
-                &suffix,
-                &rejection(&e, token().as_deref()),
-            )]);
+            courier.deliver(vec![rejected(&key, &e)]);
         }
     }
 

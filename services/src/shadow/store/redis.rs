@@ -181,19 +181,10 @@ impl ShadowStore for RedisStore {
 
     /// The device's index: every shadow ever written, deleted ones included (a purge keeps the index).
     async fn named(&self, device: &DeviceId) -> Result<Vec<ShadowName>, StoreError> {
-        let names: Vec<String> = self
-            .bounded(async {
-                let mut conn = self.connection();
-                redis::cmd("SMEMBERS")
-                    .arg(self.index(device))
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(backend)
-            })
-            .await?;
+        let names = self.bounded(self.indexed(device)).await?;
+        // The classic shadow is listed as "", which is no shadow name.
         Ok(names
             .iter()
-            .filter(|name| !name.is_empty())
             .filter_map(|name| ShadowName::parse(name).ok())
             .collect())
     }
@@ -307,13 +298,19 @@ impl RedisStore {
         Ok(done == 1)
     }
 
-    async fn purge_unbounded(&self, device: &DeviceId) -> Result<(), StoreError> {
+    /// The names in `device`'s index (`""`: the classic shadow).
+    async fn indexed(&self, device: &DeviceId) -> Result<Vec<String>, StoreError> {
         let mut conn = self.connection();
-        let names: Vec<String> = redis::cmd("SMEMBERS")
+        redis::cmd("SMEMBERS")
             .arg(self.index(device))
             .query_async(&mut conn)
             .await
-            .map_err(backend)?;
+            .map_err(backend)
+    }
+
+    async fn purge_unbounded(&self, device: &DeviceId) -> Result<(), StoreError> {
+        let names = self.indexed(device).await?;
+        let mut conn = self.connection();
         // The documents go; each shadow's version (`v`) and the index stay, so a device registered again under this
         // id continues its versions (a version never goes back) and a later purge still finds every shadow.
         let mut pipe = redis::pipe();
