@@ -470,7 +470,11 @@ where
 {
     let far = Duration::from_secs(86_400 * 365);
     let period = if keep_alive.is_zero() { far } else { keep_alive };
-    let mut deadline = Instant::now() + period;
+    // One timer for the session, moved on only when it fires early: a new `sleep_until` on every turn of the
+    // loop registered and removed a timer entry per packet.
+    let mut last_read = Instant::now();
+    let keep_alive_timer = sleep_until(last_read + period);
+    tokio::pin!(keep_alive_timer);
     loop {
         tokio::select! {
             biased;
@@ -491,13 +495,19 @@ where
                     Ok(0) | Err(_) => return End::Network,
                     Ok(n) => n,
                 };
-                deadline = Instant::now() + period;
+                last_read = Instant::now();
                 seen.touch();
                 if let Some(end) = handle_read(door, device, codec, buf, link, n).await {
                     return end;
                 }
             }
-            _ = sleep_until(deadline) => return End::KeepAlive,
+            _ = &mut keep_alive_timer => {
+                let due = last_read + period;
+                if due <= Instant::now() {
+                    return End::KeepAlive;
+                }
+                keep_alive_timer.as_mut().reset(due);
+            }
             note = link.rx.next() => {
                 let first = match note {
                     Err(_) => return End::RouterClosed,

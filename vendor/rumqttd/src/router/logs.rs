@@ -256,14 +256,14 @@ impl DataLog {
     /// filter, the oldest cursor of its readers outside the log (connections' requests, unacknowledged QoS 1/2
     /// publishes, saved persistent sessions); the requests parked on the log itself are added here. A filter
     /// with no reader keeps nothing.
-    pub fn trim(&mut self, oldest: &HashMap<FilterIdx, Offset>) {
+    pub fn trim(&mut self, oldest: &[Option<Offset>]) {
         for (filter_idx, data) in self.native.iter_mut() {
             let keep = data
                 .waiters
                 .waiters()
                 .iter()
                 .map(|(_, request)| request.cursor)
-                .chain(oldest.get(&filter_idx).copied())
+                .chain(oldest.get(filter_idx).copied().flatten())
                 .min();
             data.log.trim(keep);
         }

@@ -244,13 +244,15 @@ impl Router {
     /// QoS 1/2 publish (a persistent session resumes from it), a shared group's cursor, or a saved persistent
     /// session. Runs between rounds of events, when no request is taken out of its tracker.
     fn trim_logs(&mut self) {
-        fn note(oldest: &mut HashMap<FilterIdx, Offset>, filter_idx: FilterIdx, cursor: Offset) {
-            oldest
-                .entry(filter_idx)
-                .and_modify(|oldest| *oldest = (*oldest).min(cursor))
-                .or_insert(cursor);
+        // Indexed by filter (slab keys are dense): a hash map here cost more than the trimming itself.
+        fn note(oldest: &mut Vec<Option<Offset>>, filter_idx: FilterIdx, cursor: Offset) {
+            if filter_idx >= oldest.len() {
+                oldest.resize(filter_idx + 1, None);
+            }
+            let slot = &mut oldest[filter_idx];
+            *slot = Some(slot.map_or(cursor, |oldest| oldest.min(cursor)));
         }
-        let mut oldest = HashMap::new();
+        let mut oldest = vec![None; self.datalog.native.capacity()];
         let requests = self
             .scheduler
             .trackers
