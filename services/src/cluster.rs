@@ -209,6 +209,7 @@ async fn publish_loop(
     watched_until: WatchedUntil,
 ) {
     let mut events = bus.subscribe();
+    let mut republished = bus.subscribe_republished();
     let mut watching = tokio::time::interval(WATCH_PERIOD);
     watching.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let envelope = |message: Message| {
@@ -244,6 +245,14 @@ async fn publish_loop(
                 Ok(_) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "cluster bridge lagged behind local events");
+                    continue;
+                }
+                Err(_) => break,
+            },
+            event = republished.recv() => match event {
+                Ok(event) => texts.push(envelope(Message::Event { event })),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "cluster bridge lagged behind republished events");
                     continue;
                 }
                 Err(_) => break,
@@ -338,12 +347,14 @@ fn apply_remote(event: PlatformEvent, from: &str, events: &EventBus, presence: &
             let Ok(device) = antumbra_wire::DeviceId::parse(device_id.clone()) else {
                 return;
             };
-            presence.remote_connected(&device, *session, remote_addr.clone(), *at, from);
-            // A local session of the same device is stale now: the device moved to another instance.
-            events.publish(PlatformEvent::SessionMoved {
-                device_id: device_id.clone(),
-                session: *session,
-            });
+            // A local session of the same device is stale now, the device moved to another instance, unless
+            // the local one is newer: an instance that was taken for dead announces its sessions again, late.
+            if presence.remote_connected(&device, *session, remote_addr.clone(), *at, from) {
+                events.publish(PlatformEvent::SessionMoved {
+                    device_id: device_id.clone(),
+                    session: *session,
+                });
+            }
         }
         PlatformEvent::Disconnected {
             device_id,

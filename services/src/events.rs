@@ -180,6 +180,9 @@ pub struct EventBus {
     tx: broadcast::Sender<PlatformEvent>,
     /// Events of other instances, heard through the cluster.
     heard: broadcast::Sender<PlatformEvent>,
+    /// Events this instance announced before and the rest of the cluster missed, for the cluster bridge only
+    /// (see [`EventBus::republish`]).
+    republished: broadcast::Sender<PlatformEvent>,
     /// Applications watching the events (`/v1/events` streams open on this instance).
     watchers: Arc<AtomicUsize>,
     /// Told when the first application starts watching.
@@ -199,6 +202,7 @@ impl EventBus {
         Self {
             tx: broadcast::channel(65_536).0,
             heard: broadcast::channel(65_536).0,
+            republished: broadcast::channel(65_536).0,
             watchers: Arc::new(AtomicUsize::new(0)),
             first_watcher: Arc::new(Notify::new()),
         }
@@ -212,6 +216,17 @@ impl EventBus {
     /// Publishes an event another instance of the cluster published.
     pub fn publish_heard(&self, event: PlatformEvent) {
         let _ = self.heard.send(event);
+    }
+
+    /// Announces again, to the other instances of the cluster only, something this instance published before
+    /// and they missed (see `crate::liveness`); this instance's own streams saw it the first time.
+    pub fn republish(&self, event: PlatformEvent) {
+        let _ = self.republished.send(event);
+    }
+
+    /// A new subscription to [`EventBus::republish`]ed events (the cluster bridge).
+    pub fn subscribe_republished(&self) -> broadcast::Receiver<PlatformEvent> {
+        self.republished.subscribe()
     }
 
     /// A new subscription to this instance's events, from now on.

@@ -4,7 +4,9 @@
 //! every [`BEAT`] with a time to live of [`LAPSE`]. Every [`BEAT`] each instance also looks for ids in the set
 //! whose key has lapsed: the devices such an instance held are offline (`server_shutdown`), in the database and in
 //! this instance's memory and event streams ([`Presence::held_by_dead`]); then the id leaves the set. Several
-//! instances may do this for the same dead one at once: every step is idempotent.
+//! instances may do this for the same dead one at once: every step is idempotent. An instance that was only
+//! cut off or stalled finds itself out of the set at its next beat: it enters again and announces the sessions
+//! it still holds ([`Presence::reannounce`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -47,15 +49,19 @@ impl Liveness {
             instance: format!("{:016x}", rand::random::<u64>()),
         };
         this.beat().await?;
-        let mut conn = this.conn.clone();
+        this.enter_set().await?;
+        Ok(this)
+    }
+
+    async fn enter_set(&self) -> Result<(), redis::RedisError> {
+        let mut conn = self.conn.clone();
         bounded(
             redis::cmd("SADD")
-                .arg(this.set_key())
-                .arg(&this.instance)
+                .arg(self.set_key())
+                .arg(&self.instance)
                 .query_async::<()>(&mut conn),
         )
-        .await?;
-        Ok(this)
+        .await
     }
 
     fn set_key(&self) -> String {
@@ -125,11 +131,40 @@ impl Liveness {
                     tracing::warn!(error = %e, "could not renew this instance's heartbeat in Redis");
                     continue;
                 }
+                if let Err(e) = self.rejoin_if_dropped(&presence, &registry).await {
+                    tracing::warn!(error = %e, "could not check this instance's place in the cluster");
+                }
                 if let Err(e) = self.sweep(&presence, &registry).await {
                     tracing::warn!(error = %e, "could not look for stopped instances");
                 }
             }
         });
+    }
+
+    /// When the others took this instance for dead (its heartbeat lapsed while it was cut off from Redis or
+    /// stalled, and a sweep removed it from the set), it enters the set again and re-announces the sessions it
+    /// still holds ([`Presence::reannounce`]): without this, its devices would stay offline everywhere else
+    /// until they reconnected.
+    async fn rejoin_if_dropped(&self, presence: &Presence, registry: &Registry) -> anyhow::Result<()> {
+        let mut conn = self.conn.clone();
+        let member: bool = bounded(
+            redis::cmd("SISMEMBER")
+                .arg(self.set_key())
+                .arg(&self.instance)
+                .query_async(&mut conn),
+        )
+        .await?;
+        if member {
+            return Ok(());
+        }
+        tracing::warn!(
+            instance = %self.instance,
+            "the cluster took this instance for dead (no heartbeat for {LAPSE:?}); joining again"
+        );
+        self.enter_set().await?;
+        let (announced, closed) = presence.reannounce(registry).await?;
+        tracing::info!(announced, closed, "sessions announced to the cluster again");
+        Ok(())
     }
 
     async fn sweep(&self, presence: &Presence, registry: &Registry) -> anyhow::Result<()> {

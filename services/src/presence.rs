@@ -104,10 +104,9 @@ impl Presence {
         events: EventBus,
         cluster: Option<ClusterView>,
     ) -> Result<Arc<Self>, RegistryError> {
-        let rows = sqlx::query(
-            "SELECT device_id, online, session, connected_at, disconnected_at, last_seen_at, \
-             last_disconnect_reason, remote_addr, instance FROM device_presence",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT device_id, {STATUS_COLUMNS} FROM device_presence"
+        ))
         .fetch_all(registry.pool())
         .await?;
         let now = registry::now();
@@ -118,20 +117,7 @@ impl Presence {
             let Ok(id) = DeviceId::parse(row.try_get::<String, _>("device_id")?) else {
                 continue;
             };
-            let millis = |name: &str| -> Result<Option<OffsetDateTime>, RegistryError> {
-                row.try_get::<Option<i64>, _>(name)?.map(from_millis).transpose()
-            };
-            let mut status = DeviceStatus {
-                online: row.try_get::<i64, _>("online")? != 0,
-                session: row.try_get::<i64, _>("session")?.max(0) as u64,
-                connected_at: millis("connected_at")?,
-                disconnected_at: millis("disconnected_at")?,
-                last_seen_at: millis("last_seen_at")?,
-                last_disconnect_reason: row
-                    .try_get::<Option<String>, _>("last_disconnect_reason")?
-                    .and_then(|r| DisconnectReason::parse(&r)),
-                remote_addr: row.try_get("remote_addr")?,
-            };
+            let mut status = stored_status(&row)?;
             max_session = max_session.max(status.session);
             // The live instance that still holds an online device's session, if one does.
             let holder = row
@@ -200,7 +186,8 @@ impl Presence {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Instance `holder` started a session of `device`: it is online there, with that session number.
+    /// Instance `holder` started a session of `device`: it is online there, with that session number. `true`
+    /// when that session is newer than any this instance knew of the device (a session of it here is stale).
     pub fn remote_connected(
         &self,
         device: &DeviceId,
@@ -208,14 +195,17 @@ impl Presence {
         remote_addr: String,
         at: OffsetDateTime,
         holder: &str,
-    ) {
+    ) -> bool {
         let mut entries = self.entries.lock().expect("presence lock");
         let entry = entries.entry(device.clone()).or_insert_with(|| Entry {
             status: DeviceStatus::never(),
             seen: None,
             holder: None,
         });
-        if session >= entry.status.session {
+        let newer = session > entry.status.session;
+        // The same session again: its instance announces it once more (it was taken for dead meanwhile).
+        let again = session == entry.status.session && entry.seen.is_none();
+        if newer || again {
             entry.status.online = true;
             entry.status.session = session;
             entry.status.connected_at = Some(at);
@@ -225,6 +215,7 @@ impl Presence {
             entry.holder = Some(holder.to_owned());
         }
         self.next_session.fetch_max(session + 1, Ordering::Relaxed);
+        newer
     }
 
     /// Another instance ended session `session` of `device`.
@@ -285,6 +276,76 @@ impl Presence {
             });
         }
         Ok(ended.len())
+    }
+
+    /// This instance was taken for dead by the others (cut off from Redis, or stalled, for longer than the
+    /// heartbeat's lapse): they stored its devices offline and show them so. Every session still open here is
+    /// stored and announced to them again, unless its device has a newer session on record (it connected to
+    /// another instance meanwhile): that session here is stale and closes as a takeover. Returns how many
+    /// sessions were announced and how many closed.
+    pub async fn reannounce(&self, registry: &Registry) -> Result<(usize, usize), RegistryError> {
+        let open: Vec<(DeviceId, DeviceStatus)> = {
+            let entries = self.entries.lock().expect("presence lock");
+            entries
+                .iter()
+                .filter_map(|(device, entry)| {
+                    let seen = entry.seen.as_ref().filter(|_| entry.status.online)?;
+                    let mut status = entry.status.clone();
+                    status.last_seen_at = from_millis(seen.load(Ordering::Relaxed)).ok();
+                    Some((device.clone(), status))
+                })
+                .collect()
+        };
+        let (mut announced, mut closed) = (0, 0);
+        let query = format!("SELECT {STATUS_COLUMNS} FROM device_presence WHERE device_id = $1");
+        for (device, status) in open {
+            let row = sqlx::query(&query)
+                .bind(device.as_str())
+                .fetch_optional(registry.pool())
+                .await?;
+            if let Some(row) = row {
+                let on_record = stored_status(&row)?;
+                if on_record.session > status.session {
+                    // What this instance missed: the device's newer session (where it is, or how it ended).
+                    let holder = row
+                        .try_get::<Option<String>, _>("instance")?
+                        .filter(|_| on_record.online);
+                    if let Some(holder) = &holder {
+                        self.events.publish_heard(PlatformEvent::Connected {
+                            device_id: device.to_string(),
+                            session: on_record.session,
+                            remote_addr: on_record.remote_addr.clone().unwrap_or_default(),
+                            at: on_record.connected_at.unwrap_or_else(registry::now),
+                        });
+                        tracing::debug!(device_id = %device, %holder, "device moved while this instance was cut off");
+                    }
+                    let session = on_record.session;
+                    if let Some(entry) = self.entries.lock().expect("presence lock").get_mut(&device) {
+                        if entry.status.session < session {
+                            entry.status = on_record;
+                            entry.seen = None;
+                            entry.holder = holder;
+                        }
+                    }
+                    self.events.publish(PlatformEvent::SessionMoved {
+                        device_id: device.to_string(),
+                        session,
+                    });
+                    closed += 1;
+                    continue;
+                }
+            }
+            // Stored with this instance as its holder again (an upsert that never overwrites a newer session).
+            let _ = self.writer.send((device.clone(), status.clone()));
+            self.events.republish(PlatformEvent::Connected {
+                device_id: device.to_string(),
+                session: status.session,
+                remote_addr: status.remote_addr.clone().unwrap_or_default(),
+                at: status.connected_at.unwrap_or_else(registry::now),
+            });
+            announced += 1;
+        }
+        Ok((announced, closed))
     }
 
     /// A session of `device` started: returns its number and the clock it reports activity on.
@@ -371,6 +432,28 @@ impl Presence {
     pub fn forget(&self, device: &DeviceId) {
         self.entries.lock().expect("presence lock").remove(device);
     }
+}
+
+/// The `device_presence` columns [`stored_status`] reads, and the holder (`instance`).
+const STATUS_COLUMNS: &str = "online, session, connected_at, disconnected_at, last_seen_at, \
+                              last_disconnect_reason, remote_addr, instance";
+
+/// A status as stored (a row with [`STATUS_COLUMNS`]).
+fn stored_status(row: &sqlx::any::AnyRow) -> Result<DeviceStatus, RegistryError> {
+    let millis = |name: &str| -> Result<Option<OffsetDateTime>, RegistryError> {
+        row.try_get::<Option<i64>, _>(name)?.map(from_millis).transpose()
+    };
+    Ok(DeviceStatus {
+        online: row.try_get::<i64, _>("online")? != 0,
+        session: row.try_get::<i64, _>("session")?.max(0) as u64,
+        connected_at: millis("connected_at")?,
+        disconnected_at: millis("disconnected_at")?,
+        last_seen_at: millis("last_seen_at")?,
+        last_disconnect_reason: row
+            .try_get::<Option<String>, _>("last_disconnect_reason")?
+            .and_then(|r| DisconnectReason::parse(&r)),
+        remote_addr: row.try_get("remote_addr")?,
+    })
 }
 
 /// Upserts queued statuses, batching whatever accumulated while the previous batch was written.

@@ -125,10 +125,30 @@ impl Server {
 
     /// Sends SIGTERM without waiting.
     pub fn signal_term(&self) {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+        self.signal("TERM");
+    }
+
+    /// Reads the server's log until a line contains `needle`; `false` after `limit`. The lines read are gone
+    /// from [`Server::logs`].
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.logs.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Sends the signal `name` (`TERM`, `STOP`, `CONT`, …) to the server.
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .unwrap();
+        assert!(sent.success(), "kill -{name}");
     }
 
     /// Sends SIGTERM and waits for the exit status.

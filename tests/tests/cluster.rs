@@ -2,8 +2,8 @@
 //! tests/run.sh), as a cluster runs behind a load balancer. Here: a device on B gets the delta PATCHed on A, a
 //! device that moves from B to A is never shown offline and B's stale socket is closed, a revocation on A drops
 //! and refuses the device on B, desired state set on A while a device was away reaches it on B as one delta, the
-//! event stream of A carries what happens on B (once), and presence stays fleet-wide when an instance restarts
-//! or dies.
+//! event stream of A carries what happens on B (once), presence stays fleet-wide when an instance restarts or
+//! dies, and an instance taken for dead while it stalled announces its devices again when it resumes.
 //! - `pki`: instances share the CA kept in the database (or the operator's files, which take precedence);
 //! - `ota`: deployments made on one instance reach devices on another, rollouts run on every instance;
 //! - `faults`: Redis restarting, PostgreSQL going away, an instance killed with SIGKILL;
@@ -461,4 +461,55 @@ fn presence_stays_fleet_wide_when_an_instance_restarts_and_when_one_dies() {
         let online = a.get_json(TOKEN, "/v1/devices?online=true");
         online["items"].as_array().unwrap().is_empty()
     }));
+}
+
+#[test]
+fn an_instance_taken_for_dead_while_it_stalled_announces_its_devices_again() {
+    let env = ClusterEnv::new(&test_database());
+    let env = env.vars();
+    let dir = tempfile::tempdir().unwrap();
+    let a = instance(dir.path(), "a", &env, &[]);
+    let b = instance(dir.path(), "b", &env, &[]);
+    let d = a.register(TOKEN, "pump-7", dir.path());
+    let _device = paho_connected(&b, &d, "silent", &["--keepalive", "120"]);
+    assert!(eventually(Duration::from_secs(5), || status(&a, "pump-7")
+        ["online"]
+        == true));
+    let session = status(&b, "pump-7")["session"].clone();
+    assert!(session.as_u64().unwrap() > 0, "{session}");
+    let events = a.events(TOKEN, "?device_id=pump-7");
+
+    // B stalls (as under a VM pause, or cut off from Redis) past its heartbeat's lapse: A takes it for dead.
+    b.signal("STOP");
+    let gone = next_event(&events, Duration::from_secs(40), |e| {
+        e["type"] == "device.disconnected"
+    });
+    assert_eq!(gone["reason"], "server_shutdown", "{gone}");
+    assert_eq!(status(&a, "pump-7")["online"], false);
+
+    // B resumes. The device's connection to it never dropped: within a beat B finds itself out of the cluster,
+    // joins again and announces the session, and A shows the device online in it, stored and on its stream.
+    b.signal("CONT");
+    let back = next_event(&events, Duration::from_secs(20), |e| {
+        e["type"] == "device.connected"
+    });
+    assert_eq!(back["session"], session, "{back}");
+    let s = status(&a, "pump-7");
+    assert_eq!((&s["online"], &s["session"]), (&json!(true), &session), "{s}");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let online = a.get_json(TOKEN, "/v1/devices?online=true");
+            online["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|dev| dev["id"] == "pump-7")
+        }),
+        "the database holds the device online again"
+    );
+    let s = status(&b, "pump-7");
+    assert_eq!((&s["online"], &s["session"]), (&json!(true), &session), "{s}");
+    // A session announced late never closes the device's session where it is: B's stays.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(status(&b, "pump-7")["online"], true);
 }

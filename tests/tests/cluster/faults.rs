@@ -1,8 +1,9 @@
-//! Faults: Redis restarting mid-traffic, PostgreSQL going away and coming back, an instance killed with SIGKILL.
+//! Faults: Redis restarting mid-traffic, PostgreSQL going away and coming back, an instance killed with SIGKILL,
+//! an instance stalled while Redis restarted and its device moved.
 
 use std::time::Duration;
 
-use antumbra_e2e::{eventually, pub_, DeviceFiles, Server};
+use antumbra_e2e::{eventually, paho_connected, pub_, DeviceFiles, Server};
 use serde_json::{json, Value};
 
 use super::servers::{PrivatePostgres, PrivateRedis};
@@ -293,4 +294,61 @@ fn postgresql_going_away_turns_readiness_red_and_rest_to_503_while_mqtt_stays_up
     assert_eq!(delta.state["mode"], "eco", "{:?}", delta.state);
     let doc = c.a.get_json(TOKEN, "/v1/devices/steady/shadow");
     assert_eq!(doc["state"]["reported"]["during_outage"], true, "{doc}");
+}
+
+/// An instance stalled while Redis restarted misses everything said on Redis meanwhile, here that its device
+/// moved to the other instance. When it resumes it finds itself out of the cluster (taken for dead), sees the
+/// newer session on record and closes its stale session instead of announcing it; the device's session on the
+/// other instance is left alone.
+#[test]
+fn an_instance_that_missed_a_move_while_cut_off_closes_its_stale_session() {
+    let mut redis = PrivateRedis::start();
+    let (db, redis_url) = (super::test_database(), redis.url());
+    let env = [
+        ("DATABASE_URL", db.as_str()),
+        ("REDIS_URL", redis_url.as_str()),
+        ("ANTUMBRA_ADMIN_TOKEN", TOKEN),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let a = super::instance(dir.path(), "a", &env, &[]);
+    let b = super::instance(dir.path(), "b", &env, &[]);
+    let d = a.register(TOKEN, "valve-2", dir.path());
+    let _stale = paho_connected(&b, &d, "silent", &["--keepalive", "120"]);
+    assert!(eventually(Duration::from_secs(5), || status(&a, "valve-2")
+        ["online"]
+        == true));
+    let first = status(&b, "valve-2")["session"].as_u64().unwrap();
+
+    b.signal("STOP");
+    redis.restart();
+    // The device reconnects through the load balancer and lands on A; B, stalled and cut off, misses it.
+    let _moved = paho_connected(&a, &d, "hold", &[]);
+    let moved = status(&a, "valve-2")["session"].as_u64().unwrap();
+    assert!(moved > first, "{moved} > {first}");
+    assert!(
+        a.wait_for_log("an instance stopped beating", Duration::from_secs(40)),
+        "A takes B for dead once its heartbeat lapses"
+    );
+
+    b.signal("CONT");
+    assert!(
+        b.wait_for_log("sessions announced to the cluster again", Duration::from_secs(30)),
+        "B finds itself out of the cluster and joins again"
+    );
+    const TAKEOVERS: &str = "antumbra_mqtt_disconnects_total{reason=\"takeover\"}";
+    assert!(
+        eventually(Duration::from_secs(10), || b.metric(TAKEOVERS) == 1.0
+            && b.metric("antumbra_mqtt_connections") == 0.0),
+        "B closed its stale socket as a takeover"
+    );
+    for (name, server) in [("A", &a), ("B", &b)] {
+        let s = status(server, "valve-2");
+        assert_eq!(
+            (s["online"].as_bool(), s["session"].as_u64()),
+            (Some(true), Some(moved)),
+            "{name} shows the device online in its newer session: {s}"
+        );
+    }
+    assert_eq!(a.metric(TAKEOVERS), 0.0, "A's session was left alone");
+    assert_eq!(a.metric("antumbra_mqtt_connections"), 1.0);
 }
