@@ -9,7 +9,8 @@ Modes:
   subscribe  connect, subscribe, print "<topic> <retain> <payload>" per message; exit after --count messages
              (exit 3 when --timeout passes first, exit 4 when the server drops the connection)
   publish    connect, publish one message, wait until it is acknowledged, disconnect
-  persist    connect with --clean-session, print "session_present=<0|1>", subscribe to --topic only when
+  persist    connect with --clean-session (MQTT 5: Clean Start, with --session-expiry), print
+             "session_present=<0|1>" (MQTT 5: and " session_expiry=<CONNACK's or ->"), subscribe to --topic only when
              --subscribe is given, publish --payload to --topic at QoS 1, print what comes back (or "nothing")
   request    connect, subscribe to --reply (a filter), publish --payload to --topic at --qos, print the first
              --count messages that arrive on --reply ("<topic> <payload>"), exit 3 on --timeout
@@ -45,6 +46,7 @@ def main():
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--timeout", type=float, default=10)
     p.add_argument("--clean-session", type=int, default=1)
+    p.add_argument("--session-expiry", type=int, help="MQTT 5: Session Expiry Interval in CONNECT (seconds)")
     p.add_argument("--subscribe", action="store_true")
     p.add_argument("--reply")
     a = p.parse_args()
@@ -64,6 +66,7 @@ def main():
     def on_connect(client, userdata, flags, rc, properties=None):
         result["rc"] = int(rc) if not hasattr(rc, "value") else rc.value
         result["session_present"] = int(flags.get("session present", 0))
+        result["session_expiry"] = getattr(properties, "SessionExpiryInterval", None)
         connected.set()
 
     def on_message(client, userdata, msg):
@@ -77,7 +80,17 @@ def main():
     c.on_message = on_message
     c.on_disconnect = on_disconnect
 
-    c.connect("localhost", a.port, keepalive=a.keepalive)
+    if a.v5:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = None
+        if a.session_expiry is not None:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = a.session_expiry
+        c.connect("localhost", a.port, keepalive=a.keepalive, clean_start=bool(a.clean_session), properties=props)
+    else:
+        c.connect("localhost", a.port, keepalive=a.keepalive)
     if a.mode == "silent":
         # CONNECT is on the wire; read nothing and send nothing more, so no PINGREQ ever goes out.
         print("connected", flush=True)
@@ -121,7 +134,12 @@ def main():
         c.loop_stop()
         return 0
     if a.mode == "persist":
-        print(f"session_present={result['session_present']}", flush=True)
+        line = f"session_present={result['session_present']}"
+        if a.v5:
+            # What the server said of the session's expiry in its CONNACK ("-": nothing, what was asked holds).
+            expiry = result["session_expiry"]
+            line += f" session_expiry={'-' if expiry is None else expiry}"
+        print(line, flush=True)
         if a.subscribe:
             c.subscribe(a.topic, qos=1)
             time.sleep(0.3)

@@ -116,6 +116,10 @@ pub struct ServeArgs {
     /// Largest MQTT packet accepted, in bytes [default: 262144].
     #[arg(long, env = "ANTUMBRA_MQTT_MAX_PACKET_BYTES")]
     pub mqtt_max_packet_bytes: Option<usize>,
+    /// Seconds a persistent MQTT session (subscriptions, queued QoS 1/2 messages) is kept after its device
+    /// leaves; MQTT 5 clients may ask for less; 0 keeps none [default: 3600].
+    #[arg(long, env = "ANTUMBRA_MQTT_SESSION_EXPIRY_SECS")]
+    pub mqtt_session_expiry_secs: Option<u32>,
     /// Largest shadow state (desired + reported, serialized), in bytes [default: 65536].
     #[arg(long, env = "ANTUMBRA_SHADOW_MAX_STATE_BYTES")]
     pub shadow_max_state_bytes: Option<usize>,
@@ -174,6 +178,7 @@ pub struct FileConfig {
     mqtt_plain_addr: Option<SocketAddr>,
     mqtt_max_connections: Option<usize>,
     mqtt_max_packet_bytes: Option<usize>,
+    mqtt_session_expiry_secs: Option<u32>,
     shadow_max_state_bytes: Option<usize>,
     shadow_max_depth: Option<usize>,
     shadow_max_client_token: Option<usize>,
@@ -306,6 +311,9 @@ impl Settings {
                 ));
             }
             mqtt.max_packet_bytes = n;
+        }
+        if let Some(secs) = args.mqtt_session_expiry_secs.or(file.mqtt_session_expiry_secs) {
+            mqtt.session_expiry = std::time::Duration::from_secs(u64::from(secs));
         }
         let mut shadow_limits = crate::shadow::request::Limits::default();
         if let Some(n) = args.shadow_max_state_bytes.or(file.shadow_max_state_bytes) {

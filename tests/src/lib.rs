@@ -51,6 +51,21 @@ pub struct Server {
 }
 
 impl Server {
+    /// Starts `antumbra serve` on free loopback ports (HTTP, MQTT over TLS) with its data in `data`, `extra`
+    /// arguments and `env`.
+    pub fn start_in(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut args = vec![
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--http",
+            "127.0.0.1:0",
+            "--mqtts",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Server::start(&args, env)
+    }
+
     /// Starts `antumbra serve` with `args` and `env` (on top of a cleared ANTUMBRA_* environment) and waits
     /// for its banner.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Server {

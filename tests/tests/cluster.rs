@@ -56,17 +56,7 @@ fn test_redis() -> (String, String) {
 
 /// `antumbra serve` on free loopback ports with its own data directory `dir/name`.
 fn instance(dir: &std::path::Path, name: &str, env: &[(&str, &str)], extra: &[&str]) -> Server {
-    let data = dir.join(name);
-    let mut args = vec![
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--http",
-        "127.0.0.1:0",
-        "--mqtts",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(extra);
-    Server::start(&args, env)
+    Server::start_in(&dir.join(name), extra, env)
 }
 
 /// Two instances on the database `db` and the test Redis. Nothing else is shared: B finds the CA that A

@@ -12,17 +12,12 @@ use serde_json::Value;
 const TOKEN: &str = "mqtt-e2e-admin-token-0123456789";
 
 fn start(dir: &Path) -> Server {
-    Server::start(
-        &[
-            "--data-dir",
-            dir.join("data").to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-            "--mqtts",
-            "127.0.0.1:0",
-        ],
-        &[("ANTUMBRA_ADMIN_TOKEN", TOKEN)],
-    )
+    start_with(dir, &[])
+}
+
+/// A server on free loopback ports, data in `dir/data`, with `extra` arguments.
+fn start_with(dir: &Path, extra: &[&str]) -> Server {
+    Server::start_in(&dir.join("data"), extra, &[("ANTUMBRA_ADMIN_TOKEN", TOKEN)])
 }
 
 fn status(server: &Server, id: &str) -> Value {
@@ -656,34 +651,32 @@ fn metrics_count_connections_messages_and_disconnect_reasons() {
     );
 }
 
+/// paho's `persist` mode on `devices/{id}/cmd` with `args`: what it printed after "connected" (the session line,
+/// then the payload that came back or "nothing").
+fn persist(server: &Server, d: &DeviceFiles, args: &[&str], subscribe: bool, payload: &str) -> Vec<String> {
+    let topic = format!("devices/{}/cmd", d.id);
+    let mut args = args.to_vec();
+    args.extend(["--topic", &topic, "--payload", payload, "--timeout", "2"]);
+    if subscribe {
+        args.push("--subscribe");
+    }
+    let out = paho(server, d, "persist", &args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| !l.starts_with("devices/"))
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
 fn persistent_sessions_keep_subscriptions_and_clean_sessions_start_afresh() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
     let d = server.register(TOKEN, "keeper", dir.path());
-    let topic = "devices/keeper/cmd";
     let run = |clean: &str, subscribe: bool, payload: &str| {
-        let mut args = vec![
-            "--clean-session",
-            clean,
-            "--topic",
-            topic,
-            "--payload",
-            payload,
-            "--timeout",
-            "2",
-        ];
-        if subscribe {
-            args.push("--subscribe");
-        }
-        let out = paho(&server, &d, "persist", &args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(1)
-            .filter(|l| !l.starts_with("devices/"))
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
+        persist(&server, &d, &["--clean-session", clean], subscribe, payload)
     };
     assert_eq!(run("0", true, "one"), ["session_present=0", "one"]);
     // Same client, persistent session: the router kept the subscription, no SUBSCRIBE needed.
@@ -693,22 +686,62 @@ fn persistent_sessions_keep_subscriptions_and_clean_sessions_start_afresh() {
 }
 
 #[test]
+fn persistent_sessions_expire_and_mqtt5_clients_get_the_expiry_they_ask_for_up_to_the_servers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &["--mqtt-session-expiry-secs", "3"]);
+    let d = server.register(TOKEN, "sleeper", dir.path());
+    let past_expiry = || std::thread::sleep(Duration::from_millis(4500));
+
+    // MQTT 3.1.1: a persistent session is kept for the server's expiry, then it is gone with its subscription.
+    let v4 = |subscribe, payload| persist(&server, &d, &["--clean-session", "0"], subscribe, payload);
+    assert_eq!(v4(true, "one"), ["session_present=0", "one"]);
+    assert_eq!(v4(false, "two"), ["session_present=1", "two"]);
+    past_expiry();
+    assert_eq!(v4(false, "three"), ["session_present=0", "nothing"]);
+
+    let v5 = |expiry: Option<&str>, clean_start: &str, subscribe, payload| {
+        let mut args = vec!["--v5", "--clean-session", clean_start];
+        if let Some(expiry) = expiry {
+            args.extend(["--session-expiry", expiry]);
+        }
+        persist(&server, &d, &args, subscribe, payload)
+    };
+    // MQTT 5 without a Session Expiry Interval (0): the session ends with the connection, Clean Start or not.
+    assert_eq!(
+        v5(None, "1", true, "four"),
+        ["session_present=0 session_expiry=-", "four"]
+    );
+    assert_eq!(
+        v5(None, "0", false, "five"),
+        ["session_present=0 session_expiry=-", "nothing"]
+    );
+    // Asking for 2 s, under the server's 3: kept (Clean Start only drops an earlier session), CONNACK silent.
+    assert_eq!(
+        v5(Some("2"), "1", true, "six"),
+        ["session_present=0 session_expiry=-", "six"]
+    );
+    assert_eq!(
+        v5(Some("2"), "0", false, "seven"),
+        ["session_present=1 session_expiry=-", "seven"]
+    );
+    // Asking for more than the server keeps: its CONNACK says 3, and 3 s it is.
+    assert_eq!(
+        v5(Some("3600"), "0", false, "eight"),
+        ["session_present=1 session_expiry=3", "eight"]
+    );
+    past_expiry();
+    assert_eq!(
+        v5(Some("3600"), "0", false, "nine"),
+        ["session_present=0 session_expiry=3", "nothing"]
+    );
+}
+
+#[test]
 fn connection_limit_and_maximum_packet_size_come_from_configuration() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        &[
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--http",
-            "127.0.0.1:0",
-            "--mqtts",
-            "127.0.0.1:0",
-            "--mqtt-max-connections",
-            "1",
-            "--mqtt-max-packet-bytes",
-            "1024",
-        ],
-        &[("ANTUMBRA_ADMIN_TOKEN", TOKEN)],
+    let server = start_with(
+        dir.path(),
+        &["--mqtt-max-connections", "1", "--mqtt-max-packet-bytes", "1024"],
     );
     let a = server.register(TOKEN, "one", dir.path());
     let b = server.register(TOKEN, "two", dir.path());

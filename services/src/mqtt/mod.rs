@@ -59,6 +59,9 @@ pub struct MqttSettings {
     pub handshake_timeout: Duration,
     /// How long after the handshake the CONNECT may take.
     pub connect_timeout: Duration,
+    /// Longest a persistent session is kept after its client leaves (MQTT 3.1.1 `clean_session` 0: always this
+    /// long; MQTT 5: what the client asks, up to this).
+    pub session_expiry: Duration,
 }
 
 impl Default for MqttSettings {
@@ -68,6 +71,8 @@ impl Default for MqttSettings {
             max_packet_bytes: 256 * 1024,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            // AWS IoT Core's default.
+            session_expiry: Duration::from_secs(3600),
         }
     }
 }
@@ -85,10 +90,11 @@ pub struct ClusterLink {
 /// What attaching a session to the router gives: the link and the router's CONNACK.
 type Attached = Result<(LinkTx, LinkRx, Notification), String>;
 
-/// Attaches a session to the router: client id, clean session → the link and the router's CONNACK. Async, so a
-/// CONNECT does not hop through the blocking pool.
+/// Attaches a session to the router: client id, clean start (a saved session is not resumed), how long the
+/// session is kept after the client leaves → the link and the router's CONNACK. Async, so a CONNECT does not
+/// hop through the blocking pool.
 type Attach = Arc<
-    dyn Fn(String, bool) -> std::pin::Pin<Box<dyn std::future::Future<Output = Attached> + Send>>
+    dyn Fn(String, bool, Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = Attached> + Send>>
         + Send
         + Sync,
 >;
@@ -143,17 +149,18 @@ impl FrontDoor {
     ) -> Result<Arc<Self>, BrokerError> {
         let router_tx = Router::new(0, router_config(&settings)).spawn();
         // The router's channel type names a private rumqttd type, so it lives only inside this closure.
-        let attach: Attach = Arc::new(move |client_id: String, clean: bool| {
+        let attach: Attach = Arc::new(move |client_id: String, clean: bool, expiry: Duration| {
             let router_tx = router_tx.clone();
             Box::pin(async move {
                 LinkBuilder::new(&client_id, router_tx)
                     .clean_session(clean)
+                    .session_expiry(Some(expiry))
                     .build_async()
                     .await
                     .map_err(|e: LinkError| e.to_string())
             })
         });
-        let (tx, rx, _) = attach("antumbra-platform".into(), true)
+        let (tx, rx, _) = attach("antumbra-platform".into(), true, Duration::ZERO)
             .await
             .map_err(BrokerError::Router)?;
         let (platform, queue) = mpsc::unbounded_channel();

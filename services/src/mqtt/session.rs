@@ -118,7 +118,7 @@ where
         tracing::debug!(%remote, "no valid CONNECT in time");
         return None;
     };
-    let Packet::Connect(connect, _, will, will_props, _) = packet else {
+    let Packet::Connect(connect, connect_props, will, will_props, _) = packet else {
         door.metrics.auth_failed(AuthFailure::BadConnect);
         return None;
     };
@@ -149,7 +149,14 @@ where
         refuse(&codec, io, code).await;
         return None;
     }
-    let attached = (door.attach)(device.to_string(), connect.clean_session).await;
+    let asked = connect_props.and_then(|p| p.session_expiry_interval);
+    let (expiry, granted) = session_expiry(
+        door.settings.session_expiry,
+        codec.version(),
+        connect.clean_session,
+        asked,
+    );
+    let attached = (door.attach)(device.to_string(), connect.clean_session, expiry).await;
     let Ok((tx, rx, ack)) = attached else {
         tracing::error!(device_id = %device, "the router refused the session");
         let code = if codec.version() == Version::V4 {
@@ -174,6 +181,7 @@ where
             code: ConnectReturnCode::Success,
         },
         (codec.version() == Version::V5).then(|| ConnAckProperties {
+            session_expiry_interval: granted,
             max_packet_size: Some(door.settings.max_packet_bytes as u32),
             retain_available: Some(1),
             wildcard_subscription_available: Some(1),
@@ -240,6 +248,33 @@ where
     door.metrics.disconnected(reason);
     tracing::info!(device_id = %device, session, reason = reason.as_str(), "device disconnected");
     let _ = timeout(Duration::from_secs(1), io.shutdown()).await;
+}
+
+/// How long the router keeps a session after its client leaves, and the Session Expiry Interval to tell an
+/// MQTT 5 client when it asked for more than `max`. MQTT 3.1.1: `max` for a persistent session, none for a
+/// clean one. MQTT 5: what the client asks (absent: 0, the session ends with the connection; `u32::MAX`: for
+/// ever), at most `max`.
+fn session_expiry(
+    max: Duration,
+    version: Version,
+    clean: bool,
+    asked: Option<u32>,
+) -> (Duration, Option<u32>) {
+    if version != Version::V5 {
+        return (if clean { Duration::ZERO } else { max }, None);
+    }
+    let asked = match asked.unwrap_or(0) {
+        u32::MAX => Duration::MAX,
+        secs => Duration::from_secs(u64::from(secs)),
+    };
+    if asked <= max {
+        (asked, None)
+    } else {
+        let granted = u32::try_from(max.as_secs())
+            .unwrap_or(u32::MAX - 1)
+            .min(u32::MAX - 1);
+        (max, Some(granted))
+    }
 }
 
 /// Reads until a whole CONNECT is buffered; `None` for anything else (a 3.1 client gets its refusal first).
@@ -638,4 +673,50 @@ fn publish_will(
             let _ = door.platform.send(packet);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_expiry_follows_the_protocol_and_the_servers_maximum() {
+        let hour = Duration::from_secs(3600);
+        let secs = Duration::from_secs;
+        // MQTT 3.1.1: the server's for a persistent session, none for a clean one; the CONNACK says nothing.
+        assert_eq!(session_expiry(hour, Version::V4, false, None), (hour, None));
+        assert_eq!(
+            session_expiry(hour, Version::V4, true, None),
+            (Duration::ZERO, None)
+        );
+        // MQTT 5: what the client asks (absent is 0), whatever Clean Start says ...
+        assert_eq!(
+            session_expiry(hour, Version::V5, false, None),
+            (Duration::ZERO, None)
+        );
+        assert_eq!(
+            session_expiry(hour, Version::V5, true, Some(60)),
+            (secs(60), None)
+        );
+        assert_eq!(session_expiry(hour, Version::V5, false, Some(3600)), (hour, None));
+        // ... up to the server's, which the CONNACK then states ("for ever" included).
+        assert_eq!(
+            session_expiry(hour, Version::V5, false, Some(3601)),
+            (hour, Some(3600))
+        );
+        assert_eq!(
+            session_expiry(hour, Version::V5, false, Some(u32::MAX)),
+            (hour, Some(3600))
+        );
+        assert_eq!(
+            session_expiry(Duration::ZERO, Version::V5, false, Some(5)),
+            (Duration::ZERO, Some(0))
+        );
+        // A maximum beyond what the CONNACK can state is stated as its longest finite interval.
+        let long = secs(u64::from(u32::MAX) + 10);
+        assert_eq!(
+            session_expiry(long, Version::V5, false, Some(u32::MAX)),
+            (long, Some(u32::MAX - 1))
+        );
+    }
 }

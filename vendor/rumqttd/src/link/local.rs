@@ -49,6 +49,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // Antumbra: `None` by default (a persistent session is kept until the client returns)
+    session_expiry: Option<std::time::Duration>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,7 +64,15 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            session_expiry: None,
         }
+    }
+
+    /// Antumbra: how long the router keeps this persistent session after the link goes (see
+    /// `Connection::session_expiry`).
+    pub fn session_expiry(mut self, expiry: Option<std::time::Duration>) -> Self {
+        self.session_expiry = expiry;
+        self
     }
 
     pub fn tenant_id(mut self, tenant_id: Option<String>) -> Self {
@@ -136,6 +146,7 @@ impl<'a> LinkBuilder<'a> {
         connection
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
+        connection.session_expiry = self.session_expiry;
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

@@ -19,6 +19,9 @@ pub struct Connection {
     pub dynamic_filters: bool,
     /// Clean session
     pub clean: bool,
+    /// Antumbra: how long the session is kept after the client leaves (`Some(ZERO)`: not at all). `None`, as
+    /// upstream: a persistent session (`clean` false) is kept until the client returns, a clean one not at all.
+    pub session_expiry: Option<std::time::Duration>,
     /// Subscriptions
     pub subscriptions: HashSet<Filter>,
     /// Last will of this connection
@@ -59,6 +62,7 @@ impl Connection {
             tenant_prefix,
             dynamic_filters,
             clean,
+            session_expiry: None,
             subscriptions: HashSet::default(),
             last_will: None,
             last_will_properties: None,

@@ -1,4 +1,5 @@
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
 
 use super::{
     scheduler::{PauseReason, Tracker},
@@ -19,7 +20,20 @@ impl Graveyard {
     /// Add a new connection.
     /// Return tracker of previous connection if connection id already exists
     pub fn retrieve(&mut self, id: &str) -> Option<SavedState> {
-        self.connections.remove(id)
+        let mut saved = self.connections.remove(id)?;
+        // Antumbra: a session past its expiry is gone, even if the sweep has not come by yet.
+        if saved.expires_at.is_some_and(|at| at <= Instant::now()) {
+            saved.session_state = None;
+        }
+        Some(saved)
+    }
+
+    /// Antumbra: drops the persistent sessions whose expiry has passed; returns how many.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let before = self.connections.len();
+        self.connections
+            .retain(|_, saved| saved.expires_at.is_none_or(|at| at > now));
+        before - self.connections.len()
     }
 
     /// Save connection tracker
@@ -29,6 +43,7 @@ impl Graveyard {
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
+        expires_at: Option<Instant>,
     ) {
         tracker.pause(PauseReason::Busy);
         let id = tracker.id.clone();
@@ -44,6 +59,7 @@ impl Graveyard {
             SavedState {
                 session_state: Some(session_state),
                 metrics,
+                expires_at,
             },
         );
     }
@@ -62,6 +78,7 @@ impl Graveyard {
             SavedState {
                 session_state: None,
                 metrics,
+                expires_at: None,
             },
         );
     }
@@ -71,6 +88,8 @@ impl Graveyard {
 pub struct SavedState {
     pub session_state: Option<SessionState>,
     pub metrics: ConnectionEvents,
+    /// Antumbra: when the session expires (`None`: never).
+    pub expires_at: Option<Instant>,
 }
 
 #[derive(Debug)]

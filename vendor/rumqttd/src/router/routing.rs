@@ -231,6 +231,11 @@ impl Router {
         }
 
         if self.trimmed_at.elapsed() >= TRIM_INTERVAL {
+            // Expired persistent sessions first: what only they still needed is trimmed at once.
+            let expired = self.graveyard.expire(Instant::now());
+            if expired > 0 {
+                info!(expired, "persistent sessions expired");
+            }
             self.trim_logs();
             self.trimmed_at = Instant::now();
         }
@@ -542,8 +547,14 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        // Save state for persistent sessions
-        if !connection.clean {
+        // Save state for persistent sessions. Antumbra: a connection with an expiry is saved when that expiry
+        // is not zero, whatever its clean flag (MQTT 5: Clean Start only decides whether a saved session is
+        // resumed at CONNECT; the Session Expiry Interval whether one is kept after it).
+        let persist = match connection.session_expiry {
+            Some(expiry) => !expiry.is_zero(),
+            None => !connection.clean,
+        };
+        if persist {
             // Add inflight data requests back to tracker
             inflight_data_requests
                 .into_iter()
@@ -568,6 +579,10 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                // Too far ahead to count (an MQTT 5 client asking for ever): never.
+                connection
+                    .session_expiry
+                    .and_then(|expiry| Instant::now().checked_add(expiry)),
             );
         } else {
             // Antumbra: a clean session leaves nothing behind. Upstream kept its metrics here forever, one
