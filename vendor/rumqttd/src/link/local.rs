@@ -368,10 +368,6 @@ pub struct LinkRx {
     connection_id: ConnectionId,
     router_tx: Sender<(ConnectionId, Event)>,
     router_rx: Receiver<()>,
-    /// Antumbra: the router's signals as a stream that keeps its place in the channel's queue of waiting
-    /// receivers across polls. `recv_async()` made a new future (a waker hook allocated and queued, then
-    /// dequeued again) every time a caller polled it in a `select!` that another branch won.
-    signals: flume::r#async::RecvStream<'static, ()>,
     send_buffer: Arc<Mutex<VecDeque<Notification>>>,
     cache: VecDeque<Notification>,
 }
@@ -386,7 +382,6 @@ impl LinkRx {
         LinkRx {
             connection_id,
             router_tx,
-            signals: router_rx.clone().into_stream(),
             router_rx,
             send_buffer: outgoing_data_buffer,
             cache: VecDeque::new(),
@@ -439,31 +434,19 @@ impl LinkRx {
         }
     }
 
-    /// The next notification: a cached one, or the router's next batch once it signals. Cancel safe, and cheap
-    /// to drop unfinished (Antumbra: see `signals`).
     pub async fn next(&mut self) -> Result<Option<Notification>, LinkError> {
-        std::future::poll_fn(|cx| self.poll_next(cx)).await
-    }
-
-    /// Antumbra: [`LinkRx::next`] as a poll.
-    pub fn poll_next(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<Option<Notification>, LinkError>> {
-        use futures_core::Stream;
-        // Read from cache first: one signal stands for a bunch of notifications.
-        if let Some(v) = self.take() {
-            return std::task::Poll::Ready(Ok(Some(v)));
-        }
-        match std::pin::Pin::new(&mut self.signals).poll_next(cx) {
-            std::task::Poll::Pending => std::task::Poll::Pending,
-            std::task::Poll::Ready(None) => {
-                std::task::Poll::Ready(Err(LinkError::Recv(RecvError::Disconnected)))
-            }
-            std::task::Poll::Ready(Some(())) => {
-                // Collect 'all' the data in the buffer after a signal.
+        // Read from cache first
+        // One router_rx trigger signifies a bunch of notifications. So we
+        // should always check cache first
+        match self.take() {
+            Some(v) => Ok(Some(v)),
+            None => {
+                // If cache is empty, check for router trigger and get fresh notifications
+                self.router_rx.recv_async().await?;
+                // Collect 'all' the data in the buffer after a notification.
+                // Notification means fresh data which isn't previously collected
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                std::task::Poll::Ready(Ok(self.take()))
+                Ok(self.take())
             }
         }
     }
