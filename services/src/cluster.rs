@@ -91,6 +91,7 @@ pub async fn bridge(
     outbox: mpsc::UnboundedReceiver<Outgoing>,
     events: EventBus,
     presence: std::sync::Arc<Presence>,
+    registry: crate::registry::Registry,
 ) -> Result<mpsc::UnboundedReceiver<Outgoing>, redis::RedisError> {
     let channel = format!("{prefix}cluster");
     let client = redis::Client::open(url)?;
@@ -105,6 +106,7 @@ pub async fn bridge(
         retry_after: None,
         channel: channel.clone(),
         lost: lost.clone(),
+        backlog: std::collections::VecDeque::new(),
     };
     tokio::spawn(publish_loop(
         publisher,
@@ -117,6 +119,7 @@ pub async fn bridge(
         instance,
         events,
         presence,
+        registry,
         watched_until,
     };
     tokio::spawn(subscribe_loop(lost, client, channel, to_broker, here));
@@ -154,13 +157,30 @@ struct Publisher {
     channel: String,
     /// Told after a failure: the subscription may be just as dead without noticing (no traffic, no keep-alive).
     lost: std::sync::Arc<tokio::sync::Notify>,
+    /// Events not sent yet (Redis away), sent first once it is back; at most [`BACKLOG`], oldest dropped first.
+    backlog: std::collections::VecDeque<String>,
 }
 
+/// Most events kept for the cluster while Redis is away.
+const BACKLOG: usize = 100_000;
+
 impl Publisher {
-    /// Publishes `texts` in order, as one pipeline (one round trip), every step bounded by [`REDIS_DEADLINE`].
-    /// While Redis is away messages are dropped: device messages are resynced from the store when the device
-    /// next subscribes, and events are also held by the database.
-    async fn publish(&mut self, texts: &[String]) {
+    /// Whether events wait to be sent.
+    fn behind(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Publishes `texts`, then `events` after those that waited, in order, as one pipeline (one round trip),
+    /// every step bounded by [`REDIS_DEADLINE`]. While Redis is away device messages are dropped (a device is resynced from
+    /// the store when it next subscribes); events wait for it to come back, so the other instances' presence
+    /// catches up on what they could not hear.
+    async fn publish(&mut self, texts: &[String], events: Vec<String>) {
+        self.backlog.extend(events);
+        if self.backlog.len() > BACKLOG {
+            let dropped = self.backlog.len() - BACKLOG;
+            self.backlog.drain(..dropped);
+            tracing::warn!(dropped, "Redis away too long: oldest cluster events dropped");
+        }
         let conn = match &self.conn {
             Some(conn) => conn.clone(),
             None => {
@@ -188,10 +208,11 @@ impl Publisher {
         };
         let mut conn = conn;
         let mut pipe = redis::pipe();
-        for text in texts {
+        for text in texts.iter().chain(&self.backlog) {
             pipe.cmd("PUBLISH").arg(&self.channel).arg(text).ignore();
         }
         let Err(error) = bounded(pipe.query_async::<()>(&mut conn)).await else {
+            self.backlog.clear();
             return;
         };
         tracing::warn!(%error, "could not publish to the cluster; reconnecting");
@@ -223,9 +244,10 @@ async fn publish_loop(
         topic: out.topic,
         payload: String::from_utf8_lossy(&out.payload).into_owned(),
     };
-    let (mut queued, mut texts) = (
+    let (mut queued, mut texts, mut shared_events) = (
         Vec::with_capacity(PUBLISH_BATCH),
         Vec::with_capacity(PUBLISH_BATCH),
+        Vec::new(),
     );
     loop {
         tokio::select! {
@@ -236,12 +258,18 @@ async fn publish_loop(
             },
             // Said at once when the first stream opens, so the others start sending shadow events now.
             _ = bus.first_watcher() => texts.push(envelope(Message::Watching)),
+            // Also the moment to try again to send events that wait for Redis.
             _ = watching.tick() => {
-                if !bus.watched() { continue }
-                texts.push(envelope(Message::Watching));
+                if bus.watched() {
+                    texts.push(envelope(Message::Watching));
+                } else if !publisher.behind() {
+                    continue;
+                }
             },
             event = events.recv() => match event {
-                Ok(event) if shared(&event, &watched_until) => texts.push(envelope(Message::Event { event })),
+                Ok(event) if shared(&event, &watched_until) => {
+                    shared_events.push(envelope(Message::Event { event }));
+                }
                 Ok(_) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "cluster bridge lagged behind local events");
@@ -250,7 +278,7 @@ async fn publish_loop(
                 Err(_) => break,
             },
             event = republished.recv() => match event {
-                Ok(event) => texts.push(envelope(Message::Event { event })),
+                Ok(event) => shared_events.push(envelope(Message::Event { event })),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                     tracing::warn!(missed = n, "cluster bridge lagged behind republished events");
                     continue;
@@ -258,7 +286,9 @@ async fn publish_loop(
                 Err(_) => break,
             },
         }
-        publisher.publish(&texts).await;
+        publisher
+            .publish(&texts, std::mem::take(&mut shared_events))
+            .await;
         texts.clear();
     }
     tracing::info!("cluster publisher stopped");
@@ -270,8 +300,33 @@ struct Here {
     instance: String,
     events: EventBus,
     presence: std::sync::Arc<Presence>,
+    registry: crate::registry::Registry,
     watched_until: WatchedUntil,
 }
+
+impl Here {
+    /// After the subscription was lost and made again: what was said meanwhile is gone, so presence catches up
+    /// from the database once the others have stored what they did (after [`RECONCILE_DELAY`]).
+    fn catch_up(&self, since: std::time::Instant) {
+        let (presence, registry, instance) = (
+            self.presence.clone(),
+            self.registry.clone(),
+            self.instance.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(RECONCILE_DELAY).await;
+            match presence.reconcile(&registry, &instance, since).await {
+                Ok(0) => {}
+                Ok(devices) => tracing::info!(devices, "presence caught up from the database"),
+                Err(e) => tracing::warn!(error = %e, "could not catch presence up from the database"),
+            }
+        });
+    }
+}
+
+/// How long after a new subscription presence is read back from the database: well past the presence writer's
+/// gap, so what the other instances did while this one could not hear them is stored.
+const RECONCILE_DELAY: Duration = Duration::from_secs(1);
 
 async fn subscribe_loop(
     lost: std::sync::Arc<tokio::sync::Notify>,
@@ -280,6 +335,7 @@ async fn subscribe_loop(
     to_broker: mpsc::UnboundedSender<Outgoing>,
     here: Here,
 ) {
+    let mut first = true;
     loop {
         let subscribed = bounded(async {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -298,6 +354,10 @@ async fn subscribe_loop(
         // A failed publish from before this subscription says nothing about it.
         let _ = tokio::time::timeout(Duration::ZERO, lost.notified()).await;
         tracing::info!(%channel, "subscribed to the cluster channel");
+        if !first {
+            here.catch_up(std::time::Instant::now());
+        }
+        first = false;
         let mut stream = pubsub.on_message();
         loop {
             let msg = tokio::select! {
@@ -366,8 +426,10 @@ fn apply_remote(event: PlatformEvent, from: &str, events: &EventBus, presence: &
             let Ok(device) = antumbra_wire::DeviceId::parse(device_id.clone()) else {
                 return;
             };
-            if *reason != DisconnectReason::Takeover {
-                presence.remote_disconnected(&device, *session, *reason, *at);
+            if *reason != DisconnectReason::Takeover
+                && !presence.remote_disconnected(&device, *session, *reason, *at)
+            {
+                return;
             }
         }
         PlatformEvent::CertificateRevoked { .. }

@@ -68,6 +68,19 @@ struct Entry {
     seen: Option<Arc<AtomicI64>>,
     /// In a cluster: the other instance holding the device's session, while it is online there.
     holder: Option<String>,
+    /// In a cluster: when the status last changed on news from another instance (see [`Presence::reconcile`]).
+    heard_at: Option<std::time::Instant>,
+}
+
+impl Entry {
+    fn never() -> Self {
+        Self {
+            status: DeviceStatus::never(),
+            seen: None,
+            holder: None,
+            heard_at: None,
+        }
+    }
 }
 
 /// What a cluster instance knows of the cluster when it loads presence.
@@ -135,6 +148,7 @@ impl Presence {
                     status,
                     seen: None,
                     holder,
+                    heard_at: None,
                 },
             );
         }
@@ -197,11 +211,7 @@ impl Presence {
         holder: &str,
     ) -> bool {
         let mut entries = self.entries.lock().expect("presence lock");
-        let entry = entries.entry(device.clone()).or_insert_with(|| Entry {
-            status: DeviceStatus::never(),
-            seen: None,
-            holder: None,
-        });
+        let entry = entries.entry(device.clone()).or_insert_with(Entry::never);
         let newer = session > entry.status.session;
         // The same session again: its instance announces it once more (it was taken for dead meanwhile).
         let again = session == entry.status.session && entry.seen.is_none();
@@ -213,28 +223,39 @@ impl Presence {
             entry.status.remote_addr = Some(remote_addr);
             entry.seen = None;
             entry.holder = Some(holder.to_owned());
+            entry.heard_at = Some(std::time::Instant::now());
         }
         self.next_session.fetch_max(session + 1, Ordering::Relaxed);
         newer
     }
 
-    /// Another instance ended session `session` of `device`.
+    /// Another instance ended session `session` of `device`. `false` when that very end is known here already
+    /// (caught up from the database before the event, which waited for Redis, arrived).
     pub fn remote_disconnected(
         &self,
         device: &DeviceId,
         session: u64,
         reason: DisconnectReason,
         at: OffsetDateTime,
-    ) {
+    ) -> bool {
         let mut entries = self.entries.lock().expect("presence lock");
         if let Some(entry) = entries.get_mut(device) {
+            let known = &entry.status;
+            if known.session == session
+                && !known.online
+                && known.disconnected_at.map(to_millis) == Some(to_millis(at))
+            {
+                return false;
+            }
             if entry.status.session == session && reason != DisconnectReason::Takeover {
                 entry.status.online = false;
                 entry.status.disconnected_at = Some(at);
                 entry.status.last_disconnect_reason = Some(reason);
                 entry.holder = None;
+                entry.heard_at = Some(std::time::Instant::now());
             }
         }
+        true
     }
 
     /// Instance `dead` stopped beating (see `crate::liveness`): the devices it held are offline
@@ -259,6 +280,7 @@ impl Presence {
                 .filter(|(_, entry)| entry.holder.as_deref() == Some(dead))
                 .map(|(device, entry)| {
                     entry.holder = None;
+                    entry.heard_at = Some(std::time::Instant::now());
                     entry.status.online = false;
                     entry.status.disconnected_at = Some(now);
                     entry.status.last_disconnect_reason = Some(DisconnectReason::ServerShutdown);
@@ -325,6 +347,7 @@ impl Presence {
                             entry.status = on_record;
                             entry.seen = None;
                             entry.holder = holder;
+                            entry.heard_at = Some(std::time::Instant::now());
                         }
                     }
                     self.events.publish(PlatformEvent::SessionMoved {
@@ -348,6 +371,86 @@ impl Presence {
         Ok((announced, closed))
     }
 
+    /// What this instance missed while it could not hear the cluster (its Redis subscription dropped, Redis
+    /// restarted, another instance's messages were lost): every instance stores its sessions in the database
+    /// whatever Redis does, so a device held elsewhere takes its stored status when that is newer than what is
+    /// known here (a newer session, or the end of the known one). Entries heard of after `since` are fresher
+    /// than this read and left alone. A session of this instance whose device has a newer session elsewhere on
+    /// record closes as a takeover. This instance's streams hear each change. Returns how many devices changed.
+    pub async fn reconcile(
+        &self,
+        registry: &Registry,
+        instance: &str,
+        since: std::time::Instant,
+    ) -> Result<usize, RegistryError> {
+        let rows = sqlx::query(&format!(
+            "SELECT device_id, {STATUS_COLUMNS} FROM device_presence"
+        ))
+        .fetch_all(registry.pool())
+        .await?;
+        let (mut heard, mut moved, mut changed) = (Vec::new(), Vec::new(), 0);
+        {
+            let mut entries = self.entries.lock().expect("presence lock");
+            for row in &rows {
+                let Ok(device) = DeviceId::parse(row.try_get::<String, _>("device_id")?) else {
+                    continue;
+                };
+                let holder: Option<String> = row.try_get("instance")?;
+                if holder.as_deref() == Some(instance) {
+                    continue;
+                }
+                let stored = stored_status(row)?;
+                let entry = entries.entry(device.clone()).or_insert_with(Entry::never);
+                if entry.heard_at.is_some_and(|at| at > since) {
+                    continue;
+                }
+                let known = &entry.status;
+                let newer = stored.session > known.session;
+                let ended = stored.session == known.session && known.online && !stored.online;
+                if !(newer || ended && entry.seen.is_none()) {
+                    continue;
+                }
+                changed += 1;
+                if entry.seen.is_some() {
+                    moved.push((device.clone(), stored.session));
+                }
+                let was_online = known.online;
+                heard.extend(match (stored.online, was_online) {
+                    (true, _) => Some(PlatformEvent::Connected {
+                        device_id: device.to_string(),
+                        session: stored.session,
+                        remote_addr: stored.remote_addr.clone().unwrap_or_default(),
+                        at: stored.connected_at.unwrap_or_else(registry::now),
+                    }),
+                    (false, true) => Some(PlatformEvent::Disconnected {
+                        device_id: device.to_string(),
+                        session: stored.session,
+                        reason: stored
+                            .last_disconnect_reason
+                            .unwrap_or(DisconnectReason::NetworkError),
+                        online: false,
+                        at: stored.disconnected_at.unwrap_or_else(registry::now),
+                    }),
+                    (false, false) => None,
+                });
+                entry.holder = holder.filter(|_| stored.online);
+                entry.status = stored;
+                entry.seen = None;
+                entry.heard_at = Some(std::time::Instant::now());
+            }
+        }
+        for (device, session) in moved {
+            self.events.publish(PlatformEvent::SessionMoved {
+                device_id: device.to_string(),
+                session,
+            });
+        }
+        for event in heard {
+            self.events.publish_heard(event);
+        }
+        Ok(changed)
+    }
+
     /// A session of `device` started: returns its number and the clock it reports activity on.
     pub async fn connected(&self, device: &DeviceId, remote_addr: String) -> (u64, SeenClock) {
         let session = self.next_session().await;
@@ -355,11 +458,7 @@ impl Presence {
         let seen = Arc::new(AtomicI64::new(to_millis(now)));
         let status = {
             let mut entries = self.entries.lock().expect("presence lock");
-            let entry = entries.entry(device.clone()).or_insert_with(|| Entry {
-                status: DeviceStatus::never(),
-                seen: None,
-                holder: None,
-            });
+            let entry = entries.entry(device.clone()).or_insert_with(Entry::never);
             entry.holder = None;
             entry.status.online = true;
             entry.status.session = session;

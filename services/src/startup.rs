@@ -151,6 +151,7 @@ impl Application {
                     to_cluster,
                     events.clone(),
                     presence.clone(),
+                    registry.clone(),
                 )
                 .await
                 .context("joining the cluster over Redis")?;

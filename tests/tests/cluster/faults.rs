@@ -1,5 +1,5 @@
 //! Faults: Redis restarting mid-traffic, PostgreSQL going away and coming back, an instance killed with SIGKILL,
-//! an instance stalled while Redis restarted and its device moved.
+//! an instance stalled while Redis restarted and its device moved, a device leaving while Redis is away.
 
 use std::time::Duration;
 
@@ -300,18 +300,25 @@ fn postgresql_going_away_turns_readiness_red_and_rest_to_503_while_mqtt_stays_up
 /// moved to the other instance. When it resumes it finds itself out of the cluster (taken for dead), sees the
 /// newer session on record and closes its stale session instead of announcing it; the device's session on the
 /// other instance is left alone.
-#[test]
-fn an_instance_that_missed_a_move_while_cut_off_closes_its_stale_session() {
-    let mut redis = PrivateRedis::start();
+/// Two instances on a database of their own and the private `redis`, their data under `dir`.
+fn pair_on(redis: &PrivateRedis, dir: &std::path::Path) -> (Server, Server) {
     let (db, redis_url) = (super::test_database(), redis.url());
     let env = [
         ("DATABASE_URL", db.as_str()),
         ("REDIS_URL", redis_url.as_str()),
         ("ANTUMBRA_ADMIN_TOKEN", TOKEN),
     ];
+    (
+        super::instance(dir, "a", &env, &[]),
+        super::instance(dir, "b", &env, &[]),
+    )
+}
+
+#[test]
+fn an_instance_that_missed_a_move_while_cut_off_closes_its_stale_session() {
+    let mut redis = PrivateRedis::start();
     let dir = tempfile::tempdir().unwrap();
-    let a = super::instance(dir.path(), "a", &env, &[]);
-    let b = super::instance(dir.path(), "b", &env, &[]);
+    let (a, b) = pair_on(&redis, dir.path());
     let d = a.register(TOKEN, "valve-2", dir.path());
     let _stale = paho_connected(&b, &d, "silent", &["--keepalive", "120"]);
     assert!(eventually(Duration::from_secs(5), || status(&a, "valve-2")
@@ -351,4 +358,47 @@ fn an_instance_that_missed_a_move_while_cut_off_closes_its_stale_session() {
     }
     assert_eq!(a.metric(TAKEOVERS), 0.0, "A's session was left alone");
     assert_eq!(a.metric("antumbra_mqtt_connections"), 1.0);
+}
+
+/// A device leaves B while Redis is away: B could not say so, and A could not have heard it. Once Redis is back,
+/// A catches up (from the database, and from B's event, which waited): the device is offline on A too, and A's
+/// event stream says so once.
+#[test]
+fn a_device_that_left_while_redis_was_away_is_offline_everywhere_once_it_is_back() {
+    let mut redis = PrivateRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = pair_on(&redis, dir.path());
+    let d = a.register(TOKEN, "tap-4", dir.path());
+    let mut device = paho_connected(&b, &d, "hold", &[]);
+    assert!(eventually(Duration::from_secs(5), || status(&a, "tap-4")
+        ["online"]
+        == true));
+    let session = status(&b, "tap-4")["session"].clone();
+
+    redis.kill();
+    device.kill();
+    assert!(eventually(Duration::from_secs(10), || status(&b, "tap-4")
+        ["online"]
+        == false));
+    assert_eq!(status(&a, "tap-4")["online"], true, "A cannot know yet");
+    // A stream opened now on A, while Redis is still away.
+    let events = a.events(TOKEN, "?device_id=tap-4");
+    redis.spawn();
+
+    let gone = super::next_event(&events, Duration::from_secs(20), |e| {
+        e["type"] == "device.disconnected"
+    });
+    assert_eq!(gone["session"], session, "{gone}");
+    assert_eq!(gone["online"], false, "{gone}");
+    let s = status(&a, "tap-4");
+    assert_eq!((&s["online"], &s["session"]), (&json!(false), &session), "{s}");
+    // B's own event, which waited for Redis, arrives too (within a beat) and is not shown again.
+    let mut again = Vec::new();
+    while let Ok(event) = events.recv_timeout(Duration::from_secs(7)) {
+        again.push(event);
+    }
+    assert!(
+        again.iter().all(|e| e["type"] != "device.disconnected"),
+        "the disconnect shown twice: {again:?}"
+    );
 }
