@@ -208,11 +208,31 @@ impl Publisher {
         };
         let mut conn = conn;
         let mut pipe = redis::pipe();
-        for text in texts.iter().chain(&self.backlog) {
+        for text in texts {
             pipe.cmd("PUBLISH").arg(&self.channel).arg(text).ignore();
         }
-        let Err(error) = bounded(pipe.query_async::<()>(&mut conn)).await else {
-            self.backlog.clear();
+        // Events in pipelines of a bounded size, each dropped from the backlog once it is through: a long backlog
+        // neither runs into the deadline as one pipeline nor goes out twice after a partial failure.
+        let mut result = Ok(());
+        loop {
+            let chunk = self.backlog.len().min(PUBLISH_BATCH);
+            for text in self.backlog.range(..chunk) {
+                pipe.cmd("PUBLISH").arg(&self.channel).arg(text).ignore();
+            }
+            if chunk == 0 && texts.is_empty() {
+                break;
+            }
+            result = bounded(pipe.query_async::<()>(&mut conn)).await;
+            if result.is_err() {
+                break;
+            }
+            self.backlog.drain(..chunk);
+            if self.backlog.is_empty() {
+                break;
+            }
+            pipe = redis::pipe();
+        }
+        let Err(error) = result else {
             return;
         };
         tracing::warn!(%error, "could not publish to the cluster; reconnecting");
@@ -268,6 +288,11 @@ async fn publish_loop(
             },
             event = events.recv() => match event {
                 Ok(event) if shared(&event, &watched_until) => {
+                    // A republished event waiting now was sent before this one (a session is republished under
+                    // the presence lock, and only while it is still open): it goes first.
+                    while let Ok(earlier) = republished.try_recv() {
+                        shared_events.push(envelope(Message::Event { event: earlier }));
+                    }
                     shared_events.push(envelope(Message::Event { event }));
                 }
                 Ok(_) => continue,

@@ -161,8 +161,10 @@ impl Liveness {
             instance = %self.instance,
             "the cluster took this instance for dead (no heartbeat for {LAPSE:?}); joining again"
         );
+        // Announced first, then back in the set: should the announcement fail part-way, the next beat finds this
+        // instance still out of the set and announces again.
+        let (announced, closed) = presence.reannounce(registry, &self.instance).await?;
         self.enter_set().await?;
-        let (announced, closed) = presence.reannounce(registry).await?;
         tracing::info!(announced, closed, "sessions announced to the cluster again");
         Ok(())
     }

@@ -117,24 +117,14 @@ impl Presence {
         events: EventBus,
         cluster: Option<ClusterView>,
     ) -> Result<Arc<Self>, RegistryError> {
-        let rows = sqlx::query(&format!(
-            "SELECT device_id, {STATUS_COLUMNS} FROM device_presence"
-        ))
-        .fetch_all(registry.pool())
-        .await?;
         let now = registry::now();
         let mut entries = HashMap::new();
         let mut max_session = 0u64;
         let (writer, queue) = mpsc::unbounded_channel();
-        for row in rows {
-            let Ok(id) = DeviceId::parse(row.try_get::<String, _>("device_id")?) else {
-                continue;
-            };
-            let mut status = stored_status(&row)?;
+        for (id, mut status, holder) in stored_rows(registry).await? {
             max_session = max_session.max(status.session);
             // The live instance that still holds an online device's session, if one does.
-            let holder = row
-                .try_get::<Option<String>, _>("instance")?
+            let holder = holder
                 .filter(|holder| status.online && cluster.as_ref().is_some_and(|c| c.alive.contains(holder)));
             if status.online && holder.is_none() {
                 status.online = false;
@@ -305,70 +295,78 @@ impl Presence {
     /// stored and announced to them again, unless its device has a newer session on record (it connected to
     /// another instance meanwhile): that session here is stale and closes as a takeover. Returns how many
     /// sessions were announced and how many closed.
-    pub async fn reannounce(&self, registry: &Registry) -> Result<(usize, usize), RegistryError> {
-        let open: Vec<(DeviceId, DeviceStatus)> = {
-            let entries = self.entries.lock().expect("presence lock");
-            entries
-                .iter()
-                .filter_map(|(device, entry)| {
-                    let seen = entry.seen.as_ref().filter(|_| entry.status.online)?;
-                    let mut status = entry.status.clone();
-                    status.last_seen_at = from_millis(seen.load(Ordering::Relaxed)).ok();
-                    Some((device.clone(), status))
-                })
-                .collect()
-        };
-        let (mut announced, mut closed) = (0, 0);
-        let query = format!("SELECT {STATUS_COLUMNS} FROM device_presence WHERE device_id = $1");
-        for (device, status) in open {
-            let row = sqlx::query(&query)
-                .bind(device.as_str())
-                .fetch_optional(registry.pool())
-                .await?;
-            if let Some(row) = row {
-                let on_record = stored_status(&row)?;
-                if on_record.session > status.session {
-                    // What this instance missed: the device's newer session (where it is, or how it ended).
-                    let holder = row
-                        .try_get::<Option<String>, _>("instance")?
-                        .filter(|_| on_record.online);
-                    if let Some(holder) = &holder {
-                        self.events.publish_heard(PlatformEvent::Connected {
-                            device_id: device.to_string(),
-                            session: on_record.session,
-                            remote_addr: on_record.remote_addr.clone().unwrap_or_default(),
-                            at: on_record.connected_at.unwrap_or_else(registry::now),
-                        });
-                        tracing::debug!(device_id = %device, %holder, "device moved while this instance was cut off");
-                    }
-                    let session = on_record.session;
-                    if let Some(entry) = self.entries.lock().expect("presence lock").get_mut(&device) {
-                        if entry.status.session < session {
-                            entry.status = on_record;
-                            entry.seen = None;
-                            entry.holder = holder;
-                            entry.heard_at = Some(std::time::Instant::now());
-                        }
-                    }
-                    self.events.publish(PlatformEvent::SessionMoved {
-                        device_id: device.to_string(),
-                        session,
-                    });
-                    closed += 1;
+    pub async fn reannounce(
+        &self,
+        registry: &Registry,
+        instance: &str,
+    ) -> Result<(usize, usize), RegistryError> {
+        let stored: HashMap<DeviceId, (DeviceStatus, Option<String>)> = stored_rows(registry)
+            .await?
+            .into_iter()
+            .map(|(id, status, holder)| (id, (status, holder)))
+            .collect();
+        let (mut announced, mut heard, mut moved) = (0, Vec::new(), Vec::new());
+        {
+            // Decided and sent under the lock, on what holds now: a session that ends meanwhile is either not
+            // announced at all or announced before its end, in the writer's queue and on the bus.
+            let mut entries = self.entries.lock().expect("presence lock");
+            for (device, entry) in entries.iter_mut() {
+                let Some(seen) = entry.seen.as_ref().filter(|_| entry.status.online) else {
                     continue;
+                };
+                match stored.get(device) {
+                    // The device has a newer session elsewhere: this instance missed the news.
+                    Some((on_record, holder))
+                        if on_record.session > entry.status.session
+                            && holder.as_deref() != Some(instance) =>
+                    {
+                        if on_record.online {
+                            heard.push(PlatformEvent::Connected {
+                                device_id: device.to_string(),
+                                session: on_record.session,
+                                remote_addr: on_record.remote_addr.clone().unwrap_or_default(),
+                                at: on_record.connected_at.unwrap_or_else(registry::now),
+                            });
+                        }
+                        moved.push((device.clone(), on_record.session));
+                        entry.holder = holder.clone().filter(|_| on_record.online);
+                        entry.status = on_record.clone();
+                        entry.seen = None;
+                        entry.heard_at = Some(std::time::Instant::now());
+                    }
+                    // Stored with this instance as its holder again (the upsert never overwrites a newer session).
+                    _ => {
+                        let mut status = entry.status.clone();
+                        status.last_seen_at = from_millis(seen.load(Ordering::Relaxed)).ok();
+                        let _ = self.writer.send((device.clone(), status.clone()));
+                        self.events.republish(PlatformEvent::Connected {
+                            device_id: device.to_string(),
+                            session: status.session,
+                            remote_addr: status.remote_addr.unwrap_or_default(),
+                            at: status.connected_at.unwrap_or_else(registry::now),
+                        });
+                        announced += 1;
+                    }
                 }
             }
-            // Stored with this instance as its holder again (an upsert that never overwrites a newer session).
-            let _ = self.writer.send((device.clone(), status.clone()));
-            self.events.republish(PlatformEvent::Connected {
-                device_id: device.to_string(),
-                session: status.session,
-                remote_addr: status.remote_addr.clone().unwrap_or_default(),
-                at: status.connected_at.unwrap_or_else(registry::now),
-            });
-            announced += 1;
         }
+        let closed = moved.len();
+        self.announce_catch_up(heard, moved);
         Ok((announced, closed))
+    }
+
+    /// Tells this instance what it caught up on: its streams hear `heard`, and each of its sessions in `moved`
+    /// (device, the newer session elsewhere) closes as a takeover.
+    fn announce_catch_up(&self, heard: Vec<PlatformEvent>, moved: Vec<(DeviceId, u64)>) {
+        for (device, session) in moved {
+            self.events.publish(PlatformEvent::SessionMoved {
+                device_id: device.to_string(),
+                session,
+            });
+        }
+        for event in heard {
+            self.events.publish_heard(event);
+        }
     }
 
     /// What this instance missed while it could not hear the cluster (its Redis subscription dropped, Redis
@@ -383,23 +381,14 @@ impl Presence {
         instance: &str,
         since: std::time::Instant,
     ) -> Result<usize, RegistryError> {
-        let rows = sqlx::query(&format!(
-            "SELECT device_id, {STATUS_COLUMNS} FROM device_presence"
-        ))
-        .fetch_all(registry.pool())
-        .await?;
+        let rows = stored_rows(registry).await?;
         let (mut heard, mut moved, mut changed) = (Vec::new(), Vec::new(), 0);
         {
             let mut entries = self.entries.lock().expect("presence lock");
-            for row in &rows {
-                let Ok(device) = DeviceId::parse(row.try_get::<String, _>("device_id")?) else {
-                    continue;
-                };
-                let holder: Option<String> = row.try_get("instance")?;
+            for (device, stored, holder) in rows {
                 if holder.as_deref() == Some(instance) {
                     continue;
                 }
-                let stored = stored_status(row)?;
                 let entry = entries.entry(device.clone()).or_insert_with(Entry::never);
                 if entry.heard_at.is_some_and(|at| at > since) {
                     continue;
@@ -439,15 +428,7 @@ impl Presence {
                 entry.heard_at = Some(std::time::Instant::now());
             }
         }
-        for (device, session) in moved {
-            self.events.publish(PlatformEvent::SessionMoved {
-                device_id: device.to_string(),
-                session,
-            });
-        }
-        for event in heard {
-            self.events.publish_heard(event);
-        }
+        self.announce_catch_up(heard, moved);
         Ok(changed)
     }
 
@@ -536,6 +517,25 @@ impl Presence {
 /// The `device_presence` columns [`stored_status`] reads, and the holder (`instance`).
 const STATUS_COLUMNS: &str = "online, session, connected_at, disconnected_at, last_seen_at, \
                               last_disconnect_reason, remote_addr, instance";
+
+/// Every stored status, with its holder (`instance`), read and parsed in full before anyone acts on it.
+async fn stored_rows(
+    registry: &Registry,
+) -> Result<Vec<(DeviceId, DeviceStatus, Option<String>)>, RegistryError> {
+    let rows = sqlx::query(&format!(
+        "SELECT device_id, {STATUS_COLUMNS} FROM device_presence"
+    ))
+    .fetch_all(registry.pool())
+    .await?;
+    let mut stored = Vec::with_capacity(rows.len());
+    for row in rows {
+        let Ok(id) = DeviceId::parse(row.try_get::<String, _>("device_id")?) else {
+            continue;
+        };
+        stored.push((id, stored_status(&row)?, row.try_get("instance")?));
+    }
+    Ok(stored)
+}
 
 /// A status as stored (a row with [`STATUS_COLUMNS`]).
 fn stored_status(row: &sqlx::any::AnyRow) -> Result<DeviceStatus, RegistryError> {

@@ -343,9 +343,13 @@ async fn drop_revoked(door: Arc<FrontDoor>, mut events: crate::events::FleetEven
                         .kick(&device, Some(&serial), DisconnectReason::Revoked);
                 }
             }
-            Ok(PlatformEvent::SessionMoved { device_id, .. }) => {
+            Ok(PlatformEvent::SessionMoved { device_id, session }) => {
                 if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
-                    door.sessions.kick(&device, None, DisconnectReason::Takeover);
+                    // Only a session older than the one elsewhere is stale; the device may have come back here
+                    // since (a newer session, which this instance knows of).
+                    if door.presence.status(&device).session <= session {
+                        door.sessions.kick(&device, None, DisconnectReason::Takeover);
+                    }
                 }
             }
             Ok(PlatformEvent::DeviceDeleted { device_id, .. }) => {
