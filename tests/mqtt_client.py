@@ -9,7 +9,7 @@ Modes:
   subscribe  connect, subscribe, print "<topic> <retain> <payload>" per message; exit after --count messages
              (exit 3 when --timeout passes first, exit 4 when the server drops the connection)
   publish    connect, publish one message, wait until it is acknowledged, disconnect
-  persist    connect with --clean-session (MQTT 5: Clean Start, with --session-expiry), print
+  persist    connect with --clean-session (MQTT 5: Clean Start, --session-expiry; --disconnect-expiry), print
              "session_present=<0|1>" (MQTT 5: and " session_expiry=<CONNACK's or ->"), subscribe to --topic only when
              --subscribe is given, publish --payload to --topic at QoS 1, print what comes back (or "nothing")
   request    connect, subscribe to --reply (a filter), publish --payload to --topic at --qos, print the first
@@ -47,6 +47,7 @@ def main():
     p.add_argument("--timeout", type=float, default=10)
     p.add_argument("--clean-session", type=int, default=1)
     p.add_argument("--session-expiry", type=int, help="MQTT 5: Session Expiry Interval in CONNECT (seconds)")
+    p.add_argument("--disconnect-expiry", type=int, help="MQTT 5 persist: Session Expiry Interval in DISCONNECT")
     p.add_argument("--subscribe", action="store_true")
     p.add_argument("--reply")
     a = p.parse_args()
@@ -148,7 +149,15 @@ def main():
         while not received and time.time() < deadline:
             time.sleep(0.02)
         print(received[0].payload.decode() if received else "nothing", flush=True)
-        c.disconnect()
+        if a.v5 and a.disconnect_expiry is not None:
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = a.disconnect_expiry
+            c.disconnect(properties=props)
+        else:
+            c.disconnect()
         c.loop_stop()
         return 0
     if a.mode == "request":

@@ -734,6 +734,24 @@ fn persistent_sessions_expire_and_mqtt5_clients_get_the_expiry_they_ask_for_up_t
         v5(Some("3600"), "0", false, "nine"),
         ["session_present=0 session_expiry=3", "nothing"]
     );
+    // A DISCONNECT may end the session at once (Session Expiry Interval 0 in it).
+    let args = [
+        "--v5",
+        "--clean-session",
+        "1",
+        "--session-expiry",
+        "2",
+        "--disconnect-expiry",
+        "0",
+    ];
+    assert_eq!(
+        persist(&server, &d, &args, true, "ten"),
+        ["session_present=0 session_expiry=-", "ten"]
+    );
+    assert_eq!(
+        v5(Some("2"), "0", false, "eleven"),
+        ["session_present=0 session_expiry=-", "nothing"]
+    );
 }
 
 #[test]

@@ -10,8 +10,8 @@ use bytes::BytesMut;
 use futures_util::FutureExt;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    LastWillProperties, Packet, Publish,
+    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
+    LastWill, LastWillProperties, Packet, Publish,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -33,7 +33,11 @@ pub(super) enum Identity {
 
 /// How a session ended, as seen by the loop.
 enum End {
-    Client { with_will: bool },
+    /// A DISCONNECT; MQTT 5 may set the session's expiry anew in it.
+    Client {
+        with_will: bool,
+        expiry: Option<u32>,
+    },
     KeepAlive,
     Network,
     RouterClosed,
@@ -55,7 +59,7 @@ impl End {
     /// Whether the will is published: on every end but a clean DISCONNECT and a server shutdown.
     fn fires_will(&self) -> bool {
         match self {
-            End::Client { with_will } => *with_will,
+            End::Client { with_will, .. } => *with_will,
             End::Kicked(DisconnectReason::ServerShutdown) => false,
             _ => true,
         }
@@ -96,6 +100,8 @@ struct Open<'a> {
     link: Link,
     claim: sessions::Claim<'a>,
     keep_alive: Duration,
+    /// How long the router keeps the session after it ends, as agreed at CONNECT.
+    expiry: Duration,
     session: u64,
     seen: crate::presence::SeenClock,
     will: Option<Box<(LastWill, Option<LastWillProperties>)>>,
@@ -204,6 +210,7 @@ where
         },
         claim,
         keep_alive: Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2,
+        expiry,
         session,
         seen,
         will: will.map(|will| Box::new((will, will_props))),
@@ -237,7 +244,13 @@ where
             .await;
         }
     }
-    open.link.detach().await;
+    let expiry = match end {
+        End::Client {
+            expiry: Some(asked), ..
+        } => disconnect_expiry(door.settings.session_expiry, open.expiry, asked),
+        _ => None,
+    };
+    open.link.detach(expiry).await;
     if end.fires_will() {
         if let Some(will) = open.will.take() {
             let (will, props) = *will;
@@ -275,6 +288,17 @@ fn session_expiry(
             .min(u32::MAX - 1);
         (max, Some(granted))
     }
+}
+
+/// The session's expiry an MQTT 5 DISCONNECT asks for (`asked` seconds), as the router is to apply it: capped at
+/// `max`; ignored (`None`) when the session was agreed with none, since MQTT 5 makes a non-zero value then a
+/// protocol error (§3.14.2.2.2) and the session is not kept either way.
+fn disconnect_expiry(max: Duration, agreed: Duration, asked: u32) -> Option<u32> {
+    if agreed.is_zero() && asked != 0 {
+        return None;
+    }
+    let max = u32::try_from(max.as_secs()).unwrap_or(u32::MAX);
+    Some(asked.min(max))
 }
 
 /// Reads until a whole CONNECT is buffered; `None` for anything else (a 3.1 client gets its refusal first).
@@ -471,12 +495,18 @@ impl Link {
 
     /// Tells the router the session is over and waits (bounded) until it has let go: this frees the router's
     /// slot and keeps a persistent session for the client's return.
-    async fn detach(&mut self) {
+    /// `expiry`: the session's expiry set anew by an MQTT 5 DISCONNECT, in seconds.
+    async fn detach(&mut self, expiry: Option<u32>) {
         let disconnect = Packet::Disconnect(
             Disconnect {
                 reason_code: DisconnectReasonCode::NormalDisconnection,
             },
-            None,
+            expiry.map(|secs| DisconnectProperties {
+                session_expiry_interval: Some(secs),
+                reason_string: None,
+                user_properties: Vec::new(),
+                server_reference: None,
+            }),
         );
         if self.tx.send(disconnect).await.is_err() {
             return;
@@ -589,9 +619,10 @@ async fn handle_read(
     let outcome = loop {
         match codec.read(buf) {
             Ok(None) => break None,
-            Ok(Some(Packet::Disconnect(d, _))) => {
+            Ok(Some(Packet::Disconnect(d, props))) => {
                 break Some(End::Client {
                     with_will: d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                    expiry: props.and_then(|p| p.session_expiry_interval),
                 })
             }
             Ok(Some(packet)) if !allowed(device, &packet) => break Some(End::Acl),
@@ -718,5 +749,19 @@ mod tests {
             session_expiry(long, Version::V5, false, Some(u32::MAX)),
             (long, Some(u32::MAX - 1))
         );
+    }
+
+    #[test]
+    fn a_disconnect_may_shorten_the_expiry_but_not_make_one_from_none() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(disconnect_expiry(hour, hour, 0), Some(0), "drop the session now");
+        assert_eq!(disconnect_expiry(hour, Duration::from_secs(60), 600), Some(600));
+        assert_eq!(disconnect_expiry(hour, hour, u32::MAX), Some(3600), "capped");
+        assert_eq!(
+            disconnect_expiry(hour, Duration::ZERO, 60),
+            None,
+            "a protocol error: ignored"
+        );
+        assert_eq!(disconnect_expiry(hour, Duration::ZERO, 0), Some(0));
     }
 }

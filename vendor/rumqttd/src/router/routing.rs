@@ -948,10 +948,19 @@ impl Router {
 
                     force_ack = true;
                 }
-                Packet::Disconnect(_, _) => {
+                Packet::Disconnect(_, properties) => {
                     let span = tracing::info_span!("disconnect");
                     let _guard = span.enter();
                     disconnect = true;
+                    // Antumbra: an MQTT 5 DISCONNECT may set the session's expiry anew (ANTUMBRA.md item 12;
+                    // the link's owner has checked and capped it). Only for a connection that has one.
+                    if let Some(secs) = properties.and_then(|p| p.session_expiry_interval) {
+                        if let Some(connection) = self.connections.get_mut(id) {
+                            if connection.session_expiry.is_some() {
+                                connection.session_expiry = Some(Duration::from_secs(u64::from(secs)));
+                            }
+                        }
+                    }
                     // delete the last will message
                     self.last_wills.remove(&client_id);
                     break;
