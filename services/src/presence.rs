@@ -317,8 +317,7 @@ impl Presence {
                 match stored.get(device) {
                     // The device has a newer session elsewhere: this instance missed the news.
                     Some((on_record, holder))
-                        if on_record.session > entry.status.session
-                            && holder.as_deref() != Some(instance) =>
+                        if supersedes(on_record, &entry.status) && holder.as_deref() != Some(instance) =>
                     {
                         if on_record.online {
                             heard.push(PlatformEvent::Connected {
@@ -397,6 +396,9 @@ impl Presence {
                 let newer = stored.session > known.session;
                 let ended = stored.session == known.session && known.online && !stored.online;
                 if !(newer || ended && entry.seen.is_none()) {
+                    continue;
+                }
+                if entry.seen.is_some() && !supersedes(&stored, known) {
                     continue;
                 }
                 changed += 1;
@@ -517,6 +519,13 @@ impl Presence {
 /// The `device_presence` columns [`stored_status`] reads, and the holder (`instance`).
 const STATUS_COLUMNS: &str = "online, session, connected_at, disconnected_at, last_seen_at, \
                               last_disconnect_reason, remote_addr, instance";
+
+/// Whether `stored`, a session of the device on another instance, is newer than `local`, a session open here:
+/// by number, and not older in time. Numbers drawn while the cluster's shared counter was out of reach come
+/// from each instance's own count, so on their own they do not say which session came last.
+fn supersedes(stored: &DeviceStatus, local: &DeviceStatus) -> bool {
+    stored.session > local.session && stored.connected_at >= local.connected_at
+}
 
 /// Every stored status, with its holder (`instance`), read and parsed in full before anyone acts on it.
 async fn stored_rows(
@@ -651,3 +660,30 @@ async fn upsert(
 
 /// Devices per presence statement (9 parameters each; SQLite allows 32,766 per statement, PostgreSQL 65,535).
 const UPSERT_CHUNK: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(number: u64, at_secs: i64) -> DeviceStatus {
+        DeviceStatus {
+            online: true,
+            session: number,
+            connected_at: Some(OffsetDateTime::from_unix_timestamp(1_795_000_000 + at_secs).unwrap()),
+            ..DeviceStatus::never()
+        }
+    }
+
+    #[test]
+    fn a_session_elsewhere_supersedes_a_local_one_only_if_newer_by_number_and_not_older_in_time() {
+        assert!(supersedes(&session(8, 10), &session(7, 5)));
+        assert!(
+            supersedes(&session(8, 5), &session(7, 5)),
+            "same instant: the number decides"
+        );
+        assert!(!supersedes(&session(7, 10), &session(7, 5)), "the same session");
+        assert!(!supersedes(&session(6, 10), &session(7, 5)), "an older number");
+        // Drawn while the shared counter was out of reach: a higher number, yet the session here came later.
+        assert!(!supersedes(&session(9, 1), &session(7, 5)));
+    }
+}
