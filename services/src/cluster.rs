@@ -250,7 +250,10 @@ async fn publish_loop(
     watched_until: WatchedUntil,
 ) {
     let mut events = bus.subscribe();
-    let mut republished = bus.subscribe_republished();
+    let Some(mut republished) = bus.take_republished() else {
+        tracing::error!("a second cluster bridge on one event bus");
+        return;
+    };
     let mut watching = tokio::time::interval(WATCH_PERIOD);
     watching.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let envelope = |message: Message| {
@@ -303,12 +306,8 @@ async fn publish_loop(
                 Err(_) => break,
             },
             event = republished.recv() => match event {
-                Ok(event) => shared_events.push(envelope(Message::Event { event })),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(missed = n, "cluster bridge lagged behind republished events");
-                    continue;
-                }
-                Err(_) => break,
+                Some(event) => shared_events.push(envelope(Message::Event { event })),
+                None => break,
             },
         }
         publisher

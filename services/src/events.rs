@@ -181,8 +181,10 @@ pub struct EventBus {
     /// Events of other instances, heard through the cluster.
     heard: broadcast::Sender<PlatformEvent>,
     /// Events this instance announced before and the rest of the cluster missed, for the cluster bridge only
-    /// (see [`EventBus::republish`]).
-    republished: broadcast::Sender<PlatformEvent>,
+    /// (see [`EventBus::republish`]). Unbounded: a re-announcement is one event per open session, at once.
+    republished: tokio::sync::mpsc::UnboundedSender<PlatformEvent>,
+    /// Its receiving end, until the cluster bridge takes it.
+    republished_rx: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<PlatformEvent>>>>,
     /// Applications watching the events (`/v1/events` streams open on this instance).
     watchers: Arc<AtomicUsize>,
     /// Told when the first application starts watching.
@@ -199,10 +201,12 @@ impl EventBus {
     /// A bus that keeps up to 65,536 events for slow subscribers (a burst of 10,000 connects must not make the
     /// revocation listener miss a revocation).
     pub fn new() -> Self {
+        let (republished, republished_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             tx: broadcast::channel(65_536).0,
             heard: broadcast::channel(65_536).0,
-            republished: broadcast::channel(65_536).0,
+            republished,
+            republished_rx: Arc::new(std::sync::Mutex::new(Some(republished_rx))),
             watchers: Arc::new(AtomicUsize::new(0)),
             first_watcher: Arc::new(Notify::new()),
         }
@@ -224,9 +228,9 @@ impl EventBus {
         let _ = self.republished.send(event);
     }
 
-    /// A new subscription to [`EventBus::republish`]ed events (the cluster bridge).
-    pub fn subscribe_republished(&self) -> broadcast::Receiver<PlatformEvent> {
-        self.republished.subscribe()
+    /// The [`EventBus::republish`]ed events, for the one cluster bridge (`None` once taken).
+    pub fn take_republished(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<PlatformEvent>> {
+        self.republished_rx.lock().expect("republished receiver").take()
     }
 
     /// A new subscription to this instance's events, from now on.

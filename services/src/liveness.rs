@@ -161,12 +161,26 @@ impl Liveness {
             instance = %self.instance,
             "the cluster took this instance for dead (no heartbeat for {LAPSE:?}); joining again"
         );
-        // Announced first, then back in the set: should the announcement fail part-way, the next beat finds this
-        // instance still out of the set and announces again.
-        let (announced, closed) = presence.reannounce(registry, &self.instance).await?;
+        // Back in the set first, so that a sweep that starts from here on leaves what is announced next alone;
+        // should the announcement fail, out again, and the next beat tries once more.
         self.enter_set().await?;
-        tracing::info!(announced, closed, "sessions announced to the cluster again");
-        Ok(())
+        match presence.reannounce(registry, &self.instance).await {
+            Ok((announced, closed)) => {
+                tracing::info!(announced, closed, "sessions announced to the cluster again");
+                Ok(())
+            }
+            Err(e) => {
+                let mut conn = self.conn.clone();
+                let _ = bounded(
+                    redis::cmd("SREM")
+                        .arg(self.set_key())
+                        .arg(&self.instance)
+                        .query_async::<()>(&mut conn),
+                )
+                .await;
+                Err(e.into())
+            }
+        }
     }
 
     async fn sweep(&self, presence: &Presence, registry: &Registry) -> anyhow::Result<()> {

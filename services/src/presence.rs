@@ -202,7 +202,18 @@ impl Presence {
     ) -> bool {
         let mut entries = self.entries.lock().expect("presence lock");
         let entry = entries.entry(device.clone()).or_insert_with(Entry::never);
-        let newer = session > entry.status.session;
+        let remote = DeviceStatus {
+            session,
+            connected_at: Some(at),
+            ..DeviceStatus::never()
+        };
+        // A session open here gives way only to one newer in time too (numbers drawn while the shared counter
+        // was out of reach are per instance), e.g. one announced late from a backlog.
+        let newer = if entry.seen.is_some() {
+            supersedes(&remote, &entry.status)
+        } else {
+            session > entry.status.session
+        };
         // The same session again: its instance announces it once more (it was taken for dead meanwhile).
         let again = session == entry.status.session && entry.seen.is_none();
         if newer || again {
@@ -524,7 +535,9 @@ const STATUS_COLUMNS: &str = "online, session, connected_at, disconnected_at, la
 /// by number, and not older in time. Numbers drawn while the cluster's shared counter was out of reach come
 /// from each instance's own count, so on their own they do not say which session came last.
 fn supersedes(stored: &DeviceStatus, local: &DeviceStatus) -> bool {
-    stored.session > local.session && stored.connected_at >= local.connected_at
+    /// How far apart the instances' clocks may be: within it, the number decides.
+    const SKEW: time::Duration = time::Duration::seconds(5);
+    stored.session > local.session && stored.connected_at.map(|at| at + SKEW) >= local.connected_at
 }
 
 /// Every stored status, with its holder (`instance`), read and parsed in full before anyone acts on it.
@@ -681,9 +694,13 @@ mod tests {
             supersedes(&session(8, 5), &session(7, 5)),
             "same instant: the number decides"
         );
+        assert!(
+            supersedes(&session(8, 2), &session(7, 5)),
+            "within the clocks' skew: the number decides"
+        );
         assert!(!supersedes(&session(7, 10), &session(7, 5)), "the same session");
         assert!(!supersedes(&session(6, 10), &session(7, 5)), "an older number");
         // Drawn while the shared counter was out of reach: a higher number, yet the session here came later.
-        assert!(!supersedes(&session(9, 1), &session(7, 5)));
+        assert!(!supersedes(&session(9, -10), &session(7, 5)));
     }
 }
