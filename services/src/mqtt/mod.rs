@@ -346,10 +346,8 @@ async fn drop_revoked(door: Arc<FrontDoor>, mut events: crate::events::FleetEven
             Ok(PlatformEvent::SessionMoved { device_id, session }) => {
                 if let Ok(device) = antumbra_wire::DeviceId::parse(device_id) {
                     // Only a session older than the one elsewhere is stale; the device may have come back here
-                    // since (a newer session, which this instance knows of).
-                    if door.presence.status(&device).session <= session {
-                        door.sessions.kick(&device, None, DisconnectReason::Takeover);
-                    }
+                    // since, or be connecting here right now.
+                    door.sessions.kick_older(&device, session);
                 }
             }
             Ok(PlatformEvent::DeviceDeleted { device_id, .. }) => {

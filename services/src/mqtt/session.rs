@@ -197,6 +197,7 @@ where
         }),
     );
     let (session, seen) = door.presence.connected(&device, remote.to_string()).await;
+    claim.record_session(session);
     door.metrics.connected();
     tracing::info!(device_id = %device, session, %remote, version = ?codec.version(), "device connected");
 

@@ -16,6 +16,8 @@ use crate::events::DisconnectReason;
 
 struct Live {
     token: u64,
+    /// Its presence session number, once recorded (see [`Claim::record_session`]).
+    session: Option<u64>,
     serial: Option<String>,
     kick: mpsc::Sender<DisconnectReason>,
     done: watch::Receiver<bool>,
@@ -56,6 +58,7 @@ impl Sessions {
                 device.clone(),
                 Live {
                     token,
+                    session: None,
                     serial,
                     kick,
                     done: done_rx,
@@ -84,6 +87,19 @@ impl Sessions {
         match map.get(device) {
             Some(live) if serial.is_none() || live.serial.as_deref() == serial => {
                 live.kick.try_send(reason).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Asks the device's session to end as a takeover if it is older than `session`, the device's session on
+    /// another instance. A session whose number is not recorded yet has only just connected, after that one was
+    /// announced: it stays.
+    pub fn kick_older(&self, device: &DeviceId, session: u64) -> bool {
+        let map = self.map.lock().expect("sessions lock");
+        match map.get(device) {
+            Some(live) if live.session.is_some_and(|own| own < session) => {
+                live.kick.try_send(DisconnectReason::Takeover).is_ok()
             }
             _ => false,
         }
@@ -157,6 +173,14 @@ impl Claim<'_> {
     }
 
     /// Counts this session as attached (for the connection limit) until the claim drops.
+    /// Records this session's presence number (for [`Sessions::kick_older`]).
+    pub fn record_session(&self, session: u64) {
+        let mut map = self.sessions.map.lock().expect("sessions lock");
+        if let Some(live) = map.get_mut(&self.device).filter(|live| live.token == self.token) {
+            live.session = Some(session);
+        }
+    }
+
     pub fn mark_attached(&mut self) {
         if !self.attached {
             self.attached = true;
@@ -182,6 +206,27 @@ impl Drop for Claim<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_session_moved_elsewhere_kicks_only_an_older_recorded_session() {
+        let sessions = Sessions::default();
+        let id = DeviceId::parse("d").unwrap();
+        let mut claim = sessions.claim(&id, None);
+        assert!(
+            !sessions.kick_older(&id, 100),
+            "just connecting: no number yet, it stays"
+        );
+        claim.record_session(7);
+        assert!(!sessions.kick_older(&id, 6), "the session here is newer");
+        assert!(!sessions.kick_older(&id, 7), "the same session");
+        assert!(sessions.kick_older(&id, 8));
+        assert_eq!(claim.kicked.try_recv(), Ok(DisconnectReason::Takeover));
+        // A stale claim's number never lands on the claim that replaced it.
+        let newer = sessions.claim(&id, None);
+        claim.record_session(9);
+        assert!(!sessions.kick_older(&id, 100));
+        drop(newer);
+    }
 
     #[tokio::test]
     async fn a_new_claim_kicks_the_old_one_and_waits_for_it() {
