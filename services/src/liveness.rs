@@ -54,11 +54,21 @@ impl Liveness {
     }
 
     async fn enter_set(&self) -> Result<(), redis::RedisError> {
+        self.set_command("SADD", &self.instance).await
+    }
+
+    /// Takes `instance` out of the set of instances.
+    async fn leave_set(&self, instance: &str) -> Result<(), redis::RedisError> {
+        self.set_command("SREM", instance).await
+    }
+
+    /// `command` (SADD, SREM) on the set of instances, for `instance`.
+    async fn set_command(&self, command: &str, instance: &str) -> Result<(), redis::RedisError> {
         let mut conn = self.conn.clone();
         bounded(
-            redis::cmd("SADD")
+            redis::cmd(command)
                 .arg(self.set_key())
-                .arg(&self.instance)
+                .arg(instance)
                 .query_async::<()>(&mut conn),
         )
         .await
@@ -170,14 +180,7 @@ impl Liveness {
                 Ok(())
             }
             Err(e) => {
-                let mut conn = self.conn.clone();
-                let _ = bounded(
-                    redis::cmd("SREM")
-                        .arg(self.set_key())
-                        .arg(&self.instance)
-                        .query_async::<()>(&mut conn),
-                )
-                .await;
+                let _ = self.leave_set(&self.instance).await;
                 Err(e.into())
             }
         }
@@ -187,14 +190,7 @@ impl Liveness {
         for (dead, _) in self.others().await?.into_iter().filter(|(_, alive)| !alive) {
             let devices = presence.held_by_dead(registry, &dead).await?;
             tracing::info!(instance = %dead, devices, "an instance stopped beating; its devices are offline");
-            let mut conn = self.conn.clone();
-            bounded(
-                redis::cmd("SREM")
-                    .arg(self.set_key())
-                    .arg(&dead)
-                    .query_async::<()>(&mut conn),
-            )
-            .await?;
+            self.leave_set(&dead).await?;
         }
         Ok(())
     }

@@ -73,6 +73,15 @@ struct Entry {
 }
 
 impl Entry {
+    /// Its status, with the last activity of a session open here read from its clock.
+    fn status_now(&self) -> DeviceStatus {
+        let mut status = self.status.clone();
+        if let Some(seen) = &self.seen {
+            status.last_seen_at = from_millis(seen.load(Ordering::Relaxed)).ok();
+        }
+        status
+    }
+
     fn never() -> Self {
         Self {
             status: DeviceStatus::never(),
@@ -322,21 +331,16 @@ impl Presence {
             // announced at all or announced before its end, in the writer's queue and on the bus.
             let mut entries = self.entries.lock().expect("presence lock");
             for (device, entry) in entries.iter_mut() {
-                let Some(seen) = entry.seen.as_ref().filter(|_| entry.status.online) else {
+                if entry.seen.is_none() || !entry.status.online {
                     continue;
-                };
+                }
                 match stored.get(device) {
                     // The device has a newer session elsewhere: this instance missed the news.
                     Some((on_record, holder))
                         if supersedes(on_record, &entry.status) && holder.as_deref() != Some(instance) =>
                     {
                         if on_record.online {
-                            heard.push(PlatformEvent::Connected {
-                                device_id: device.to_string(),
-                                session: on_record.session,
-                                remote_addr: on_record.remote_addr.clone().unwrap_or_default(),
-                                at: on_record.connected_at.unwrap_or_else(registry::now),
-                            });
+                            heard.push(connected_event(device, on_record));
                         }
                         moved.push((device.clone(), on_record.session));
                         entry.holder = holder.clone().filter(|_| on_record.online);
@@ -346,15 +350,9 @@ impl Presence {
                     }
                     // Stored with this instance as its holder again (the upsert never overwrites a newer session).
                     _ => {
-                        let mut status = entry.status.clone();
-                        status.last_seen_at = from_millis(seen.load(Ordering::Relaxed)).ok();
-                        let _ = self.writer.send((device.clone(), status.clone()));
-                        self.events.republish(PlatformEvent::Connected {
-                            device_id: device.to_string(),
-                            session: status.session,
-                            remote_addr: status.remote_addr.unwrap_or_default(),
-                            at: status.connected_at.unwrap_or_else(registry::now),
-                        });
+                        let status = entry.status_now();
+                        self.events.republish(connected_event(device, &status));
+                        let _ = self.writer.send((device.clone(), status));
                         announced += 1;
                     }
                 }
@@ -418,12 +416,7 @@ impl Presence {
                 }
                 let was_online = known.online;
                 heard.extend(match (stored.online, was_online) {
-                    (true, _) => Some(PlatformEvent::Connected {
-                        device_id: device.to_string(),
-                        session: stored.session,
-                        remote_addr: stored.remote_addr.clone().unwrap_or_default(),
-                        at: stored.connected_at.unwrap_or_else(registry::now),
-                    }),
+                    (true, _) => Some(connected_event(&device, &stored)),
                     (false, true) => Some(PlatformEvent::Disconnected {
                         device_id: device.to_string(),
                         session: stored.session,
@@ -510,13 +503,7 @@ impl Presence {
     pub fn status(&self, device: &DeviceId) -> DeviceStatus {
         let entries = self.entries.lock().expect("presence lock");
         match entries.get(device) {
-            Some(entry) => {
-                let mut status = entry.status.clone();
-                if let Some(seen) = &entry.seen {
-                    status.last_seen_at = from_millis(seen.load(Ordering::Relaxed)).ok();
-                }
-                status
-            }
+            Some(entry) => entry.status_now(),
             None => DeviceStatus::never(),
         }
     }
@@ -530,6 +517,16 @@ impl Presence {
 /// The `device_presence` columns [`stored_status`] reads, and the holder (`instance`).
 const STATUS_COLUMNS: &str = "online, session, connected_at, disconnected_at, last_seen_at, \
                               last_disconnect_reason, remote_addr, instance";
+
+/// `Connected` for the session `status` holds.
+fn connected_event(device: &DeviceId, status: &DeviceStatus) -> PlatformEvent {
+    PlatformEvent::Connected {
+        device_id: device.to_string(),
+        session: status.session,
+        remote_addr: status.remote_addr.clone().unwrap_or_default(),
+        at: status.connected_at.unwrap_or_else(registry::now),
+    }
+}
 
 /// Whether `stored`, a session of the device on another instance, is newer than `local`, a session open here:
 /// by number, and not older in time. Numbers drawn while the cluster's shared counter was out of reach come

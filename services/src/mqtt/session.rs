@@ -284,10 +284,8 @@ fn session_expiry(
     if asked <= max {
         (asked, None)
     } else {
-        let granted = u32::try_from(max.as_secs())
-            .unwrap_or(u32::MAX - 1)
-            .min(u32::MAX - 1);
-        (max, Some(granted))
+        // `u32::MAX` would say "for ever": the longest finite interval instead.
+        (max, Some(interval_secs(max).min(u32::MAX - 1)))
     }
 }
 
@@ -298,8 +296,12 @@ fn disconnect_expiry(max: Duration, agreed: Duration, asked: u32) -> Option<u32>
     if agreed.is_zero() && asked != 0 {
         return None;
     }
-    let max = u32::try_from(max.as_secs()).unwrap_or(u32::MAX);
-    Some(asked.min(max))
+    Some(asked.min(interval_secs(max)))
+}
+
+/// `max` as an MQTT 5 Session Expiry Interval, in seconds (at most `u32::MAX`).
+fn interval_secs(max: Duration) -> u32 {
+    u32::try_from(max.as_secs()).unwrap_or(u32::MAX)
 }
 
 /// Reads until a whole CONNECT is buffered; `None` for anything else (a 3.1 client gets its refusal first).
