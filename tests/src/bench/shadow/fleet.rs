@@ -111,6 +111,22 @@ pub struct Counts {
     pub delta_latency: Histogram<u64>,
     /// Paced: how late each update left against its schedule, µs (the load generator's own lag).
     pub late: Histogram<u64>,
+    /// Paced: per `SLICE` of send time, the answers timed, those over `SLOW`, and the slowest (µs), to tell
+    /// a tail spread over the phase from one burst.
+    pub timeline: Vec<Slice>,
+}
+
+/// The span of one `timeline` entry.
+pub const SLICE: Duration = Duration::from_millis(250);
+/// An answer slower than this counts as slow in the timeline (the paced target).
+const SLOW_US: u64 = 5_000;
+
+/// One `SLICE` of a paced phase.
+#[derive(Clone, Copy, Default)]
+pub struct Slice {
+    pub timed: u64,
+    pub slow: u64,
+    pub max_us: u64,
 }
 
 impl Counts {
@@ -124,6 +140,22 @@ impl Counts {
             deltas: 0,
             delta_latency: histogram(),
             late: histogram(),
+            timeline: Vec::new(),
+        }
+    }
+
+    /// Records an answer sent at `sent_ns` (of the phase starting at `start_ns`) that took `us`.
+    fn time(&mut self, start_ns: u64, sent_ns: u64, us: u64) {
+        self.latency.saturating_record(us);
+        let at = (sent_ns.saturating_sub(start_ns) / SLICE.as_nanos() as u64) as usize;
+        if at < 4 * 60 * 60 {
+            if self.timeline.len() <= at {
+                self.timeline.resize(at + 1, Slice::default());
+            }
+            let slice = &mut self.timeline[at];
+            slice.timed += 1;
+            slice.slow += u64::from(us > SLOW_US);
+            slice.max_us = slice.max_us.max(us);
         }
     }
 
@@ -136,6 +168,14 @@ impl Counts {
         let _ = self.latency.add(&other.latency);
         let _ = self.delta_latency.add(&other.delta_latency);
         let _ = self.late.add(&other.late);
+        if self.timeline.len() < other.timeline.len() {
+            self.timeline.resize(other.timeline.len(), Slice::default());
+        }
+        for (mine, theirs) in self.timeline.iter_mut().zip(&other.timeline) {
+            mine.timed += theirs.timed;
+            mine.slow += theirs.slow;
+            mine.max_us = mine.max_us.max(theirs.max_us);
+        }
     }
 }
 
@@ -544,7 +584,7 @@ impl Conn {
                         c.rejected += 1;
                     } else if span.counts(stamp, now) {
                         c.counted += 1;
-                        c.latency.saturating_record(now.saturating_sub(stamp) / 1000);
+                        c.time(span.start_ns, stamp, now.saturating_sub(stamp) / 1000);
                     }
                 } else if topic.ends_with(b"/delta") {
                     if let Some(target) = target(&payload) {

@@ -411,6 +411,12 @@ fn bench_setup(setup: Setup, cx: &Shared) -> Result<Figures> {
             patches.ok as f64 / secs,
             ms(&paced.delta_latency, 0.99)
         );
+        eprintln!(
+            "  [{}] paced timeline, per {} ms of send time (% of answers over 5 ms/slowest ms): {}",
+            setup.name(),
+            fleet::SLICE.as_millis(),
+            timeline(&paced.timeline)
+        );
         f.put("paced: updates/s asked", plan.rate, 0);
         f.put("paced: updates/s accepted", paced.counted as f64 / secs, 0);
         f.put("paced p50 pub->accepted (ms)", ms(&paced.latency, 0.5), 2);
@@ -705,4 +711,19 @@ pub fn run(args: &Args) -> Result<()> {
         println!("kept {}", dir.keep().display());
     }
     Ok(())
+}
+
+/// `12/21` per slice: the share of slow answers in per cent, and the slowest in ms.
+fn timeline(slices: &[fleet::Slice]) -> String {
+    slices
+        .iter()
+        .map(|s| {
+            format!(
+                "{:.0}/{:.0}",
+                100.0 * s.slow as f64 / s.timed.max(1) as f64,
+                s.max_us as f64 / 1000.0
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
