@@ -7,18 +7,27 @@
 //! for many updates). A compare-and-set returns only once its write is committed, so no update is acknowledged
 //! before it is in the file; with `synchronous = NORMAL` under WAL a commit is in the operating system once
 //! written, so killing the process loses nothing acknowledged (only a power loss can take the last commits).
+//!
+//! The WAL is checkpointed by a task of its own, on its own connection, never inside a commit. SQLite's
+//! automatic checkpoint runs in the commit that crosses its threshold: it copies up to 1,000 pages and syncs
+//! both files while every update queued behind that commit waits (milliseconds on a quiet disk, seconds on a
+//! busy one). A passive checkpoint copies while the writer goes on. But the WAL only starts over once it is
+//! wholly copied with no write in between, which continuous writes never allow; so past `RESTART_FRAMES` the
+//! checkpointer holds the writer back for one last checkpoint of what came in meanwhile, and starts the WAL
+//! over.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use antumbra_wire::DeviceId;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Row, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{backend, decode, ShadowKey, ShadowName, ShadowStore, StoreError, Stored};
 use crate::shadow::document::Document;
@@ -30,6 +39,17 @@ const REMEMBERED: usize = 50_000;
 const BATCH: usize = 1_000;
 /// How often a compare-and-set re-reads a shadow that was forgotten while it read it.
 const READ_ATTEMPTS: usize = 8;
+/// How often the WAL is checkpointed while writes come in.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// WAL frames (pages) past which the checkpointer holds the writer back to start the WAL over (16 MiB with
+/// SQLite's 4 KiB pages). Below it, the WAL starts over by itself whenever the writes pause.
+const RESTART_FRAMES: i64 = 4_096;
+/// Passive checkpoints, at most, to catch up with the writer before holding it back.
+const CATCH_UP_PASSES: usize = 3;
+/// New frames after a passive checkpoint few enough to copy while the writer waits.
+const CAUGHT_UP_FRAMES: i64 = 64;
+/// How long a checkpoint that starts the WAL over waits for readers to leave it.
+const READERS_PATIENCE: Duration = Duration::from_millis(100);
 
 /// The embedded store (cheap to clone: clones share the memory and the writer).
 #[derive(Clone)]
@@ -97,6 +117,15 @@ impl Memory {
     }
 }
 
+/// The writer's connection to the file.
+struct File {
+    connection: SqliteConnection,
+    /// Held for each write; the checkpointer takes it to hold the writer back.
+    turn: Arc<tokio::sync::Mutex<()>>,
+    /// Told after each write.
+    committed: watch::Sender<()>,
+}
+
 /// Work for the writer task, done in the order queued.
 enum Job {
     Put {
@@ -120,7 +149,11 @@ impl EmbeddedStore {
             .journal_mode(SqliteJournalMode::Wal)
             // NORMAL under WAL: a crash never corrupts, and the last commits survive a process crash; only a
             // power loss can take the most recent ones.
-            .synchronous(SqliteSynchronous::Normal);
+            .synchronous(SqliteSynchronous::Normal)
+            // Checkpoints are the checkpointer's (see the module's documentation); a WAL file that grew past
+            // this is cut back to it when it starts over.
+            .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", (32 << 20).to_string());
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             // A file handle in this process: no ping before each use (see `db::connect`).
@@ -135,10 +168,24 @@ impl EmbeddedStore {
         .execute(&pool)
         .await
         .map_err(backend)?;
-        let connection = options.connect().await.map_err(backend)?;
+        let file = File {
+            connection: options.connect().await.map_err(backend)?,
+            turn: Arc::default(),
+            committed: watch::channel(()).0,
+        };
+        let checkpointer = Checkpointer {
+            // While it holds the writer back, it waits this long at most for readers to leave the WAL.
+            connection: (options.clone().busy_timeout(READERS_PATIENCE))
+                .connect()
+                .await
+                .map_err(backend)?,
+            turn: file.turn.clone(),
+            commits: file.committed.subscribe(),
+        };
         let memory = Arc::new(Mutex::new(Memory::default()));
         let (writer, jobs) = mpsc::unbounded_channel();
-        tokio::spawn(write_loop(connection, jobs, memory.clone()));
+        tokio::spawn(write_loop(file, jobs, memory.clone()));
+        tokio::spawn(checkpointer.run());
         Ok(Self { pool, memory, writer })
     }
 
@@ -304,11 +351,7 @@ impl ShadowStore for EmbeddedStore {
 }
 
 /// Commits the queued writes: consecutive puts as one statement, a purge on its own, in queue order.
-async fn write_loop(
-    mut connection: SqliteConnection,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    memory: Arc<Mutex<Memory>>,
-) {
+async fn write_loop(mut file: File, mut jobs: mpsc::UnboundedReceiver<Job>, memory: Arc<Mutex<Memory>>) {
     let mut held = None;
     loop {
         let job = match held.take() {
@@ -322,12 +365,15 @@ async fn write_loop(
             Job::Purge { device, done } => {
                 // The documents go; the versions stay, so a device registered again under this id continues
                 // them (a version never goes back).
+                let turn = file.turn.lock().await;
                 let result = sqlx::query("UPDATE shadows SET document = NULL WHERE device_id = ?")
                     .bind(device.as_str())
-                    .execute(&mut connection)
+                    .execute(&mut file.connection)
                     .await
                     .map(|_| ())
                     .map_err(|e| e.to_string());
+                drop(turn);
+                file.committed.send_replace(());
                 let _ = done.send(result);
             }
             put => {
@@ -342,7 +388,10 @@ async fn write_loop(
                         Err(_) => break,
                     }
                 }
-                let result = commit(&mut connection, &batch).await;
+                let turn = file.turn.lock().await;
+                let result = commit(&mut file.connection, &batch).await;
+                drop(turn);
+                file.committed.send_replace(());
                 let mut memory = memory.lock().unwrap_or_else(|e| e.into_inner());
                 for job in &batch {
                     if let Job::Put { key, .. } = job {
@@ -363,6 +412,51 @@ async fn write_loop(
             }
         }
     }
+}
+
+/// Checkpoints the WAL (see the module's documentation).
+struct Checkpointer {
+    connection: SqliteConnection,
+    turn: Arc<tokio::sync::Mutex<()>>,
+    commits: watch::Receiver<()>,
+}
+
+impl Checkpointer {
+    /// Checkpoints after writes, at most every `CHECKPOINT_EVERY`, until the writer stops.
+    async fn run(mut self) {
+        while self.commits.changed().await.is_ok() {
+            if let Err(e) = self.checkpoint().await {
+                tracing::warn!(error = %e, "checkpointing the shadow store's WAL failed");
+            }
+            tokio::time::sleep(CHECKPOINT_EVERY).await;
+        }
+    }
+
+    async fn checkpoint(&mut self) -> Result<(), sqlx::Error> {
+        let mut frames = checkpoint(&mut self.connection, "PASSIVE").await?;
+        if frames >= RESTART_FRAMES {
+            // Catch up with what came in meanwhile, still beside the writer, so that it waits for little.
+            for _ in 0..CATCH_UP_PASSES {
+                let before = frames;
+                frames = checkpoint(&mut self.connection, "PASSIVE").await?;
+                if frames - before <= CAUGHT_UP_FRAMES {
+                    break;
+                }
+            }
+            // The rest is copied, and the WAL started over, while the writer waits.
+            let _turn = self.turn.lock().await;
+            checkpoint(&mut self.connection, "RESTART").await?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one checkpoint in `mode`; returns the frames the WAL had.
+async fn checkpoint(connection: &mut SqliteConnection, mode: &str) -> Result<i64, sqlx::Error> {
+    let row = sqlx::query(&format!("PRAGMA wal_checkpoint({mode})"))
+        .fetch_one(&mut *connection)
+        .await?;
+    row.try_get(1)
 }
 
 /// Writes every shadow of the batch (the last write of each) in one statement.
