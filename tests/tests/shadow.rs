@@ -6,6 +6,14 @@ use std::time::Duration;
 use antumbra_e2e::{eventually, mosquitto, paho, paho_connected, sub, DeviceFiles, Server};
 use serde_json::{json, Value};
 
+// shadow-bench's lean MQTT client: it writes as fast as the socket takes bytes, which no stock client here does.
+#[path = "../src/bench/client.rs"]
+#[allow(dead_code)]
+mod client;
+#[path = "../src/bench/packet.rs"]
+#[allow(dead_code)]
+mod packet;
+
 const TOKEN: &str = "shadow-e2e-admin-token-0123456789";
 
 fn start(dir: &std::path::Path) -> Server {
@@ -227,6 +235,88 @@ fn an_online_device_gets_the_delta_at_once_and_reporting_it_clears_it() {
     let doc: Value = server.get_json(TOKEN, "/v1/devices/purifier-1/shadow");
     assert!(doc["state"].get("delta").is_none(), "{doc}");
     assert_eq!(doc["state"]["reported"]["fan"], 3);
+}
+
+/// A device whose requests arrive faster than its session answers them still gets answers while it keeps
+/// sending. The session reads before it writes, and it used to write only once the device's socket ran dry: a
+/// device streaming updates (or a machine too busy for its devices) got every reply at once, when it paused.
+#[test]
+fn a_device_streaming_updates_gets_replies_while_it_streams() {
+    /// How long the device streams, and how fast: far above what one session answers (each update waits for
+    /// its write to the store), so that its socket never runs dry.
+    const STREAM_FOR: Duration = Duration::from_secs(6);
+    const BURST: usize = 100;
+    const EVERY: Duration = Duration::from_millis(10);
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "streamer-1", dir.path());
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    let tls = client::tls_config(&read(&d.ca), &read(&d.cert), &read(&d.key)).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.mqtts_port));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (sent, answered, first) = runtime.block_on(async {
+        let (mut reader, mut writer) = client::connect(addr, tls, "streamer-1", 60).await.unwrap();
+        client::subscribe(
+            &mut reader,
+            &mut writer,
+            "devices/streamer-1/shadow/update/accepted",
+            0,
+        )
+        .await
+        .unwrap();
+        let mut stream = tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut seq = 0usize;
+            while start.elapsed() < STREAM_FOR {
+                for _ in 0..BURST {
+                    seq += 1;
+                    let request =
+                        format!(r#"{{"state":{{"reported":{{"seq":{seq}}}}},"clientToken":"{seq}"}}"#);
+                    packet::publish_payload(
+                        &mut writer.buf,
+                        "devices/streamer-1/shadow/update",
+                        0,
+                        0,
+                        request.as_bytes(),
+                    );
+                }
+                writer.send().await.unwrap();
+                tokio::time::sleep(EVERY).await;
+            }
+            seq
+        });
+        // The replies that come while the device is still streaming.
+        let mut answered = 0usize;
+        let mut first = None;
+        loop {
+            tokio::select! {
+                sent = &mut stream => return (sent.unwrap(), answered, first),
+                packet = reader.next() => {
+                    if let packet::Packet::Publish { topic, payload, .. } = packet.unwrap() {
+                        if topic.ends_with(b"/update/accepted") {
+                            answered += 1;
+                            first.get_or_insert_with(|| serde_json::from_slice::<Value>(&payload).unwrap());
+                        }
+                    }
+                }
+            }
+        }
+    });
+    assert!(
+        answered > 0,
+        "none of {sent} updates was answered while the device streamed them"
+    );
+    let first = first.unwrap();
+    assert_eq!(first["clientToken"], "1", "{first}");
+    // The session was behind (its socket did not run dry), or this shows nothing: a second of updates at least.
+    assert!(
+        answered + BURST * 100 < sent,
+        "{answered} of {sent} updates answered while streaming: the session kept up"
+    );
 }
 
 #[test]

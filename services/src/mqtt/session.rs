@@ -521,6 +521,45 @@ impl Link {
     }
 }
 
+/// How long what the router has for a device may wait while the device's packets keep the session reading.
+const DELIVERY_DUE: Duration = Duration::from_millis(20);
+
+/// Writes to the device the router's notification `first` and every one already queued behind it; asks the
+/// router for more when it said it would wait to be asked.
+async fn deliver<S>(
+    door: &FrontDoor,
+    codec: &mut Codec,
+    io: &mut S,
+    link: &mut Link,
+    first: Option<Notification>,
+) -> Option<End>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut unschedule = false;
+    let mut packets = Vec::new();
+    let mut pending = first;
+    loop {
+        match pending {
+            Some(Notification::Unschedule) => unschedule = true,
+            Some(note) => packets.extend(Option::<Packet>::from(note)),
+            None => {}
+        }
+        match link.rx.next().now_or_never() {
+            Some(Ok(Some(next))) => pending = Some(next),
+            _ => break,
+        }
+    }
+    if !packets.is_empty() && link.write(door, codec, io, packets).await.is_err() {
+        return Some(End::Network);
+    }
+    // Boxed: its future carries a whole router event, and the session's state lives as long as the device.
+    if unschedule && Box::pin(link.rx.wake()).await.is_err() {
+        return Some(End::RouterClosed);
+    }
+    None
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run<S>(
     door: &FrontDoor,
@@ -541,6 +580,8 @@ where
     // One timer for the session, moved on only when it fires early: a new `sleep_until` on every turn of the
     // loop registered and removed a timer entry per packet.
     let mut last_read = Instant::now();
+    // When the router's notifications last had their turn.
+    let mut delivered = last_read;
     let keep_alive_timer = sleep_until(last_read + period);
     tokio::pin!(keep_alive_timer);
     loop {
@@ -568,6 +609,23 @@ where
                 if let Some(end) = handle_read(door, device, codec, buf, link, n).await {
                     return end;
                 }
+                // Reads come first in this loop, so while the device's packets arrive faster than they are
+                // handled (a busy machine, a device streaming) the read branch is always ready, and what the router
+                // has for the device waited until the device paused: seconds, every reply at once. Past
+                // `DELIVERY_DUE` since the router's last turn, what it has goes out before the next read. Not after
+                // every read: the deliveries then leave a few at a time, a write and a TLS record each.
+                if last_read.duration_since(delivered) >= DELIVERY_DUE {
+                    delivered = last_read;
+                    match link.rx.next().now_or_never() {
+                        Some(Ok(first)) => {
+                            if let Some(end) = deliver(door, codec, io, link, first).await {
+                                return end;
+                            }
+                        }
+                        Some(Err(_)) => return End::RouterClosed,
+                        None => {}
+                    }
+                }
             }
             _ = &mut keep_alive_timer => {
                 let due = last_read + period;
@@ -577,30 +635,12 @@ where
                 keep_alive_timer.as_mut().reset(due);
             }
             note = link.rx.next() => {
-                let first = match note {
-                    Err(_) => return End::RouterClosed,
-                    Ok(first) => first,
-                };
-                let mut unschedule = false;
-                let mut packets = Vec::new();
-                let mut pending = first;
-                loop {
-                    match pending {
-                        Some(Notification::Unschedule) => unschedule = true,
-                        Some(note) => packets.extend(Option::<Packet>::from(note)),
-                        None => {}
-                    }
-                    match link.rx.next().now_or_never() {
-                        Some(Ok(Some(next))) => pending = Some(next),
-                        _ => break,
-                    }
-                }
-                if !packets.is_empty() && link.write(door, codec, io, packets).await.is_err() {
-                    return End::Network;
-                }
-                // Boxed: its future carries a whole router event, and this loop's state lives as long as the device.
-                if unschedule && Box::pin(link.rx.wake()).await.is_err() {
+                let Ok(first) = note else {
                     return End::RouterClosed;
+                };
+                delivered = Instant::now();
+                if let Some(end) = deliver(door, codec, io, link, first).await {
+                    return end;
                 }
             }
         }
