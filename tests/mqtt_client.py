@@ -14,7 +14,8 @@ Modes:
              --subscribe is given, publish --payload to --topic at QoS 1, print what comes back (or "nothing")
   request    connect, subscribe to --reply (a filter), publish --payload to --topic at --qos, print the first
              --count messages that arrive on --reply ("<topic> <payload>"), exit 3 on --timeout
-  loopback   connect, subscribe to --topic, publish --count messages to it at --qos, exit 0 when all came back
+  loopback   connect, subscribe to --topic at --qos, publish --count messages to it (at --pub-qos, default
+             --qos), exit 0 when all came back; prints the QoS levels they came at
 Exit code 2 with "refused <rc>" when the server refuses the connection.
 """
 import argparse
@@ -42,6 +43,7 @@ def main():
     p.add_argument("--topic")
     p.add_argument("--payload", default="")
     p.add_argument("--qos", type=int, default=0)
+    p.add_argument("--pub-qos", type=int, help="loopback: publish at this QoS (default: --qos)")
     p.add_argument("--retain", action="store_true")
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--timeout", type=float, default=10)
@@ -174,8 +176,9 @@ def main():
         done = threading.Event()
         c.subscribe(a.topic, qos=a.qos)
         time.sleep(0.3)
+        pub_qos = a.qos if a.pub_qos is None else a.pub_qos
         for i in range(a.count):
-            c.publish(a.topic, f"{a.payload}{i}", qos=a.qos)
+            c.publish(a.topic, f"{a.payload}{i}", qos=pub_qos)
         deadline = time.time() + a.timeout
         while len(received) < a.count and time.time() < deadline and not dropped.is_set():
             time.sleep(0.02)

@@ -464,6 +464,38 @@ fn device_requests_get_accepted_or_rejected_with_aws_codes() {
     );
 }
 
+/// Shadow messages go at QoS 1, as AWS IoT sends them, so each subscription gets them at the lower of 1 and its
+/// own QoS (a plain `mosquitto_sub -q 0` at 0, `-q 2` at 1).
+#[test]
+fn shadow_messages_come_at_the_lower_of_qos_1_and_the_subscriptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "qos-lamp", dir.path());
+    for (sub_qos, delivered) in [("0", "0"), ("1", "1"), ("2", "1")] {
+        let mut listener = sub(
+            &server,
+            &d,
+            "devices/qos-lamp/shadow/update/delta",
+            1,
+            15,
+            &["-q", sub_qos, "-F", "%q %t %p"],
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        patch(
+            &server,
+            "qos-lamp",
+            json!({"state": {"desired": {"level": sub_qos}}}),
+        );
+        let out = listener.output(Duration::from_secs(20));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "subscribed at {sub_qos}: {stdout}");
+        assert!(
+            stdout.starts_with(&format!("{delivered} devices/qos-lamp/shadow/update/delta ")),
+            "subscribed at {sub_qos}, expected the delta at {delivered}: {stdout}"
+        );
+    }
+}
+
 #[test]
 fn a_device_cannot_touch_another_devices_shadow() {
     let dir = tempfile::tempdir().unwrap();

@@ -317,7 +317,8 @@ fn outgoing_packet(message: Outgoing) -> Packet {
         bytes::Bytes::from(message.payload),
         false,
     );
-    Packet::Publish(publish, None)
+    // QoS 1, as AWS IoT sends shadow messages; delivered at the lower of that and the subscription's QoS.
+    Packet::Publish(publish.from_platform(rumqttd::protocol::QoS::AtLeastOnce), None)
 }
 
 /// Hands packets to the router: all but the last through the link's buffer, the last with one notification.

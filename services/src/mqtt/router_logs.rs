@@ -88,7 +88,8 @@ async fn a_persistent_session_gets_its_unacked_and_offline_messages_after_the_lo
         .unwrap();
     subscribe(&mut tx, &mut rx, "devices/dev-a/#", QoS::AtLeastOnce).await;
     for payload in ["m1", "m2", "m3"] {
-        let publish = Publish::new("devices/dev-a/inbox", payload, false);
+        // At QoS 1, as the platform publishes (delivered at the lower of that and the subscription's).
+        let publish = Publish::new("devices/dev-a/inbox", payload, false).from_platform(QoS::AtLeastOnce);
         platform.send(Packet::Publish(publish, None)).await.unwrap();
     }
     let mut got = Vec::new();
@@ -109,7 +110,8 @@ async fn a_persistent_session_gets_its_unacked_and_offline_messages_after_the_lo
     detach(&mut tx, &mut rx).await;
 
     for payload in ["offline-1", "offline-2"] {
-        let publish = Publish::new("devices/dev-a/inbox", payload, false);
+        // At QoS 1, as the platform publishes (delivered at the lower of that and the subscription's).
+        let publish = Publish::new("devices/dev-a/inbox", payload, false).from_platform(QoS::AtLeastOnce);
         platform.send(Packet::Publish(publish, None)).await.unwrap();
     }
     let_the_router_trim(&mut platform).await;

@@ -733,7 +733,12 @@ fn publish_will(
     will: LastWill,
     props: Option<LastWillProperties>,
 ) {
-    let packet = Packet::Publish(Publish::new(will.topic, will.message, will.retain), None);
+    // At the will's QoS: delivered at the lower of that and each subscription's.
+    let qos = will.qos;
+    let packet = Packet::Publish(
+        Publish::new(will.topic, will.message, will.retain).from_platform(qos),
+        None,
+    );
     let delay = props.and_then(|p| p.delay_interval).unwrap_or(0);
     if delay == 0 {
         let _ = door.platform.send(packet);

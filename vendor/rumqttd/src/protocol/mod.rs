@@ -191,6 +191,15 @@ impl Publish {
         }
     }
 
+    /// Antumbra: this publish, of the embedding platform's own, at `qos`. Its packet id is 0, which no client
+    /// can send with QoS 1 or 2: the router stores it without acknowledging it, and delivers it at the lower of
+    /// `qos` and each subscription's QoS (`ANTUMBRA.md`, item 14).
+    pub fn from_platform(mut self, qos: QoS) -> Publish {
+        self.qos = qos;
+        self.pkid = 0;
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
         false
     }

@@ -645,6 +645,10 @@ impl Router {
 
                     let qos = publish.qos;
                     let pkid = publish.pkid;
+                    // Antumbra: QoS 1 or 2 with packet id 0 is the platform's own publish (shadow replies, wills):
+                    // the wire decoder refuses packet id 0 with QoS > 0. It is stored at its QoS, for delivery
+                    // at the lower of that and each subscription's, and nothing acknowledges it.
+                    let platform = qos != QoS::AtMostOnce && pkid == 0;
 
                     // Prepare acks for the above publish
                     // If any of the publish in the batch results in force flush,
@@ -661,6 +665,7 @@ impl Router {
                     // multiple commit logs.
 
                     match qos {
+                        _ if platform => {}
                         QoS::AtLeastOnce => {
                             let puback = PubAck {
                                 pkid,
@@ -1655,7 +1660,9 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // Antumbra: delivered at the lower of the publish's QoS and the subscription's (MQTT 3.1.1 §3.8.4,
+            // MQTT 5 §3.8.4); rumqttd used the subscription's.
+            publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
