@@ -615,28 +615,30 @@ where
                 // `DELIVERY_DUE` since the router's last turn, when the device has sent more already, what the
                 // router has goes out before that is handled. Only then: when nothing more is waiting, the loop
                 // gives the router its turn anyway, with all it has by then (one write; taking its notifications
-                // after every read sent them a few at a time, and cost a fifth of the saturated rate).
-                while last_read.duration_since(delivered) >= DELIVERY_DUE {
-                    let Some(read) = io.read_buf(buf).now_or_never() else {
-                        break;
-                    };
-                    let n = match read {
-                        Ok(0) | Err(_) => return End::Network,
-                        Ok(n) => n,
-                    };
-                    delivered = Instant::now();
-                    match link.rx.next().now_or_never() {
-                        Some(Ok(first)) => {
-                            if let Some(end) = deliver(door, codec, io, link, first).await {
-                                return end;
-                            }
+                // after every read sent them a few at a time, and cost a fifth of the saturated rate). Once per
+                // turn of the loop, so that a kick is still seen between reads.
+                if Instant::now().duration_since(delivered) >= DELIVERY_DUE {
+                    if let Some(read) = io.read_buf(buf).now_or_never() {
+                        let n = match read {
+                            Ok(0) | Err(_) => return End::Network,
+                            Ok(n) => n,
+                        };
+                        delivered = Instant::now();
+                        let ended = match link.rx.next().now_or_never() {
+                            Some(Ok(first)) => deliver(door, codec, io, link, first).await,
+                            Some(Err(_)) => Some(End::RouterClosed),
+                            None => None,
+                        };
+                        last_read = Instant::now();
+                        seen.touch();
+                        // The bytes read come first even when the write failed: a DISCONNECT among them ends the
+                        // session as the device asked (no will).
+                        if let Some(end) = handle_read(door, device, codec, buf, link, n).await {
+                            return end;
                         }
-                        Some(Err(_)) => return End::RouterClosed,
-                        None => {}
-                    }
-                    last_read = Instant::now();
-                    if let Some(end) = handle_read(door, device, codec, buf, link, n).await {
-                        return end;
+                        if let Some(end) = ended {
+                            return end;
+                        }
                     }
                 }
             }

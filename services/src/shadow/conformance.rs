@@ -540,7 +540,7 @@ async fn the_embedded_store_reads_back_every_acknowledged_write() {
     assert_eq!((deleted.document, deleted.version), (None, 10));
 }
 
-/// Under writes that never pause, the embedded store's WAL still starts over (its checkpoints never run inside a
+/// Under writes that never pause, the embedded store's WAL still starts over (about 100 MiB of it without) (its checkpoints never run inside a
 /// commit, and a passive checkpoint alone never lets it start over while writes keep coming).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_stores_wal_stays_bounded_under_continuous_writes() {
@@ -588,7 +588,7 @@ async fn the_embedded_stores_wal_stays_bounded_under_continuous_writes() {
     writing.store(false, std::sync::atomic::Ordering::SeqCst);
     let largest = watcher.await.unwrap();
     assert!(
-        largest > 0 && largest < 48 << 20,
+        largest > 0 && largest < 72 << 20,
         "the WAL reached {} MiB",
         largest >> 20
     );

@@ -12,7 +12,8 @@
 //! automatic checkpoint runs in the commit that crosses its threshold: it copies up to 1,000 pages and syncs
 //! both files while every update queued behind that commit waits (milliseconds on a quiet disk, seconds on a
 //! busy one). A passive checkpoint copies while the writer goes on. But the WAL only starts over once it is
-//! wholly copied with no write in between, which continuous writes never allow; so past `RESTART_FRAMES` the
+//! wholly copied with no write in between, which continuous writes never allow; so past `RESTART_FRAMES`,
+//! once its passive checkpoints have caught up with the writer (or the WAL reached `WAL_LIMIT_FRAMES`), the
 //! checkpointer holds the writer back for one last checkpoint of what came in meanwhile, and starts the WAL
 //! over.
 
@@ -44,6 +45,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 /// WAL frames (pages) past which the checkpointer holds the writer back to start the WAL over (16 MiB with
 /// SQLite's 4 KiB pages). Below it, the WAL starts over by itself whenever the writes pause.
 const RESTART_FRAMES: i64 = 4_096;
+/// WAL frames past which the writer is held back for a RESTART even when the passive checkpoints could not
+/// catch up with it (64 MiB).
+const WAL_LIMIT_FRAMES: i64 = 16_384;
 /// Passive checkpoints, at most, to catch up with the writer before holding it back.
 const CATCH_UP_PASSES: usize = 3;
 /// New frames after a passive checkpoint few enough to copy while the writer waits.
@@ -434,15 +438,25 @@ impl Checkpointer {
 
     async fn checkpoint(&mut self) -> Result<(), sqlx::Error> {
         let mut frames = checkpoint(&mut self.connection, "PASSIVE").await?;
-        if frames >= RESTART_FRAMES {
-            // Catch up with what came in meanwhile, still beside the writer, so that it waits for little.
-            for _ in 0..CATCH_UP_PASSES {
-                let before = frames;
-                frames = checkpoint(&mut self.connection, "PASSIVE").await?;
-                if frames - before <= CAUGHT_UP_FRAMES {
-                    break;
-                }
+        if frames < RESTART_FRAMES {
+            return Ok(());
+        }
+        // Catch up with what came in meanwhile, still beside the writer, so that it waits for little.
+        let mut caught_up = false;
+        for _ in 0..CATCH_UP_PASSES {
+            let before = frames;
+            frames = checkpoint(&mut self.connection, "PASSIVE").await?;
+            if frames < before {
+                // The WAL started over by itself (the writes paused).
+                return Ok(());
             }
+            if frames - before <= CAUGHT_UP_FRAMES {
+                caught_up = true;
+                break;
+            }
+        }
+        // Not caught up: try again next time, unless the WAL has grown past its bound.
+        if caught_up || frames >= WAL_LIMIT_FRAMES {
             // The rest is copied, and the WAL started over, while the writer waits.
             let _turn = self.turn.lock().await;
             checkpoint(&mut self.connection, "RESTART").await?;
