@@ -120,6 +120,10 @@ pub struct ServeArgs {
     /// leaves; MQTT 5 clients may ask for less; 0 keeps none [default: 3600].
     #[arg(long, env = "ANTUMBRA_MQTT_SESSION_EXPIRY_SECS")]
     pub mqtt_session_expiry_secs: Option<u32>,
+    /// Seconds a write to a device may wait for the device to read it; a session whose device stops reading
+    /// ends then [default: 60].
+    #[arg(long, env = "ANTUMBRA_MQTT_WRITE_TIMEOUT_SECS")]
+    pub mqtt_write_timeout_secs: Option<u32>,
     /// Largest shadow state (desired + reported, serialized), in bytes [default: 65536].
     #[arg(long, env = "ANTUMBRA_SHADOW_MAX_STATE_BYTES")]
     pub shadow_max_state_bytes: Option<usize>,
@@ -179,6 +183,7 @@ pub struct FileConfig {
     mqtt_max_connections: Option<usize>,
     mqtt_max_packet_bytes: Option<usize>,
     mqtt_session_expiry_secs: Option<u32>,
+    mqtt_write_timeout_secs: Option<u32>,
     shadow_max_state_bytes: Option<usize>,
     shadow_max_depth: Option<usize>,
     shadow_max_client_token: Option<usize>,
@@ -315,6 +320,14 @@ impl Settings {
         if let Some(secs) = args.mqtt_session_expiry_secs.or(file.mqtt_session_expiry_secs) {
             mqtt.session_expiry = std::time::Duration::from_secs(u64::from(secs));
         }
+        if let Some(secs) = args.mqtt_write_timeout_secs.or(file.mqtt_write_timeout_secs) {
+            if secs == 0 {
+                return Err(ConfigError::Invalid(
+                    "mqtt_write_timeout_secs must be at least 1".into(),
+                ));
+            }
+            mqtt.write_timeout = std::time::Duration::from_secs(u64::from(secs));
+        }
         let mut shadow_limits = crate::shadow::request::Limits::default();
         if let Some(n) = args.shadow_max_state_bytes.or(file.shadow_max_state_bytes) {
             if n < 8 * 1024 {
@@ -437,6 +450,11 @@ mod tests {
             Settings::layer(ServeArgs::default(), public_plain).is_err(),
             "plain MQTT binds loopback only"
         );
+        let no_write_timeout = file("mqtt_write_timeout_secs = 0");
+        assert!(Settings::layer(ServeArgs::default(), no_write_timeout).is_err());
+        let write_timeout = file("mqtt_write_timeout_secs = 5");
+        let settings = Settings::layer(ServeArgs::default(), write_timeout).unwrap();
+        assert_eq!(settings.mqtt.write_timeout, std::time::Duration::from_secs(5));
     }
 
     #[test]

@@ -11,6 +11,14 @@ use serde_json::Value;
 
 const TOKEN: &str = "mqtt-e2e-admin-token-0123456789";
 
+// shadow-bench's lean MQTT client: it can write without ever reading, which no stock client here does.
+#[path = "../src/bench/client.rs"]
+#[allow(dead_code)]
+mod client;
+#[path = "../src/bench/packet.rs"]
+#[allow(dead_code)]
+mod packet;
+
 fn start(dir: &Path) -> Server {
     start_with(dir, &[])
 }
@@ -849,4 +857,50 @@ fn a_reconnecting_device_resumes_its_tls_session_and_keeps_its_identity() {
     assert!(text.contains("Reused, TLSv1.3"), "not resumed: {text}");
     assert!(connack(&second), "resumed session refused: {text}");
     assert_eq!(status(&server, "resumer-1")["session"], 2);
+}
+
+/// A device that stops reading while it is sent messages is disconnected once a write to it has waited
+/// `--mqtt-write-timeout-secs`: its session no longer waits for ever, unable to read, time out or be kicked.
+#[test]
+fn a_device_that_stops_reading_is_disconnected_after_the_write_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), &["--mqtt-write-timeout-secs", "2"]);
+    let d = server.register(TOKEN, "deaf-1", dir.path());
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let tls = client::tls_config(&read(&d.ca), &read(&d.cert), &read(&d.key)).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.mqtts_port));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (reader, flood) = runtime.block_on(async {
+        let (mut reader, mut writer) = client::connect(addr, tls, "deaf-1", 60).await.unwrap();
+        client::subscribe(&mut reader, &mut writer, "devices/deaf-1/echo", 0)
+            .await
+            .unwrap();
+        // Its own messages come back to it, and it never reads them: the socket buffers fill, then the
+        // session's write to it waits.
+        let payload = vec![b'x'; 16 * 1024];
+        let flood = tokio::spawn(async move {
+            for _ in 0..4_000 {
+                packet::publish_payload(&mut writer.buf, "devices/deaf-1/echo", 0, 0, &payload);
+                if writer.send().await.is_err() {
+                    return;
+                }
+            }
+        });
+        (reader, flood)
+    });
+    let online = |v: &Value| v["online"] == true;
+    assert!(
+        online(&status(&server, "deaf-1")),
+        "{}",
+        status(&server, "deaf-1")
+    );
+    let gone = eventually(Duration::from_secs(40), || !online(&status(&server, "deaf-1")));
+    flood.abort();
+    drop(reader);
+    assert!(gone, "still online: {}", status(&server, "deaf-1"));
+    assert!(server.wait_for_log("stopped reading", Duration::from_secs(5)));
 }

@@ -62,6 +62,9 @@ pub struct MqttSettings {
     /// Longest a persistent session is kept after its client leaves (MQTT 3.1.1 `clean_session` 0: always this
     /// long; MQTT 5: what the client asks, up to this).
     pub session_expiry: Duration,
+    /// Longest a write to a device may wait for the device to take it (a client that stops reading); past it the
+    /// session ends as a network error.
+    pub write_timeout: Duration,
 }
 
 impl Default for MqttSettings {
@@ -73,6 +76,7 @@ impl Default for MqttSettings {
             connect_timeout: Duration::from_secs(10),
             // AWS IoT Core's default.
             session_expiry: Duration::from_secs(3600),
+            write_timeout: Duration::from_secs(60),
         }
     }
 }

@@ -486,8 +486,23 @@ impl Link {
                 .map_err(std::io::Error::other)?;
         }
         let bytes = self.bytes_out.len() as u64;
-        io.write_all(&self.bytes_out).await?;
-        io.flush().await?;
+        // Bounded: while it waits, the session reads nothing and sees no kick, so a device that stops reading
+        // would hold it for ever.
+        let written = timeout(door.settings.write_timeout, async {
+            io.write_all(&self.bytes_out).await?;
+            io.flush().await
+        })
+        .await;
+        match written {
+            Ok(result) => result?,
+            Err(_) => {
+                tracing::info!(
+                    timeout_secs = door.settings.write_timeout.as_secs(),
+                    "the device stopped reading what it is sent"
+                );
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+        }
         self.bytes_out.clear();
         if self.bytes_out.capacity() > 64 * 1024 {
             self.bytes_out = BytesMut::with_capacity(256);
