@@ -277,10 +277,7 @@ fn session_expiry(
     if version != Version::V5 {
         return (if clean { Duration::ZERO } else { max }, None);
     }
-    let asked = match asked.unwrap_or(0) {
-        u32::MAX => Duration::MAX,
-        secs => Duration::from_secs(u64::from(secs)),
-    };
+    let asked = rumqttd::protocol::session_expiry(asked.unwrap_or(0));
     if asked <= max {
         (asked, None)
     } else {

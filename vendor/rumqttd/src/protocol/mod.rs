@@ -604,6 +604,15 @@ pub fn qos(num: u8) -> Option<QoS> {
     }
 }
 
+/// Antumbra: an MQTT 5 Session Expiry Interval (seconds) as a duration; `u32::MAX` means the session never
+/// expires (§3.1.2.11.2), in a CONNECT and in a DISCONNECT alike.
+pub fn session_expiry(secs: u32) -> std::time::Duration {
+    match secs {
+        u32::MAX => std::time::Duration::MAX,
+        secs => std::time::Duration::from_secs(u64::from(secs)),
+    }
+}
+
 /// Checks if a topic or topic filter has wildcards
 pub fn has_wildcards(s: &str) -> bool {
     s.contains('+') || s.contains('#')

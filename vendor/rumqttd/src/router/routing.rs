@@ -962,11 +962,7 @@ impl Router {
                     if let Some(secs) = properties.and_then(|p| p.session_expiry_interval) {
                         if let Some(connection) = self.connections.get_mut(id) {
                             if connection.session_expiry.is_some() {
-                                // u32::MAX is "never expires" (MQTT 5 §3.1.2.11.2), as at CONNECT.
-                                connection.session_expiry = Some(match secs {
-                                    u32::MAX => Duration::MAX,
-                                    secs => Duration::from_secs(u64::from(secs)),
-                                });
+                                connection.session_expiry = Some(protocol::session_expiry(secs));
                             }
                         }
                     }
