@@ -8,7 +8,7 @@ use std::time::Duration;
 use antumbra_wire::DeviceId;
 use bytes::BytesMut;
 use futures_util::FutureExt;
-use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectProperties, DisconnectReasonCode,
     LastWill, LastWillProperties, Packet, Publish,
@@ -536,21 +536,23 @@ impl Link {
 /// How long what the router has for a device may wait while the device's packets keep the session reading.
 const DELIVERY_DUE: Duration = Duration::from_millis(20);
 
-/// Writes to the device the router's notification `first` and every one already queued behind it; asks the
-/// router for more when it said it would wait to be asked.
+/// Writes to the device the router's notification `note` (`LinkRx::next`'s answer) and every one already
+/// queued behind it; asks the router for more when it said it would wait to be asked.
 async fn deliver<S>(
     door: &FrontDoor,
     codec: &mut Codec,
     io: &mut S,
     link: &mut Link,
-    first: Option<Notification>,
+    note: Result<Option<Notification>, LinkError>,
 ) -> Option<End>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let Ok(mut pending) = note else {
+        return Some(End::RouterClosed);
+    };
     let mut unschedule = false;
     let mut packets = Vec::new();
-    let mut pending = first;
     loop {
         match pending {
             Some(Notification::Unschedule) => unschedule = true,
@@ -637,8 +639,7 @@ where
                         };
                         delivered = Instant::now();
                         let ended = match link.rx.next().now_or_never() {
-                            Some(Ok(first)) => deliver(door, codec, io, link, first).await,
-                            Some(Err(_)) => Some(End::RouterClosed),
+                            Some(note) => deliver(door, codec, io, link, note).await,
                             None => None,
                         };
                         last_read = Instant::now();
@@ -662,11 +663,8 @@ where
                 keep_alive_timer.as_mut().reset(due);
             }
             note = link.rx.next() => {
-                let Ok(first) = note else {
-                    return End::RouterClosed;
-                };
                 delivered = Instant::now();
-                if let Some(end) = deliver(door, codec, io, link, first).await {
+                if let Some(end) = deliver(door, codec, io, link, note).await {
                     return end;
                 }
             }

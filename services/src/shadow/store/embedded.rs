@@ -130,6 +130,24 @@ struct File {
     committed: watch::Sender<()>,
 }
 
+impl File {
+    /// Runs one write in its turn (see [`Checkpointer`]) and tells the checkpointer.
+    async fn write<'q>(
+        &mut self,
+        query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> Result<(), String> {
+        let turn = self.turn.lock().await;
+        let result = query
+            .execute(&mut self.connection)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        drop(turn);
+        self.committed.send_replace(());
+        result
+    }
+}
+
 /// Work for the writer task, done in the order queued.
 enum Job {
     Put {
@@ -369,15 +387,12 @@ async fn write_loop(mut file: File, mut jobs: mpsc::UnboundedReceiver<Job>, memo
             Job::Purge { device, done } => {
                 // The documents go; the versions stay, so a device registered again under this id continues
                 // them (a version never goes back).
-                let turn = file.turn.lock().await;
-                let result = sqlx::query("UPDATE shadows SET document = NULL WHERE device_id = ?")
-                    .bind(device.as_str())
-                    .execute(&mut file.connection)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
-                drop(turn);
-                file.committed.send_replace(());
+                let result = file
+                    .write(
+                        sqlx::query("UPDATE shadows SET document = NULL WHERE device_id = ?")
+                            .bind(device.as_str()),
+                    )
+                    .await;
                 let _ = done.send(result);
             }
             put => {
@@ -392,10 +407,7 @@ async fn write_loop(mut file: File, mut jobs: mpsc::UnboundedReceiver<Job>, memo
                         Err(_) => break,
                     }
                 }
-                let turn = file.turn.lock().await;
-                let result = commit(&mut file.connection, &batch).await;
-                drop(turn);
-                file.committed.send_replace(());
+                let result = commit(&mut file, &batch).await;
                 let mut memory = memory.lock().unwrap_or_else(|e| e.into_inner());
                 for job in &batch {
                     if let Job::Put { key, .. } = job {
@@ -474,7 +486,7 @@ async fn checkpoint(connection: &mut SqliteConnection, mode: &str) -> Result<i64
 }
 
 /// Writes every shadow of the batch (the last write of each) in one statement.
-async fn commit(connection: &mut SqliteConnection, batch: &[Job]) -> Result<(), String> {
+async fn commit(file: &mut File, batch: &[Job]) -> Result<(), String> {
     let mut last: HashMap<&ShadowKey, (u64, Option<&str>)> = HashMap::with_capacity(batch.len());
     for job in batch {
         if let Job::Put {
@@ -497,9 +509,5 @@ async fn commit(connection: &mut SqliteConnection, batch: &[Job]) -> Result<(), 
             .bind(*text)
             .bind(*version as i64);
     }
-    query
-        .execute(&mut *connection)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    file.write(query).await
 }
