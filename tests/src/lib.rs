@@ -256,9 +256,29 @@ impl DeviceFiles {
             serial: body["certificate"]["serial"].as_str().unwrap().to_owned(),
         }
     }
+
+    /// The CA, certificate and key PEMs, read back from their files.
+    pub fn pems(&self) -> (String, String, String) {
+        let read = |path: &Path| std::fs::read_to_string(path).unwrap();
+        (read(&self.ca), read(&self.cert), read(&self.key))
+    }
+}
+
+/// A runtime for a test that drives async clients: two workers, as on the 2-core CI machine.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 impl Server {
+    /// The MQTT/TLS listener's address.
+    pub fn mqtts_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.mqtts_port))
+    }
+
     /// Registers a device through REST with `token` and writes its certificate, key and the CA into `dir`.
     pub fn register(&self, token: &str, id: &str, dir: &Path) -> DeviceFiles {
         let res = reqwest::blocking::Client::new()

@@ -23,7 +23,7 @@ mod servers;
 
 use std::time::Duration;
 
-use antumbra_e2e::{eventually, paho_connected, pub_, sub, DeviceFiles, Server};
+use antumbra_e2e::{eventually, paho_connected, pub_, runtime, sub, DeviceFiles, Server};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "cluster-e2e-admin-token-0123456789";
@@ -115,14 +115,6 @@ fn rand_u32() -> u32 {
 
 fn status(server: &Server, id: &str) -> Value {
     server.get_json(TOKEN, &format!("/v1/devices/{id}/status"))
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// A REST call with the admin key: status, JSON body (null when none) and how long the answer took.
@@ -278,7 +270,7 @@ fn desired_state_set_on_one_instance_while_offline_is_one_delta_when_the_device_
     let dir = tempfile::tempdir().unwrap();
     let d = c.a.register(TOKEN, "late-riser", dir.path());
     // A device already on B, its subscriptions proven by a round trip, serves as a barrier (below).
-    let runtime = rt();
+    let runtime = runtime();
     let beacon = c.a.register(TOKEN, "beacon", dir.path());
     let beacon = runtime.block_on(async {
         let device = sdk_device(c.b.mqtts_port, &beacon);

@@ -866,14 +866,10 @@ fn a_device_that_stops_reading_is_disconnected_after_the_write_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_with(dir.path(), &["--mqtt-write-timeout-secs", "2"]);
     let d = server.register(TOKEN, "deaf-1", dir.path());
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
-    let tls = client::tls_config(&read(&d.ca), &read(&d.cert), &read(&d.key)).unwrap();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.mqtts_port));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let addr = server.mqtts_addr();
+    let runtime = antumbra_e2e::runtime();
     let (reader, flood) = runtime.block_on(async {
         let (mut reader, mut writer) = client::connect(addr, tls, "deaf-1", 60).await.unwrap();
         client::subscribe(&mut reader, &mut writer, "devices/deaf-1/echo", 0)

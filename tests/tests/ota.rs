@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use antumbra_e2e::{eventually, DeviceFiles, Server};
+use antumbra_e2e::{eventually, runtime, DeviceFiles, Server};
 use antumbra_sdk::{Config, Credentials, Device, Error, JobStatus, JobStep};
 use serde_json::{json, Value};
 
@@ -94,14 +94,6 @@ async fn simulate(device: Device, fail: bool) {
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn deployment(server: &Server, id: &str) -> Value {
     api(
         server,
@@ -131,7 +123,7 @@ fn a_staged_rollout_over_fifty_devices_pauses_at_its_failure_threshold_and_cance
     register(&server, dir.path(), "esl-x2", "esl-4.2", &["fleet"]);
     let fw = firmware(&server, "2.0.0", &["esl-2.9"]);
 
-    let runtime = rt();
+    let runtime = runtime();
     let port = server.mqtts_port;
     // Wave 1 is esl-00..esl-05 (all succeed); in wave 2 (esl-06..esl-20) every even device fails.
     let failing: HashSet<usize> = (6..21).filter(|i| i % 2 == 0).collect();
@@ -287,7 +279,7 @@ fn an_offline_device_gets_its_job_on_reconnect_and_a_rollback_fails_the_job() {
     let a = register(&server, dir.path(), "pump-a", "p1", &[]);
     let b = register(&server, dir.path(), "pump-b", "p1", &[]);
     let fw = firmware(&server, "3.1.0", &["p1"]);
-    let runtime = rt();
+    let runtime = runtime();
     let port = server.mqtts_port;
 
     let device_a = runtime.block_on(async { connect(port, &a) });
@@ -399,7 +391,7 @@ fn bad_device_reports_are_rejected_and_change_nothing() {
             .to_owned()
     };
     let (job_a, job_b) = (job_of("cam-a"), job_of("cam-b"));
-    let runtime = rt();
+    let runtime = runtime();
     let port = server.mqtts_port;
     runtime.block_on(async {
         let device = connect(port, &a);
@@ -529,7 +521,7 @@ fn downgrades_are_refused_devices_time_out_and_an_abort_cancels_the_rest() {
     register(&server, dir.path(), "gw-silent-1", "g1", &[]);
     register(&server, dir.path(), "gw-silent-2", "g1", &[]);
     register(&server, dir.path(), "gw-later", "g1", &[]);
-    let runtime = rt();
+    let runtime = runtime();
     let port = server.mqtts_port;
     // gw-ahead already runs 5.0.0.
     runtime.block_on(async {

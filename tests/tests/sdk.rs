@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use antumbra_e2e::{DeviceFiles, Server};
+use antumbra_e2e::{runtime, DeviceFiles, Server};
 use antumbra_sdk::{Config, Credentials, Device, Error};
 use serde_json::{json, Value};
 
@@ -48,21 +48,13 @@ fn patch(base: &str, id: &str, body: Value) -> Value {
     res.json().unwrap()
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn live_deltas_reports_and_typed_errors() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path(), "127.0.0.1:0", "127.0.0.1:0");
     let d = server.register(TOKEN, "thermo-1", dir.path());
     let base = server.base.clone();
-    rt().block_on(async move {
+    runtime().block_on(async move {
         let device = connect(server.mqtts_port, &d);
         device.wait_connected(Duration::from_secs(10)).await.unwrap();
         let shadow = device.shadow();
@@ -131,7 +123,7 @@ fn desired_state_set_while_offline_arrives_on_reconnect() {
         "label-7",
         json!({"state": {"desired": {"price": 3, "color": "red"}}}),
     );
-    rt().block_on(async move {
+    runtime().block_on(async move {
         let device = connect(port, &d);
         let mut deltas = device.shadow().deltas();
         let delta = tokio::time::timeout(Duration::from_secs(10), deltas.next())
@@ -160,7 +152,7 @@ fn a_server_restart_mid_session_loses_no_desired_state() {
         server.base.trim_start_matches("http://").to_owned(),
         server.mqtts_port,
     );
-    let runtime = rt();
+    let runtime = runtime();
     let device = runtime.block_on(async {
         let device = connect(mqtts, &d);
         device.wait_connected(Duration::from_secs(10)).await.unwrap();

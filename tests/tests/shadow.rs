@@ -250,14 +250,10 @@ fn a_device_streaming_updates_gets_replies_while_it_streams() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
     let d = server.register(TOKEN, "streamer-1", dir.path());
-    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
-    let tls = client::tls_config(&read(&d.ca), &read(&d.cert), &read(&d.key)).unwrap();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.mqtts_port));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let addr = server.mqtts_addr();
+    let runtime = antumbra_e2e::runtime();
     let (sent, answered, first) = runtime.block_on(async {
         let (mut reader, mut writer) = client::connect(addr, tls, "streamer-1", 60).await.unwrap();
         client::subscribe(

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use antumbra_e2e::{eventually, paho_connected, pub_, DeviceFiles, Server};
+use antumbra_e2e::{eventually, paho_connected, pub_, runtime, DeviceFiles, Server};
 use serde_json::{json, Value};
 
 use super::servers::{PrivatePostgres, PrivateRedis};
-use super::{api, cluster_on, readiness, rt, sdk_device, status, TOKEN};
+use super::{api, cluster_on, readiness, sdk_device, status, TOKEN};
 
 /// Reports `field_{i}` one by one for `duration`; returns the fields whose report was accepted.
 async fn report_for(device: &antumbra_sdk::Device, duration: Duration, start: usize) -> Vec<String> {
@@ -66,7 +66,7 @@ fn a_redis_restart_mid_traffic_loses_no_accepted_update_and_readiness_follows_it
         &env,
     );
     let d = server.register(TOKEN, "busy-1", dir.path());
-    let runtime = rt();
+    let runtime = runtime();
     let (device, traffic) = connect_and_report(&runtime, server.mqtts_port, &d, Duration::from_secs(6));
     std::thread::sleep(Duration::from_secs(2));
     redis.kill();
@@ -153,7 +153,7 @@ fn an_instance_killed_with_sigkill_loses_no_accepted_update() {
         server.base.trim_start_matches("http://").to_owned(),
         server.mqtts_port,
     );
-    let runtime = rt();
+    let runtime = runtime();
     let (_device, traffic) = connect_and_report(&runtime, port, &d, Duration::from_secs(3));
     std::thread::sleep(Duration::from_millis(1500));
     server.child.kill().unwrap();
@@ -177,7 +177,7 @@ fn postgresql_going_away_turns_readiness_red_and_rest_to_503_while_mqtt_stays_up
     let dir = tempfile::tempdir().unwrap();
     let steady = c.a.register(TOKEN, "steady", dir.path());
     let late = c.a.register(TOKEN, "late", dir.path());
-    let runtime = rt();
+    let runtime = runtime();
     let device = runtime.block_on(async {
         let device = sdk_device(c.b.mqtts_port, &steady);
         device.wait_connected(Duration::from_secs(10)).await.unwrap();

@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use antumbra_e2e::{eventually, DeviceFiles, Server};
+use antumbra_e2e::{eventually, runtime, DeviceFiles, Server};
 use serde_json::{json, Value};
 
-use super::{api, cluster, rt, sdk_device};
+use super::{api, cluster, sdk_device};
 
 /// Registers a device of hardware model `model` through `server`, writing its credentials into `dir`.
 fn register_model(server: &Server, dir: &std::path::Path, id: &str, model: &str) -> DeviceFiles {
@@ -51,7 +51,7 @@ fn a_deployment_made_on_one_instance_reaches_a_device_on_the_other_and_its_repor
     let c = cluster();
     let dir = tempfile::tempdir().unwrap();
     let d = register_model(&c.a, dir.path(), "pump-7", "pump-v2");
-    let runtime = rt();
+    let runtime = runtime();
     let (device, mut job_feed) = runtime.block_on(async {
         let device = sdk_device(c.b.mqtts_port, &d);
         device.wait_connected(Duration::from_secs(10)).await.unwrap();
@@ -122,7 +122,7 @@ fn a_staged_rollout_over_devices_on_both_instances_gives_each_device_exactly_one
     // Both instances run the rollout engine on the same deployments: a wave must still start only once.
     let c = cluster();
     let dir = tempfile::tempdir().unwrap();
-    let runtime = rt();
+    let runtime = runtime();
     let mut handles = Vec::new();
     for i in 0..6 {
         let id = format!("valve-{i}");
