@@ -11,11 +11,15 @@ Modes:
   publish    connect, publish one message, wait until it is acknowledged, disconnect
   persist    connect with --clean-session (MQTT 5: Clean Start, --session-expiry; --disconnect-expiry), print
              "session_present=<0|1>" (MQTT 5: and " session_expiry=<CONNACK's or ->"), subscribe to --topic only when
-             --subscribe is given, publish --payload to --topic at QoS 1, print what comes back (or "nothing")
+             --subscribe is given (to --reply instead when given), publish --payload to --topic at QoS 1, print the
+             first message that comes back (or "nothing")
   request    connect, subscribe to --reply (a filter), publish --payload to --topic at --qos, print the first
              --count messages that arrive on --reply ("<topic> <payload>"), exit 3 on --timeout
   loopback   connect, subscribe to --topic at --qos, publish --count messages to it (at --pub-qos, default
              --qos), exit 0 when all came back; prints the QoS levels they came at
+  steps      connect, then do each --step in order: "sub FILTER" and "unsub FILTER" (at QoS 1, waiting for the
+             broker's ack), "pub TOPIC PAYLOAD" (QoS 1), "wait N" (until N messages have arrived in all, exit 3 on
+             --timeout), "sleep SECONDS"; prints every message as subscribe does
 Exit code 2 with "refused <rc>" when the server refuses the connection.
 """
 import argparse
@@ -52,6 +56,7 @@ def main():
     p.add_argument("--disconnect-expiry", type=int, help="MQTT 5 persist: Session Expiry Interval in DISCONNECT")
     p.add_argument("--subscribe", action="store_true")
     p.add_argument("--reply")
+    p.add_argument("--step", action="append", default=[])
     a = p.parse_args()
 
     protocol = mqtt.MQTTv5 if a.v5 else mqtt.MQTTv311
@@ -144,7 +149,7 @@ def main():
             line += f" session_expiry={'-' if expiry is None else expiry}"
         print(line, flush=True)
         if a.subscribe:
-            c.subscribe(a.topic, qos=1)
+            c.subscribe(a.reply or a.topic, qos=1)
             time.sleep(0.3)
         c.publish(a.topic, a.payload, qos=1)
         deadline = time.time() + a.timeout
@@ -191,6 +196,36 @@ def main():
             return 6
         qos_seen = {m.qos for m in received}
         print(f"ok qos={sorted(qos_seen)}", flush=True)
+        return 0
+    if a.mode == "steps":
+        acked = threading.Event()
+        c.on_subscribe = lambda *args: acked.set()
+        c.on_unsubscribe = lambda *args: acked.set()
+        for step in a.step:
+            verb, _, rest = step.partition(" ")
+            if verb in ("sub", "unsub"):
+                acked.clear()
+                c.subscribe(rest, qos=1) if verb == "sub" else c.unsubscribe(rest)
+                if not acked.wait(a.timeout):
+                    print(f"no ack for {step}", flush=True)
+                    return 3
+            elif verb == "pub":
+                topic, _, payload = rest.partition(" ")
+                c.publish(topic, payload, qos=1).wait_for_publish(a.timeout)
+            elif verb == "wait":
+                deadline = time.time() + a.timeout
+                while len(received) < int(rest):
+                    if time.time() > deadline:
+                        print(f"timeout at {step}", flush=True)
+                        return 3
+                    time.sleep(0.02)
+            elif verb == "sleep":
+                time.sleep(float(rest))
+            else:
+                print(f"unknown step {step}", file=sys.stderr)
+                return 1
+        c.disconnect()
+        c.loop_stop()
         return 0
     print(f"unknown mode {a.mode}", file=sys.stderr)
     return 1

@@ -492,6 +492,84 @@ fn shadow_messages_come_at_the_lower_of_qos_1_and_the_subscriptions() {
     }
 }
 
+/// The platform makes only the shadow messages the device's subscriptions take (only the device may subscribe to
+/// its topics): subscribing or unsubscribing mid-session counts from the next update on, and a resumed persistent
+/// session, whose subscriptions the broker restored without a SUBSCRIBE, still gets everything it subscribed to.
+#[test]
+fn shadow_replies_follow_the_devices_subscriptions_also_across_a_resumed_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "sub-lamp", dir.path());
+    let base = "devices/sub-lamp/shadow";
+    let update = |t: u32| format!(r#"{{"state":{{"reported":{{"t":{t}}}}}}}"#);
+    let steps = [
+        format!("sub {base}/update/accepted"),
+        format!("pub {base}/update {}", update(1)),
+        "wait 1".to_owned(),
+        format!("sub {base}/update/documents"),
+        format!("pub {base}/update {}", update(2)),
+        "wait 3".to_owned(),
+        format!("unsub {base}/update/accepted"),
+        format!("pub {base}/update {}", update(3)),
+        "wait 4".to_owned(),
+        // Time for an `accepted` that should not come.
+        "sleep 0.5".to_owned(),
+    ];
+    let mut args = Vec::new();
+    for step in &steps {
+        args.extend(["--step", step.as_str()]);
+    }
+    let out = paho(&server, &d, "steps", &args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let mut seen: Vec<(String, u64)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let (topic, rest) = l.split_once(' ')?;
+            let (_retain, payload) = rest.split_once(' ')?;
+            let v: Value = serde_json::from_str(payload).ok()?;
+            let version = v["version"].as_u64().or(v["current"]["version"].as_u64())?;
+            Some((topic.rsplit('/').next()?.to_owned(), version))
+        })
+        .collect();
+    // The router keeps each filter's order, not the order across filters.
+    seen.sort();
+    let expected = [
+        ("accepted", 1),
+        ("accepted", 2),
+        ("documents", 2),
+        ("documents", 3),
+    ];
+    assert_eq!(seen, expected.map(|(t, v)| (t.to_owned(), v)), "{stdout}");
+
+    // A persistent session subscribed to `documents` only, then resumed without subscribing again.
+    let persist = |subscribe: bool, t: u32| {
+        let payload = update(t);
+        let topic = format!("{base}/update");
+        let reply = format!("{base}/update/documents");
+        let mut args = vec!["--clean-session", "0", "--topic", &topic, "--reply", &reply];
+        args.extend(["--payload", &payload, "--timeout", "5"]);
+        if subscribe {
+            args.push("--subscribe");
+        }
+        let out = paho(&server, &d, "persist", &args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}");
+        let present = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("session_present="))
+            .unwrap_or_default()
+            .to_owned();
+        let last: Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or(Value::Null);
+        (present, last["current"]["version"].clone(), stdout)
+    };
+    let (present, version, stdout) = persist(true, 4);
+    assert_eq!((present.as_str(), version), ("0", json!(4)), "{stdout}");
+    let (present, version, stdout) = persist(false, 5);
+    assert_eq!((present.as_str(), version), ("1", json!(5)), "{stdout}");
+}
+
 #[test]
 fn a_device_cannot_touch_another_devices_shadow() {
     let dir = tempfile::tempdir().unwrap();

@@ -208,6 +208,7 @@ where
             tx,
             rx,
             bytes_out: BytesMut::new(),
+            subscriptions: shadow::Subscriptions::new(session_present),
         },
         claim,
         keep_alive: Duration::from_secs(u64::from(connect.keep_alive)) * 3 / 2,
@@ -461,11 +462,12 @@ async fn refuse<S: AsyncWrite + Unpin>(codec: &Codec, io: &mut S, code: ConnectR
     }
 }
 
-/// The session's router link and its write buffer.
+/// The session's router link, its write buffer, and what the device subscribed to through it.
 struct Link {
     tx: LinkTx,
     rx: LinkRx,
     bytes_out: BytesMut,
+    subscriptions: shadow::Subscriptions,
 }
 
 impl Link {
@@ -696,6 +698,7 @@ async fn handle_read(
             Ok(Some(packet)) if !allowed(device, &packet) => break Some(End::Acl),
             Ok(Some(packet)) => {
                 shadow::collect(device, &packet, &mut shadow_work);
+                link.subscriptions.note(&packet);
                 packets.push(packet);
             }
             Err(e) => {
@@ -705,7 +708,7 @@ async fn handle_read(
         }
     };
     door.metrics.received(packets.len() as u64, n as u64);
-    let mut relay = shadow::Relay::new(&mut link.tx, packets);
+    let mut relay = shadow::Relay::new(&mut link.tx, &link.subscriptions, packets);
     for work in shadow_work {
         Box::pin(shadow::perform(
             &door.shadows,

@@ -90,24 +90,94 @@ fn delta_subscriptions(device: &DeviceId, filter: &str) -> Vec<ShadowKey> {
     keys
 }
 
+/// Most filters a session keeps track of; a device with more is taken to want every message (see
+/// [`Subscriptions`]).
+const TRACKED_FILTERS: usize = 32;
+
+/// The filters a session's device has subscribed to, as the session read them: what the platform need not
+/// build because nobody would receive it. Only the device may subscribe to its own topics, so a message on
+/// them that none of its filters matches goes nowhere (the router would log it and drop it unread).
+///
+/// A filter is noted when its SUBSCRIBE is read, before the replies of anything read after it are made, and
+/// goes when its UNSUBSCRIBE is read; both reach the router ahead of those replies (see [`Relay`]), so the
+/// router and this list agree on every reply. A filter the router refused is kept, which only costs a message
+/// built for nothing. A resumed session's filters were restored by the router and are not known here: it wants
+/// everything, as does a device with more than [`TRACKED_FILTERS`].
+#[derive(Debug)]
+pub(super) struct Subscriptions(Option<Vec<Tracked>>);
+
+/// A filter, and whether it has a wildcard (a filter without one matches only the topic spelled the same, which
+/// is a comparison of bytes rather than of levels).
+#[derive(Debug)]
+struct Tracked {
+    filter: String,
+    wildcard: bool,
+}
+
+impl Subscriptions {
+    /// For a session that starts with no subscriptions (`resumed` false), or with the router's (true).
+    pub(super) fn new(resumed: bool) -> Self {
+        Self((!resumed).then(Vec::new))
+    }
+
+    /// Follows the device's SUBSCRIBE and UNSUBSCRIBE packets.
+    pub(super) fn note(&mut self, packet: &Packet) {
+        let Some(filters) = &mut self.0 else {
+            return;
+        };
+        match packet {
+            Packet::Subscribe(subscribe, _) => {
+                for filter in &subscribe.filters {
+                    if !filters.iter().any(|t| t.filter == filter.path) {
+                        filters.push(Tracked {
+                            filter: filter.path.clone(),
+                            wildcard: filter.path.contains(['+', '#']),
+                        });
+                    }
+                }
+                if filters.len() > TRACKED_FILTERS {
+                    self.0 = None;
+                }
+            }
+            Packet::Unsubscribe(unsubscribe, _) => {
+                filters.retain(|t| !unsubscribe.filters.contains(&t.filter));
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a message on `topic` would reach the device.
+    pub(super) fn cover(&self, topic: &str) -> bool {
+        self.0.as_ref().is_none_or(|filters| {
+            filters.iter().any(|t| match t.wildcard {
+                true => matches(topic, &t.filter),
+                false => topic == t.filter,
+            })
+        })
+    }
+}
+
 /// A session's way into the router for what it read and what the platform answers: the device's packets are
 /// held until the first reply, or the end of the read, and go in the same push as that reply.
 ///
 /// A shadow request costs the router one wake-up and the device one write (its PUBACK and its `accepted` in one
 /// TLS record) instead of two of each, and no hop through the platform link. The replies are pushed while the
 /// shadow's stripe is held (see [`Courier`]), so they reach the router in the order of the changes, like the
-/// outbox's. They all go to this device's own topics, which only this session may subscribe to.
+/// outbox's. They all go to this device's own topics, which only this session may subscribe to: a reply its
+/// filters do not match is not made (see [`Subscriptions`]).
 pub(super) struct Relay<'a> {
     tx: &'a mut LinkTx,
+    subscriptions: &'a Subscriptions,
     held: Vec<Packet>,
     closed: bool,
 }
 
 impl<'a> Relay<'a> {
     /// Holds `packets`, read from the device, for the router.
-    pub(super) fn new(tx: &'a mut LinkTx, packets: Vec<Packet>) -> Self {
+    pub(super) fn new(tx: &'a mut LinkTx, subscriptions: &'a Subscriptions, packets: Vec<Packet>) -> Self {
         Self {
             tx,
+            subscriptions,
             held: packets,
             closed: false,
         }
@@ -127,6 +197,10 @@ impl Courier for Relay<'_> {
         if !self.closed && !super::forward(self.tx, packets) {
             self.closed = true;
         }
+    }
+
+    fn wants(&self, topic: &str) -> bool {
+        self.subscriptions.cover(topic)
     }
 }
 
@@ -181,6 +255,60 @@ pub(super) async fn perform(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttd::protocol::{Filter, QoS, RetainForwardRule, Subscribe, Unsubscribe};
+
+    fn subscribe(filters: &[&str]) -> Packet {
+        let filters = filters
+            .iter()
+            .map(|f| Filter {
+                path: (*f).to_owned(),
+                qos: QoS::AtLeastOnce,
+                nolocal: false,
+                preserve_retain: false,
+                retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+            })
+            .collect();
+        Packet::Subscribe(Subscribe { pkid: 1, filters }, None)
+    }
+
+    fn unsubscribe(filters: &[&str]) -> Packet {
+        let filters = filters.iter().map(|f| (*f).to_owned()).collect();
+        Packet::Unsubscribe(Unsubscribe { pkid: 2, filters }, None)
+    }
+
+    #[test]
+    fn subscriptions_follow_the_devices_filters_and_cover_everything_when_unknown() {
+        let accepted = "devices/d/shadow/update/accepted";
+        let documents = "devices/d/shadow/update/documents";
+        let mut s = Subscriptions::new(false);
+        assert!(!s.cover(accepted));
+        s.note(&subscribe(&[accepted, "devices/d/shadow/update/+"]));
+        assert!(s.cover(accepted) && s.cover(documents));
+        assert!(!s.cover("devices/d/shadow/update/accepted/x") && !s.cover("devices/d/shadow/update"));
+        s.note(&unsubscribe(&["devices/d/shadow/update/+"]));
+        assert!(s.cover(accepted) && !s.cover(documents));
+        // The same filter twice is one subscription: one UNSUBSCRIBE ends it.
+        s.note(&subscribe(&[accepted]));
+        s.note(&unsubscribe(&[accepted]));
+        assert!(!s.cover(accepted));
+        s.note(&subscribe(&["devices/d/#"]));
+        assert!(s.cover(documents) && !s.cover("devices/e/shadow/update/documents"));
+
+        // A resumed session's filters are the router's: everything may be wanted.
+        let mut resumed = Subscriptions::new(true);
+        resumed.note(&unsubscribe(&["devices/d/#"]));
+        assert!(resumed.cover(documents));
+
+        // Past the filters it keeps track of, it stops telling.
+        let mut many = Subscriptions::new(false);
+        let filters: Vec<String> = (0..=TRACKED_FILTERS)
+            .map(|i| format!("devices/d/x/{i}"))
+            .collect();
+        many.note(&subscribe(
+            &filters.iter().map(String::as_str).collect::<Vec<_>>(),
+        ));
+        assert!(many.cover(documents));
+    }
 
     #[test]
     fn delta_filters_are_recognised() {

@@ -53,6 +53,12 @@ pub struct Outgoing {
 pub trait Courier: Send {
     /// Takes the messages of one change (or one reply), in order.
     fn deliver(&mut self, messages: Vec<Outgoing>);
+
+    /// Whether a message on `topic` would reach anyone. A change does not make the messages nobody would
+    /// receive; a courier that cannot tell says yes.
+    fn wants(&self, _topic: &str) -> bool {
+        true
+    }
 }
 
 /// The outbox, which the broker drains: REST changes and everything not made by a device session.
@@ -194,11 +200,15 @@ impl Shadows {
         request: &UpdateRequest,
         known_device: bool,
     ) -> Result<Updated, ShadowError> {
-        self.update_via(key, request, known_device, &mut &self.outbox)
-            .await
+        let (document, accepted) = self
+            .update_via(key, request, known_device, &mut &self.outbox)
+            .await?;
+        let accepted = accepted.unwrap_or_else(|| accepted_reply(request, &document, document.timestamp));
+        Ok(Updated { accepted, document })
     }
 
-    /// [`Shadows::update`], its messages handed to `courier`.
+    /// [`Shadows::update`], its messages handed to `courier`: the document written, and the `accepted` reply
+    /// when the courier wanted it.
     #[tracing::instrument(skip_all, fields(device_id = %key.device, shadow = key.name.as_ref().map(|n| n.as_str())))]
     async fn update_via(
         &self,
@@ -206,7 +216,7 @@ impl Shadows {
         request: &UpdateRequest,
         known_device: bool,
         courier: &mut dyn Courier,
-    ) -> Result<Updated, ShadowError> {
+    ) -> Result<(Arc<Document>, Option<Vec<u8>>), ShadowError> {
         if !known_device {
             self.ensure_device(&key.device).await?;
         }
@@ -239,12 +249,8 @@ impl Shadows {
             })
             .await?;
         let next = write.document.expect("an update writes a document");
-        let accepted = accepted_reply(request, &next, now);
-        self.announce_update(key, previous_view.as_deref(), &next, &accepted, request, courier);
-        Ok(Updated {
-            accepted,
-            document: next,
-        })
+        let accepted = self.announce_update(key, previous_view.as_deref(), &next, now, request, courier);
+        Ok((next, accepted))
     }
 
     /// The current document; 404 when there is none.
@@ -450,25 +456,45 @@ impl Shadows {
         }
     }
 
+    /// Hands `courier` the messages of an update it wants (`accepted`, `documents`, `delta` when one remains)
+    /// and tells the event bus; returns the `accepted` reply when it was made.
     fn announce_update(
         &self,
         key: &ShadowKey,
         previous_view: Option<&[u8]>,
         next: &Document,
-        accepted: &[u8],
+        now: i64,
         request: &UpdateRequest,
         courier: &mut dyn Courier,
-    ) {
+    ) -> Option<Vec<u8>> {
         let token = request.client_token.as_deref();
+        let topic = |suffix| shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
         let mut messages = Vec::with_capacity(3);
-        messages.push(message(key, "update/accepted", accepted.to_vec()));
-        messages.push(message(
-            key,
-            "update/documents",
-            document::documents_message(previous_view, next, token),
-        ));
-        if let Some(delta) = next.delta_message() {
-            messages.push(json_message(key, "update/delta", &delta));
+        let mut accepted = None;
+        let accepted_topic = topic("update/accepted");
+        if courier.wants(&accepted_topic) {
+            let reply = accepted_reply(request, next, now);
+            messages.push(Outgoing {
+                topic: accepted_topic,
+                payload: reply.clone(),
+            });
+            accepted = Some(reply);
+        }
+        let documents_topic = topic("update/documents");
+        if courier.wants(&documents_topic) {
+            messages.push(Outgoing {
+                topic: documents_topic,
+                payload: document::documents_message(previous_view, next, token),
+            });
+        }
+        let delta_topic = topic("update/delta");
+        if courier.wants(&delta_topic) {
+            if let Some(delta) = next.delta_message() {
+                messages.push(Outgoing {
+                    topic: delta_topic,
+                    payload: serde_json::to_vec(&delta).unwrap_or_default(),
+                });
+            }
         }
         courier.deliver(messages);
         self.events.publish(PlatformEvent::ShadowUpdated {
@@ -478,6 +504,7 @@ impl Shadows {
             at: registry::now(),
             reported_firmware: reported_firmware(&request.reported, next),
         });
+        accepted
     }
 }
 
