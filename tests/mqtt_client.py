@@ -19,7 +19,8 @@ Modes:
              --qos), exit 0 when all came back; prints the QoS levels they came at
   steps      connect, then do each --step in order: "sub FILTER" and "unsub FILTER" (at QoS 1, waiting for the
              broker's ack), "pub TOPIC PAYLOAD" (QoS 1), "wait N" (until N messages have arrived in all, exit 3 on
-             --timeout), "sleep SECONDS"; prints every message as subscribe does
+             --timeout), "sleep SECONDS", and with --v5 "subnl FILTER" (No Local); prints every message as subscribe
+             does
 Exit code 2 with "refused <rc>" when the server refuses the connection.
 """
 import argparse
@@ -156,6 +157,10 @@ def main():
         while not received and time.time() < deadline:
             time.sleep(0.02)
         print(received[0].payload.decode() if received else "nothing", flush=True)
+        if received:
+            # paho acknowledges a message after its callback: let the PUBACK out before the DISCONNECT, or the
+            # broker keeps the message for the session's next connection.
+            time.sleep(0.2)
         if a.v5 and a.disconnect_expiry is not None:
             from paho.mqtt.packettypes import PacketTypes
             from paho.mqtt.properties import Properties
@@ -203,9 +208,16 @@ def main():
         c.on_unsubscribe = lambda *args: acked.set()
         for step in a.step:
             verb, _, rest = step.partition(" ")
-            if verb in ("sub", "unsub"):
+            if verb in ("sub", "subnl", "unsub"):
                 acked.clear()
-                c.subscribe(rest, qos=1) if verb == "sub" else c.unsubscribe(rest)
+                if verb == "subnl":
+                    from paho.mqtt.subscribeoptions import SubscribeOptions
+
+                    c.subscribe(rest, options=SubscribeOptions(qos=1, noLocal=True))
+                elif verb == "sub":
+                    c.subscribe(rest, qos=1)
+                else:
+                    c.unsubscribe(rest)
                 if not acked.wait(a.timeout):
                     print(f"no ack for {step}", flush=True)
                     return 3

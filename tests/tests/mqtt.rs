@@ -900,3 +900,82 @@ fn a_device_that_stops_reading_is_disconnected_after_the_write_timeout() {
     assert!(gone, "still online: {}", status(&server, "deaf-1"));
     assert!(server.wait_for_log("stopped reading", Duration::from_secs(5)));
 }
+
+/// The messages a `steps` run of mqtt_client.py printed: (topic, payload).
+fn steps_messages(out: &Output) -> Vec<(String, String)> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (topic, rest) = l.split_once(' ')?;
+            let (_retain, payload) = rest.split_once(' ')?;
+            Some((topic.to_owned(), payload.to_owned()))
+        })
+        .collect()
+}
+
+/// MQTT 5 No Local, with Paho: a device subscribed to its whole tree with No Local gets the platform's replies
+/// but not its own messages; subscribing again without it replaces the subscription.
+#[test]
+fn no_local_subscriptions_skip_the_devices_own_messages_but_not_the_platforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "nl-lamp", dir.path());
+    let steps = [
+        "subnl devices/nl-lamp/#",
+        "pub devices/nl-lamp/echo own",
+        r#"pub devices/nl-lamp/shadow/update {"state":{"reported":{"on":true}}}"#,
+        "wait 2",
+        "sleep 0.5",
+        "sub devices/nl-lamp/#",
+        "pub devices/nl-lamp/echo again",
+        "wait 3",
+        "sleep 0.5",
+    ];
+    let mut args = vec!["--v5"];
+    for step in steps {
+        args.extend(["--step", step]);
+    }
+    let out = paho(&server, &d, "steps", &args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let mut topics: Vec<String> = steps_messages(&out).into_iter().map(|(t, _)| t).collect();
+    topics[..2].sort();
+    assert_eq!(
+        topics,
+        [
+            "devices/nl-lamp/shadow/update/accepted",
+            "devices/nl-lamp/shadow/update/documents",
+            "devices/nl-lamp/echo",
+        ],
+        "{stdout}"
+    );
+}
+
+/// The platform's own link into the broker has a client id no device can have: a device registered as
+/// `antumbra-platform` (a valid device id) connects as itself and takes nothing over.
+#[test]
+fn a_device_named_like_the_platform_link_does_not_take_it_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let namesake = server.register(TOKEN, "antumbra-platform", dir.path());
+    let lamp = server.register(TOKEN, "pl-lamp", dir.path());
+    let mut held = paho_connected(&server, &namesake, "hold", &[]);
+    let mut listener = sub(&server, &lamp, "devices/pl-lamp/shadow/update/delta", 1, 15, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    // A REST change reaches the device through the platform's link.
+    let res = reqwest::blocking::Client::new()
+        .patch(format!("{}/v1/devices/pl-lamp/shadow", server.base))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"state": {"desired": {"on": true}}}))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let out = listener.output(Duration::from_secs(20));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("\"on\":true"),
+        "no delta: {stdout}"
+    );
+    assert_eq!(status(&server, "antumbra-platform")["online"], true);
+    held.kill();
+}

@@ -20,6 +20,8 @@ mod memory;
 pub mod metrics;
 #[cfg(test)]
 mod router_logs;
+#[cfg(test)]
+mod router_subscriptions;
 mod session;
 mod sessions;
 mod shadow;
@@ -90,6 +92,10 @@ pub struct ClusterLink {
     /// Messages from the cluster.
     pub from: mpsc::UnboundedReceiver<Outgoing>,
 }
+
+/// The client id of the platform's own link into the router. An `@` is never in a device id, so no device's
+/// session can take this one over (the router ends a session when another attaches with its client id).
+const PLATFORM_CLIENT_ID: &str = "antumbra@platform";
 
 /// What attaching a session to the router gives: the link and the router's CONNACK.
 type Attached = Result<(LinkTx, LinkRx, Notification), String>;
@@ -164,7 +170,7 @@ impl FrontDoor {
                     .map_err(|e: LinkError| e.to_string())
             })
         });
-        let (tx, rx, _) = attach("antumbra-platform".into(), true, Duration::ZERO)
+        let (tx, rx, _) = attach(PLATFORM_CLIENT_ID.into(), true, Duration::ZERO)
             .await
             .map_err(BrokerError::Router)?;
         let (platform, queue) = mpsc::unbounded_channel();

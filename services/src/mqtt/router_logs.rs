@@ -25,11 +25,27 @@ async fn let_the_router_trim(platform: &mut LinkTx) {
     }
 }
 
+/// A router of its own, and a clean-session link to it for each of `client_ids`, in order.
+pub(super) async fn router_with(client_ids: &[&str]) -> Vec<(LinkTx, LinkRx)> {
+    let router = Router::new(0, router_config(&MqttSettings::default())).spawn();
+    let mut links = Vec::new();
+    for id in client_ids {
+        let (tx, rx, _) = LinkBuilder::new(id, router.clone()).build_async().await.unwrap();
+        links.push((tx, rx));
+    }
+    links
+}
+
 async fn subscribe(tx: &mut LinkTx, rx: &mut LinkRx, filter: &str, qos: QoS) {
+    subscribe_with(tx, rx, filter, qos, false).await
+}
+
+/// Subscribes to `filter` (MQTT 5 No Local when `nolocal`) and waits for the SUBACK.
+pub(super) async fn subscribe_with(tx: &mut LinkTx, rx: &mut LinkRx, filter: &str, qos: QoS, nolocal: bool) {
     let filter = Filter {
         path: filter.into(),
         qos,
-        nolocal: false,
+        nolocal,
         preserve_retain: false,
         retain_forward_rule: RetainForwardRule::OnEverySubscribe,
     };
@@ -47,21 +63,29 @@ async fn subscribe(tx: &mut LinkTx, rx: &mut LinkRx, filter: &str, qos: QoS) {
     }
 }
 
-/// The next forwarded publish: (packet id, dup, payload). Asks for more when the router says the link's share
-/// is used up, as a session does once it has written what it got.
+/// The next forwarded publish: (packet id, dup, payload).
 async fn forwarded(rx: &mut LinkRx) -> (u16, bool, String) {
+    let publish = next_forward(rx, Duration::from_secs(5))
+        .await
+        .expect("no publish forwarded");
+    let wire = publish.serialize();
+    let pkid = u16::from_be_bytes([wire[1], wire[2]]);
+    let payload = String::from_utf8(publish.payload.to_vec()).unwrap();
+    (pkid, wire[0] & 0b1000 != 0, payload)
+}
+
+/// The next publish the router forwards to `rx` within `wait`, or `None`. Asks for more when the router says
+/// the link's share is used up, as a session does once it has written what it got.
+pub(super) async fn next_forward(rx: &mut LinkRx, wait: Duration) -> Option<Publish> {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+        match tokio::time::timeout_at(deadline, rx.next()).await {
             Ok(Ok(Some(Notification::Unschedule))) => rx.wake().await.unwrap(),
-            Ok(Ok(Some(Notification::Forward(forward)))) => {
-                let wire = forward.publish.serialize();
-                let pkid = u16::from_be_bytes([wire[1], wire[2]]);
-                let payload = String::from_utf8(forward.publish.payload.to_vec()).unwrap();
-                return (pkid, wire[0] & 0b1000 != 0, payload);
-            }
+            Ok(Ok(Some(Notification::Forward(forward)))) => return Some(forward.publish),
             // Ok(None): a wake-up whose notifications an earlier read already took.
             Ok(Ok(Some(_) | None)) => {}
-            other => panic!("no publish forwarded: {other:?}"),
+            Ok(Err(e)) => panic!("link closed: {e:?}"),
+            Err(_) => return None,
         }
     }
 }
@@ -134,15 +158,9 @@ async fn a_persistent_session_gets_its_unacked_and_offline_messages_after_the_lo
 
 #[tokio::test]
 async fn a_subscriber_that_falls_behind_gets_every_message_after_the_logs_were_trimmed() {
-    let router = Router::new(0, router_config(&MqttSettings::default())).spawn();
-    let (mut platform, _platform_rx, _) = LinkBuilder::new("platform", router.clone())
-        .build_async()
-        .await
-        .unwrap();
-    let (mut tx, mut rx, _) = LinkBuilder::new("dev-b", router.clone())
-        .build_async()
-        .await
-        .unwrap();
+    let mut links = router_with(&["platform", "dev-b"]).await;
+    let (mut tx, mut rx) = links.pop().unwrap();
+    let (mut platform, _platform_rx) = links.pop().unwrap();
     subscribe(&mut tx, &mut rx, "devices/dev-b/#", QoS::AtMostOnce).await;
     // More than the router hands a connection at once (200), none of them read yet.
     const COUNT: usize = 1_000;

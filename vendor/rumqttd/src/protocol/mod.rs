@@ -200,6 +200,11 @@ impl Publish {
         self
     }
 
+    /// Antumbra: whether this is a [`Publish::from_platform`] at QoS 1 or 2 (at QoS 0 it looks like a client's).
+    pub fn is_platform(&self) -> bool {
+        self.qos != QoS::AtMostOnce && self.pkid == 0
+    }
+
     pub fn is_empty(&self) -> bool {
         false
     }

@@ -36,6 +36,8 @@ pub struct Connection {
     pub(crate) broker_topic_aliases: Option<BrokerAliases>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
+    /// Antumbra: `client_id`, shared with every message this connection publishes (MQTT 5 No Local).
+    pub(crate) origin: std::sync::Arc<str>,
 }
 
 impl Connection {
@@ -58,6 +60,7 @@ impl Connection {
         };
 
         Connection {
+            origin: client_id.as_str().into(),
             client_id,
             tenant_prefix,
             dynamic_filters,

@@ -22,6 +22,9 @@ pub struct PublishData {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
+    /// Antumbra: the client id of the connection that published it (`None`: a will, or the broker's own), for
+    /// MQTT 5 No Local.
+    pub origin: Option<std::sync::Arc<str>>,
 }
 
 impl From<PubWithProp> for PublishData {
@@ -30,7 +33,15 @@ impl From<PubWithProp> for PublishData {
             publish,
             properties,
             timestamp: Instant::now(),
+            origin: None,
         }
+    }
+}
+
+impl PublishData {
+    /// Antumbra: whether a reader whose subscription has No Local, `nolocal` being its client id, skips this.
+    fn skipped_by(&self, nolocal: Option<&str>) -> bool {
+        nolocal.is_some_and(|client| self.origin.as_deref() == Some(client))
     }
 }
 
@@ -159,6 +170,16 @@ impl DataLog {
             .map(|data| &data.waiters)
     }
 
+    /// Antumbra: connection `id`'s request parked on `filter`'s log, if it is there.
+    pub fn parked_request_mut(&mut self, id: ConnectionId, filter: &str) -> Option<&mut DataRequest> {
+        let data = self.native.get_mut(*self.filter_indexes.get(filter)?)?;
+        data.waiters
+            .get_mut()
+            .iter_mut()
+            .find(|(waiter, _)| *waiter == id)
+            .map(|(_, request)| request)
+    }
+
     pub fn remove_waiters_for_id(
         &mut self,
         id: ConnectionId,
@@ -269,11 +290,14 @@ impl DataLog {
         }
     }
 
+    /// Antumbra: `nolocal` is the reader's client id when its subscription has No Local: what that client
+    /// published is read past, not returned.
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
+        nolocal: Option<&str>,
     ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
@@ -289,6 +313,9 @@ impl DataLog {
 
         let now = Instant::now();
         o.retain_mut(|(pubdata, _)| {
+            if pubdata.skipped_by(nolocal) {
+                return false;
+            }
             // Keep data if no properties exists, which implies no message expiry!
             let Some(properties) = pubdata.properties.as_mut() else {
                 return true;
@@ -352,21 +379,25 @@ impl DataLog {
         inflight
     }
 
+    /// Antumbra: `origin`, the publisher's client id, is kept for No Local.
     pub fn insert_to_retained_publishes(
         &mut self,
         publish: Publish,
         publish_properties: Option<PublishProperties>,
         topic: Topic,
+        origin: Option<std::sync::Arc<str>>,
     ) {
-        let pub_with_props = (publish, publish_properties);
-        self.retained_publishes.insert(topic, pub_with_props.into());
+        let mut data = PublishData::from((publish, publish_properties));
+        data.origin = origin;
+        self.retained_publishes.insert(topic, data);
     }
 
     pub fn remove_from_retained_publishes(&mut self, topic: Topic) {
         self.retained_publishes.remove(&topic);
     }
 
-    pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
+    /// Antumbra: `nolocal` as for [`DataLog::native_readv`].
+    pub fn read_retained_messages(&mut self, filter: &str, nolocal: Option<&str>) -> Vec<PubWithProp> {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
 
@@ -399,7 +430,7 @@ impl DataLog {
         // no need to include timestamp when returning
         self.retained_publishes
             .iter()
-            .filter(|(topic, _)| matches(topic, filter))
+            .filter(|(topic, p)| matches(topic, filter) && !p.skipped_by(nolocal))
             .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
             .collect()
     }

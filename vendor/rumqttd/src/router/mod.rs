@@ -196,6 +196,9 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// Antumbra: MQTT 5 No Local: messages this connection's client published are not delivered to it.
+    #[serde(default)]
+    pub(crate) nolocal: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

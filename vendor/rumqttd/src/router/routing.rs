@@ -21,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Incoming, Outgoing};
-use super::logs::{AckLog, DataLog};
+use super::logs::{AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -648,7 +648,7 @@ impl Router {
                     // Antumbra: QoS 1 or 2 with packet id 0 is the platform's own publish (shadow replies, wills):
                     // the wire decoder refuses packet id 0 with QoS > 0. It is stored at its QoS, for delivery
                     // at the lower of that and each subscription's, and nothing acknowledges it.
-                    let platform = qos != QoS::AtMostOnce && pkid == 0;
+                    let platform = publish.is_platform();
 
                     // Prepare acks for the above publish
                     // If any of the publish in the batch results in force flush,
@@ -797,55 +797,58 @@ impl Router {
                 Packet::Unsubscribe(unsubscribe, _) => {
                     let connection = self.connections.get_mut(id).unwrap();
                     let pkid = unsubscribe.pkid;
+                    // Antumbra: one UNSUBACK per UNSUBSCRIBE, with a reason per filter (MQTT 3.1.1 §3.10.4, 5
+                    // §3.11.3). Upstream sent one per removed filter and none when no filter was subscribed,
+                    // leaving the client waiting.
+                    let mut reasons = Vec::with_capacity(unsubscribe.filters.len());
                     for filter in &unsubscribe.filters {
                         let span = tracing::info_span!("unsubscribe", topic = filter, pkid);
                         let _guard = span.enter();
 
                         debug!("Removing subscription on filter {}", filter);
-                        if let Some(connection_ids) = self.subscription_map.get_mut(filter) {
-                            let removed = connection_ids.remove(&id);
-                            if !removed {
-                                continue;
-                            }
-
-                            let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
-                            meter.unregister_subscription(filter);
-
-                            if !connection.subscriptions.remove(filter) {
-                                warn!(
-                                    pkid = unsubscribe.pkid,
-                                    "Unsubscribe failed as filter was not subscribed previously"
-                                );
-                                continue;
-                            }
-
-                            // Remove connections from all groups
-                            // discard empty group ( group with no client )
-                            // note: can we do this in better way?
-                            self.shared_subscriptions.retain(|_, group| {
-                                group.remove_client(&client_id);
-                                !group.is_empty()
-                            });
-
-                            if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
-                                broker_aliases.remove_alias(filter);
-                            }
-
-                            // remove the subscription id
-                            connection.subscription_ids.remove(filter);
-
-                            let unsuback = UnsubAck {
-                                pkid,
-                                // reasons are used in MQTTv5
-                                reasons: vec![UnsubAckReason::Success],
-                            };
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.unsuback(unsuback);
-                            self.scheduler.untrack(id, filter);
-                            self.datalog.remove_waiters_for_id(id, filter);
-                            force_ack = true;
+                        let removed = self
+                            .subscription_map
+                            .get_mut(filter)
+                            .is_some_and(|connection_ids| connection_ids.remove(&id));
+                        if !removed {
+                            reasons.push(UnsubAckReason::NoSubscriptionExisted);
+                            continue;
                         }
+
+                        let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
+                        meter.unregister_subscription(filter);
+
+                        if !connection.subscriptions.remove(filter) {
+                            warn!(
+                                pkid = unsubscribe.pkid,
+                                "Unsubscribe failed as filter was not subscribed previously"
+                            );
+                            reasons.push(UnsubAckReason::NoSubscriptionExisted);
+                            continue;
+                        }
+
+                        // Remove connections from all groups
+                        // discard empty group ( group with no client )
+                        // note: can we do this in better way?
+                        self.shared_subscriptions.retain(|_, group| {
+                            group.remove_client(&client_id);
+                            !group.is_empty()
+                        });
+
+                        if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
+                            broker_aliases.remove_alias(filter);
+                        }
+
+                        // remove the subscription id
+                        connection.subscription_ids.remove(filter);
+
+                        self.scheduler.untrack(id, filter);
+                        self.datalog.remove_waiters_for_id(id, filter);
+                        reasons.push(UnsubAckReason::Success);
                     }
+                    let ackslog = self.ackslog.get_mut(id).unwrap();
+                    ackslog.unsuback(UnsubAck { pkid, reasons });
+                    force_ack = true;
                 }
                 Packet::PubAck(puback, _) => {
                     let span = tracing::info_span!("puback", pkid = puback.pkid);
@@ -1071,19 +1074,44 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                nolocal: filter.nolocal,
             };
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else {
+            // Antumbra: a SUBSCRIBE for a filter the connection has replaces the subscription (MQTT 3.1.1 and 5
+            // §3.8.4): its QoS and No Local now apply, from its next message on. Upstream kept the old ones.
+            self.update_request(id, filter_path, |request| {
+                request.qos = filter.qos as u8;
+                request.nolocal = filter.nolocal;
+            });
         }
 
-        // TODO: figure out how we can update existing DataRequest
-        // helpful in re-subscriptions and forwarding retained messages on
-        // every subscribe
+        // TODO: forwarding retained messages on every subscribe
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
+    }
+
+    /// Antumbra: changes connection `id`'s request for `filter` wherever it is: in the connection's tracker,
+    /// parked on the filter's log, or woken in the notifications.
+    fn update_request(&mut self, id: ConnectionId, filter: &str, change: impl Fn(&mut DataRequest)) {
+        if let Some(tracker) = self.scheduler.trackers.get_mut(id) {
+            tracker
+                .data_requests
+                .iter_mut()
+                .filter(|r| r.filter == filter)
+                .for_each(&change);
+        }
+        if let Some(request) = self.datalog.parked_request_mut(id, filter) {
+            change(request);
+        }
+        self.notifications
+            .iter_mut()
+            .filter(|(waiter, r)| *waiter == id && r.filter == filter)
+            .for_each(|(_, r)| change(r));
     }
 
     /// When a connection is ready, it should sweep native data from 'datalog',
@@ -1289,6 +1317,9 @@ fn append_to_commitlog(
     connections: &mut Slab<Connection>,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
+    // Antumbra: who published it, for No Local. The platform's replies come over the device's own link (see
+    // `Publish::from_platform`) but are not the device's.
+    let origin = (!publish.is_platform()).then(|| connection.origin.clone());
 
     let topic_alias = properties.as_mut().and_then(|p| {
         // clear the received value as it is irrelevant while forwarding publishes
@@ -1326,7 +1357,12 @@ fn append_to_commitlog(
     if publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+        datalog.insert_to_retained_publishes(
+            publish.clone(),
+            properties.clone(),
+            topic.to_owned(),
+            origin.clone(),
+        );
     }
 
     // after recording retained message, we also send that message to existing subscribers
@@ -1349,8 +1385,9 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let mut publish_data = PublishData::from((publish.clone(), properties.clone()));
+        publish_data.origin = origin.clone();
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1397,7 +1434,7 @@ fn append_will_message(
     if publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic.to_owned());
     } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned(), None);
     }
 
     // after recording retained message, we also send that message to existing subscribers
@@ -1559,12 +1596,14 @@ fn forward_device_data(
     }
 
     let mut publishes = Vec::new();
+    // Antumbra: MQTT 5 No Local, by client id (a connection id may be another client's by the time it reads).
+    let nolocal = request.nolocal.then_some(connection.client_id.as_str());
 
     if request.forward_retained {
         // NOTE: ideally we want to limit the number of read messages
         // and skip the messages previously read while reading next time.
         // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter);
+        let mut retained_publishes = datalog.read_retained_messages(&request.filter, nolocal);
         retained_publishes.truncate(inflight_slots as usize);
 
         publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
@@ -1575,7 +1614,7 @@ fn forward_device_data(
     }
 
     let (next, publishes_from_datalog) =
-        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
+        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots, nolocal) {
             Ok(v) => v,
             Err(e) => {
                 error!(error = ?e, "Failed to read from commitlog {}", e);

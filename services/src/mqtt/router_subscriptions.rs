@@ -1,0 +1,158 @@
+//! Subscription options the router applies (`vendor/rumqttd/ANTUMBRA.md`, item 15): MQTT 5 No Local, and a
+//! second SUBSCRIBE to a filter replacing the subscription. Driven through the real router with local links, as
+//! the sessions attach to it.
+
+use std::time::Duration;
+
+use rumqttd::local::LinkTx;
+use rumqttd::protocol::{Packet, Publish, QoS};
+
+use super::router_logs::{next_forward, router_with, subscribe_with};
+
+/// How long a message that should not come is waited for.
+const NOTHING_FOR: Duration = Duration::from_millis(300);
+
+async fn publish(tx: &mut LinkTx, topic: &str, payload: &str, retain: bool) {
+    let publish = Publish::new(topic.to_owned(), payload.to_owned(), retain);
+    tx.send(Packet::Publish(publish, None)).await.unwrap();
+}
+
+fn payload(publish: &Publish) -> String {
+    String::from_utf8_lossy(&publish.payload).into_owned()
+}
+
+/// The QoS a publish is forwarded at, from its fixed header.
+fn qos(publish: &Publish) -> u8 {
+    (publish.serialize()[0] >> 1) & 0b11
+}
+
+#[tokio::test]
+async fn no_local_skips_only_what_the_client_itself_published() {
+    let mut links = router_with(&["platform", "dev-a", "dev-b"]).await;
+    let (mut tx_b, mut rx_b) = links.pop().unwrap();
+    let (mut tx, mut rx) = links.pop().unwrap();
+    let (mut platform, _platform_rx) = links.pop().unwrap();
+    publish(&mut tx, "devices/dev-a/state", "own-retained", true).await;
+    subscribe_with(&mut tx, &mut rx, "devices/dev-a/#", QoS::AtLeastOnce, true).await;
+
+    publish(&mut tx, "devices/dev-a/echo", "own", false).await;
+    // The platform's reply on the device's own link (as a session relays shadow replies) is not the device's.
+    let reply =
+        Publish::new("devices/dev-a/shadow/update/accepted", "reply", false).from_platform(QoS::AtLeastOnce);
+    tx.send(Packet::Publish(reply, None)).await.unwrap();
+    publish(&mut platform, "devices/dev-a/echo", "platform", false).await;
+    let mut got = Vec::new();
+    while let Some(p) = next_forward(&mut rx, NOTHING_FOR).await {
+        got.push(payload(&p));
+    }
+    assert_eq!(
+        got,
+        ["reply", "platform"],
+        "neither the retained message nor the echo is the client's to get"
+    );
+
+    // Another client's No Local subscription gets what dev-a published, retained message included.
+    subscribe_with(&mut tx_b, &mut rx_b, "devices/dev-a/state", QoS::AtMostOnce, true).await;
+    let retained = next_forward(&mut rx_b, Duration::from_secs(5))
+        .await
+        .expect("retained");
+    assert_eq!(payload(&retained), "own-retained");
+
+    // SUBSCRIBE again without No Local: it replaces the subscription, so dev-a's own messages come back.
+    subscribe_with(&mut tx, &mut rx, "devices/dev-a/#", QoS::AtLeastOnce, false).await;
+    publish(&mut tx, "devices/dev-a/echo", "own-again", false).await;
+    let again = next_forward(&mut rx, Duration::from_secs(5))
+        .await
+        .expect("own message");
+    assert_eq!(payload(&again), "own-again");
+}
+
+#[tokio::test]
+async fn a_second_subscribe_to_a_filter_replaces_its_qos() {
+    let mut links = router_with(&["platform", "dev-q"]).await;
+    let (mut tx, mut rx) = links.pop().unwrap();
+    let (mut platform, _platform_rx) = links.pop().unwrap();
+    let send = |qos| Publish::new("devices/dev-q/cmd", "x", false).from_platform(qos);
+    subscribe_with(&mut tx, &mut rx, "devices/dev-q/cmd", QoS::AtMostOnce, false).await;
+    platform
+        .send(Packet::Publish(send(QoS::AtLeastOnce), None))
+        .await
+        .unwrap();
+    let first = next_forward(&mut rx, Duration::from_secs(5))
+        .await
+        .expect("first");
+    assert_eq!(qos(&first), 0);
+
+    subscribe_with(&mut tx, &mut rx, "devices/dev-q/cmd", QoS::AtLeastOnce, false).await;
+    platform
+        .send(Packet::Publish(send(QoS::AtLeastOnce), None))
+        .await
+        .unwrap();
+    let second = next_forward(&mut rx, Duration::from_secs(5))
+        .await
+        .expect("second");
+    assert_eq!(qos(&second), 1);
+    assert!(
+        next_forward(&mut rx, NOTHING_FOR).await.is_none(),
+        "one subscription, one delivery"
+    );
+}
+
+/// The next acknowledgement the router sends `rx` within `wait`, as a packet.
+async fn next_ack(rx: &mut rumqttd::local::LinkRx, wait: Duration) -> Option<Packet> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.next()).await {
+            Ok(Ok(Some(rumqttd::Notification::DeviceAck(ack)))) => return Some(Packet::from(ack)),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("link closed: {e:?}"),
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_unsubscribe_gets_one_unsuback_with_a_reason_per_filter() {
+    use rumqttd::protocol::{UnsubAckReason, Unsubscribe};
+
+    let (mut tx, mut rx) = router_with(&["dev-u"]).await.pop().unwrap();
+    subscribe_with(&mut tx, &mut rx, "devices/dev-u/a", QoS::AtLeastOnce, false).await;
+    subscribe_with(&mut tx, &mut rx, "devices/dev-u/b", QoS::AtLeastOnce, false).await;
+    let unsubscribe = |pkid, filters: &[&str]| {
+        let filters = filters.iter().map(|f| (*f).to_owned()).collect();
+        Packet::Unsubscribe(Unsubscribe { pkid, filters }, None)
+    };
+
+    let filters = ["devices/dev-u/a", "devices/dev-u/none", "devices/dev-u/b"];
+    tx.send(unsubscribe(7, &filters)).await.unwrap();
+    match next_ack(&mut rx, Duration::from_secs(5)).await {
+        Some(Packet::UnsubAck(ack, _)) => {
+            assert_eq!(ack.pkid, 7);
+            assert_eq!(
+                ack.reasons,
+                [
+                    UnsubAckReason::Success,
+                    UnsubAckReason::NoSubscriptionExisted,
+                    UnsubAckReason::Success
+                ]
+            );
+        }
+        other => panic!("no UNSUBACK: {other:?}"),
+    }
+    assert!(
+        next_ack(&mut rx, NOTHING_FOR).await.is_none(),
+        "one UNSUBACK per UNSUBSCRIBE"
+    );
+
+    // Nothing subscribed any more: still acknowledged.
+    tx.send(unsubscribe(8, &["devices/dev-u/a"])).await.unwrap();
+    match next_ack(&mut rx, Duration::from_secs(5)).await {
+        Some(Packet::UnsubAck(ack, _)) => {
+            assert_eq!(
+                (ack.pkid, ack.reasons),
+                (8, vec![UnsubAckReason::NoSubscriptionExisted])
+            )
+        }
+        other => panic!("no UNSUBACK: {other:?}"),
+    }
+}
