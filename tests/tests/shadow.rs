@@ -315,6 +315,85 @@ fn a_device_streaming_updates_gets_replies_while_it_streams() {
     );
 }
 
+/// The next packet from the broker within `wait`.
+async fn next_packet(reader: &mut client::Reader, wait: Duration) -> Option<packet::Packet> {
+    let next = tokio::time::timeout(wait, reader.next()).await;
+    next.ok().map(|p| p.unwrap())
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE read together with an update counts for that update's replies, as the broker
+/// sees the packets in that order (the platform makes only the replies a device's filters take).
+#[test]
+fn subscriptions_read_with_an_update_count_for_its_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "batch-1", dir.path());
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let addr = server.mqtts_addr();
+    let base = "devices/batch-1/shadow/update";
+    let update = |t: u32| format!(r#"{{"state":{{"reported":{{"t":{t}}}}}}}"#);
+    let seen = antumbra_e2e::runtime().block_on(async {
+        let (mut reader, mut writer) = client::connect(addr, tls, "batch-1", 60).await.unwrap();
+        // One write each, so that the session reads the packets together.
+        packet::subscribe(&mut writer.buf, 1, &format!("{base}/documents"), 0);
+        packet::publish_payload(&mut writer.buf, base, 0, 0, update(1).as_bytes());
+        writer.send().await.unwrap();
+        let mut seen = Vec::new();
+        while let Some(packet) = next_packet(&mut reader, Duration::from_secs(5)).await {
+            let done = matches!(&packet, packet::Packet::Publish { .. });
+            seen.push(packet);
+            if done {
+                break;
+            }
+        }
+        packet::unsubscribe(&mut writer.buf, 2, &format!("{base}/documents"));
+        packet::subscribe(&mut writer.buf, 3, &format!("{base}/accepted"), 0);
+        packet::publish_payload(&mut writer.buf, base, 0, 0, update(2).as_bytes());
+        packet::publish_payload(&mut writer.buf, base, 0, 0, update(3).as_bytes());
+        writer.send().await.unwrap();
+        let mut accepted = 0;
+        while let Some(packet) = next_packet(&mut reader, Duration::from_secs(5)).await {
+            accepted += usize::from(matches!(&packet, packet::Packet::Publish { .. }));
+            seen.push(packet);
+            if accepted == 2 {
+                break;
+            }
+        }
+        // Time for a `documents` that should not come.
+        seen.extend(next_packet(&mut reader, Duration::from_millis(500)).await);
+        seen
+    });
+    let summary: Vec<String> = seen
+        .iter()
+        .map(|p| match p {
+            packet::Packet::Publish { topic, payload, .. } => {
+                let v: Value = serde_json::from_slice(payload).unwrap();
+                let version = v["version"].as_u64().or(v["current"]["version"].as_u64());
+                let suffix = String::from_utf8_lossy(topic)
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .to_owned();
+                format!("{suffix} {}", version.unwrap())
+            }
+            packet::Packet::SubAck { packet_id, .. } => format!("suback {packet_id}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "suback 1",
+            "documents 1",
+            "Other(11)",
+            "suback 3",
+            "accepted 2",
+            "accepted 3"
+        ]
+    );
+}
+
 #[test]
 fn device_requests_get_accepted_or_rejected_with_aws_codes() {
     let dir = tempfile::tempdir().unwrap();

@@ -299,14 +299,19 @@ mod tests {
         resumed.note(&unsubscribe(&["devices/d/#"]));
         assert!(resumed.cover(documents));
 
-        // Past the filters it keeps track of, it stops telling.
+        // An UNSUBSCRIBE of a filter never subscribed changes nothing.
+        s.note(&unsubscribe(&["devices/d/shadow/#"]));
+        assert!(s.cover(documents));
+
+        // Up to TRACKED_FILTERS it tells; past them it stops.
         let mut many = Subscriptions::new(false);
         let filters: Vec<String> = (0..=TRACKED_FILTERS)
             .map(|i| format!("devices/d/x/{i}"))
             .collect();
-        many.note(&subscribe(
-            &filters.iter().map(String::as_str).collect::<Vec<_>>(),
-        ));
+        let filters: Vec<&str> = filters.iter().map(String::as_str).collect();
+        many.note(&subscribe(&filters[..TRACKED_FILTERS]));
+        assert!(!many.cover(documents));
+        many.note(&subscribe(&filters[TRACKED_FILTERS..]));
         assert!(many.cover(documents));
     }
 

@@ -12,6 +12,7 @@ const PUBLISH: u8 = 3;
 const PUBACK: u8 = 4;
 const SUBSCRIBE: u8 = 8;
 const SUBACK: u8 = 9;
+const UNSUBSCRIBE: u8 = 10;
 const PINGREQ: u8 = 12;
 const PINGRESP: u8 = 13;
 const DISCONNECT: u8 = 14;
@@ -79,6 +80,15 @@ pub fn subscribe(buf: &mut Vec<u8>, packet_id: u16, filter: &str, qos: u8) {
     buf.extend_from_slice(&packet_id.to_be_bytes());
     put_str(buf, filter.as_bytes());
     buf.push(qos);
+}
+
+/// UNSUBSCRIBE from one filter (its UNSUBACK comes back as `Packet::Other(11)`).
+#[allow(dead_code)] // used by the e2e tests only (this module is compiled into both tools)
+pub fn unsubscribe(buf: &mut Vec<u8>, packet_id: u16, filter: &str) {
+    buf.push((UNSUBSCRIBE << 4) | 0x02);
+    put_remaining_length(buf, 2 + 2 + filter.len());
+    buf.extend_from_slice(&packet_id.to_be_bytes());
+    put_str(buf, filter.as_bytes());
 }
 
 /// PUBLISH of `size` payload bytes (at least 8) whose first 8 bytes are `stamp`, big-endian; the rest is
