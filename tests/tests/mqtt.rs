@@ -979,3 +979,73 @@ fn a_device_named_like_the_platform_link_does_not_take_it_over() {
     assert_eq!(status(&server, "antumbra-platform")["online"], true);
     held.kill();
 }
+
+/// A persistent session that comes back gets its unacknowledged QoS 1 messages again, with their packet ids and
+/// DUP set (MQTT 3.1.1 and 5 §4.4), and not the QoS 0 message delivered between them: rumqttd restarted each
+/// filter from its oldest unacknowledged message, delivering everything after it again.
+#[test]
+fn a_resumed_session_gets_its_unacknowledged_messages_again_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "resumer-q", dir.path());
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let addr = server.mqtts_addr();
+    let topic = "devices/resumer-q/inbox";
+    let (first, again) = antumbra_e2e::runtime().block_on(async {
+        let (mut reader, mut writer) = client::connect_session(addr, tls.clone(), "resumer-q", 60, false)
+            .await
+            .unwrap();
+        client::subscribe(&mut reader, &mut writer, topic, 1)
+            .await
+            .unwrap();
+        packet::publish_payload(&mut writer.buf, topic, 1, 1, b"a");
+        packet::publish_payload(&mut writer.buf, topic, 0, 0, b"z");
+        packet::publish_payload(&mut writer.buf, topic, 1, 2, b"b");
+        writer.send().await.unwrap();
+        // Read the three deliveries and acknowledge none, then drop the connection.
+        let first = publishes(&mut reader, 3).await;
+        drop((reader, writer));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (mut reader, _writer) = client::connect_session(addr, tls, "resumer-q", 60, false)
+            .await
+            .unwrap();
+        (first, publishes(&mut reader, 3).await)
+    });
+    let (a, b) = (&first[0], &first[2]);
+    assert_eq!(
+        first.iter().map(|p| (p.0.as_str(), p.1, p.3)).collect::<Vec<_>>(),
+        [("a", 1, false), ("z", 0, false), ("b", 1, false)]
+    );
+    assert_eq!(
+        again,
+        [("a".to_owned(), 1, a.2, true), ("b".to_owned(), 1, b.2, true)],
+        "the unacknowledged ones again, as they were, and nothing else"
+    );
+}
+
+/// Up to `count` publishes the broker sends within a second of each other: (payload, QoS, packet id, DUP).
+async fn publishes(reader: &mut client::Reader, count: usize) -> Vec<(String, u8, Option<u16>, bool)> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        let Ok(packet) = tokio::time::timeout(Duration::from_secs(1), reader.next()).await else {
+            break;
+        };
+        if let packet::Packet::Publish {
+            qos,
+            dup,
+            packet_id,
+            payload,
+            ..
+        } = packet.unwrap()
+        {
+            got.push((
+                String::from_utf8_lossy(&payload).into_owned(),
+                qos,
+                packet_id,
+                dup,
+            ));
+        }
+    }
+    got
+}

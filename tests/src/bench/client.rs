@@ -169,6 +169,17 @@ pub async fn connect(
     client_id: &str,
     keep_alive_secs: u16,
 ) -> Result<(Reader, Writer)> {
+    connect_session(addr, tls, client_id, keep_alive_secs, true).await
+}
+
+/// [`connect`], with a persistent session when `clean` is false.
+pub async fn connect_session(
+    addr: SocketAddr,
+    tls: Arc<ClientConfig>,
+    client_id: &str,
+    keep_alive_secs: u16,
+    clean: bool,
+) -> Result<(Reader, Writer)> {
     let tcp = TcpStream::connect(addr).await.context("TCP connect")?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(SERVER_NAME)?;
@@ -185,7 +196,7 @@ pub async fn connect(
         half: write,
         buf: Vec::with_capacity(4096),
     };
-    packet::connect(&mut writer.buf, client_id, keep_alive_secs);
+    packet::connect(&mut writer.buf, client_id, keep_alive_secs, clean);
     writer.send().await.context("sending CONNECT")?;
     match reader.next().await.context("waiting for CONNACK")? {
         Packet::ConnAck { code: 0 } => Ok((reader, writer)),

@@ -27,9 +27,10 @@ pub enum Packet {
     ConnAck { code: u8 },
     /// SUBACK with the granted QoS (or 0x80 = failure) of the first filter.
     SubAck { packet_id: u16, granted: u8 },
-    /// An application message; `packet_id` is set for QoS > 0.
+    /// An application message; `packet_id` is set for QoS > 0; `dup` when the broker sends it again.
     Publish {
         qos: u8,
+        dup: bool,
         packet_id: Option<u16>,
         topic: Bytes,
         payload: Bytes,
@@ -61,14 +62,14 @@ fn put_str(buf: &mut Vec<u8>, s: &[u8]) {
     buf.extend_from_slice(s);
 }
 
-/// CONNECT, MQTT 3.1.1 (protocol level 4), clean session, no will, no username or password: the broker
-/// knows the device from its TLS client certificate.
-pub fn connect(buf: &mut Vec<u8>, client_id: &str, keep_alive_secs: u16) {
+/// CONNECT, MQTT 3.1.1 (protocol level 4), a clean session unless `clean` is false, no will, no username or
+/// password: the broker knows the device from its TLS client certificate.
+pub fn connect(buf: &mut Vec<u8>, client_id: &str, keep_alive_secs: u16, clean: bool) {
     buf.push(CONNECT << 4);
     put_remaining_length(buf, 10 + 2 + client_id.len());
     put_str(buf, b"MQTT");
     buf.push(4);
-    buf.push(0x02);
+    buf.push(if clean { 0x02 } else { 0x00 });
     buf.extend_from_slice(&keep_alive_secs.to_be_bytes());
     put_str(buf, client_id.as_bytes());
 }
@@ -197,6 +198,7 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<Packet>> {
             let packet_id = (qos > 0).then(|| body.get_u16());
             Packet::Publish {
                 qos,
+                dup: first & 0b1000 != 0,
                 packet_id,
                 topic,
                 payload: body,
@@ -225,7 +227,7 @@ mod tests {
     #[test]
     fn connect_is_mqtt_311() {
         let mut buf = Vec::new();
-        connect(&mut buf, "bench-00001", 60);
+        connect(&mut buf, "bench-00001", 60, true);
         assert_eq!(
             buf,
             b"\x10\x17\x00\x04MQTT\x04\x02\x00\x3c\x00\x0bbench-00001".to_vec()
@@ -243,6 +245,7 @@ mod tests {
             packet_id,
             topic,
             payload,
+            ..
         } = &packets[0]
         else {
             panic!("{packets:?}")

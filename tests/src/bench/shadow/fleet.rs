@@ -570,6 +570,7 @@ impl Conn {
                 packet_id,
                 topic,
                 payload,
+                ..
             } => {
                 if qos > 0 {
                     packet::puback(&mut self.writer.buf, packet_id.unwrap_or_default());

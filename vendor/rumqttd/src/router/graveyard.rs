@@ -3,8 +3,9 @@ use std::time::Instant;
 
 use super::{
     scheduler::{PauseReason, Tracker},
-    ConnectionEvents,
+    ConnectionEvents, FilterIdx,
 };
+use crate::Cursor;
 
 pub struct Graveyard {
     connections: HashMap<String, SavedState>,
@@ -43,6 +44,7 @@ impl Graveyard {
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
+        unacked: VecDeque<(u16, FilterIdx, Cursor)>,
         expires_at: Option<Instant>,
     ) {
         tracker.pause(PauseReason::Busy);
@@ -52,6 +54,7 @@ impl Graveyard {
             tracker,
             subscriptions,
             unacked_pubrels,
+            unacked,
         };
 
         self.connections.insert(
@@ -69,6 +72,14 @@ impl Graveyard {
         self.connections
             .values()
             .filter_map(|saved| Some(&saved.session_state.as_ref()?.tracker))
+    }
+
+    /// Antumbra: where the saved persistent sessions' unacknowledged publishes are in the logs.
+    pub fn unacked(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
+        self.connections
+            .values()
+            .filter_map(|saved| saved.session_state.as_ref())
+            .flat_map(|state| state.unacked.iter().map(|(_, filter_idx, cursor)| (*filter_idx, *cursor)))
     }
 
     /// Save only metrics for connection
@@ -98,4 +109,7 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
+    /// Antumbra: unacknowledged QoS 1/2 publishes (packet id, filter, position in its log), sent again when the
+    /// session resumes. Its filters' cursors stay after what was delivered.
+    pub unacked: VecDeque<(u16, FilterIdx, Cursor)>,
 }

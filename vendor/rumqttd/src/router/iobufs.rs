@@ -64,6 +64,9 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// Antumbra: a resumed persistent session's unacknowledged QoS 1/2 publishes (packet id, filter, position in
+    /// its log), to be sent again, with their packet ids and DUP, before anything else.
+    pub(crate) resend: VecDeque<(u16, FilterIdx, Cursor)>,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
 }
@@ -85,6 +88,7 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            resend: VecDeque::new(),
             meter: Default::default(),
         };
 
@@ -203,6 +207,26 @@ impl Outgoing {
         Some(())
     }
 
+    /// Antumbra: the unacknowledged QoS 1/2 publishes that are in a log, oldest first, for a persistent session
+    /// to send again when it resumes (a retained publish has no position in a log, and is not sent again).
+    pub fn unacked(&self) -> VecDeque<(u16, FilterIdx, Cursor)> {
+        self.inflight_buffer
+            .iter()
+            .filter_map(|(pkid, filter_idx, cursor)| Some((*pkid, *filter_idx, (*cursor)?)))
+            .collect()
+    }
+
+    /// Antumbra: sends `publish` again as the unacknowledged `pkid` (DUP set) ahead of new publishes, whose
+    /// packet ids continue after it.
+    pub fn push_resend(&mut self, mut forward: Forward, pkid: u16, filter_idx: FilterIdx) {
+        forward.publish.pkid = pkid;
+        forward.publish.dup = true;
+        self.inflight_buffer.push_back((pkid, filter_idx, forward.cursor));
+        self.last_pkid = if pkid == MAX_PKID { 0 } else { pkid };
+        self.meter.publish_count += 1;
+        self.data_buffer.lock().push_back(Notification::Forward(forward));
+    }
+
     /// Antumbra: the log position of every unacknowledged QoS 1/2 publish, oldest first (a retained publish has
     /// none and is skipped).
     pub fn unacked_cursors(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
@@ -211,16 +235,6 @@ impl Outgoing {
             .filter_map(|(_, filter_idx, cursor)| Some((*filter_idx, (*cursor)?)))
     }
 
-    // Here we are assuming that the first unique filter_idx we find while iterating will have the
-    // least corresponding cursor because of the way we insert into the inflight_buffer
-    pub fn retransmission_map(&self) -> HashMap<FilterIdx, Cursor> {
-        let mut o = HashMap::new();
-        for (filter_idx, cursor) in self.unacked_cursors() {
-            o.entry(filter_idx).or_insert(cursor);
-        }
-
-        o
-    }
 }
 
 #[cfg(test)]
@@ -228,31 +242,15 @@ mod test {
     use super::*;
 
     #[test]
-    fn retransmission_map_is_calculated_accurately() {
-        let (mut outgoing, _) = Outgoing::new("retransmission-test".to_string());
-        let mut result = HashMap::new();
-
-        result.insert(0, (0, 8));
-        result.insert(1, (0, 1));
-        result.insert(2, (1, 1));
-        result.insert(3, (1, 0));
-
-        let buf = vec![
-            (1, 0, Some((0, 8))),
-            (1, 0, Some((0, 10))),
-            (1, 1, Some((0, 1))),
-            (3, 1, Some((0, 4))),
-            (2, 2, Some((1, 1))),
-            (1, 2, Some((2, 6))),
-            (1, 2, Some((2, 1))),
-            (1, 3, Some((1, 0))),
-            (1, 3, Some((1, 1))),
-            (1, 3, Some((1, 3))),
-            (1, 3, Some((1, 3))),
-        ];
-
-        outgoing.inflight_buffer.extend(buf);
-        assert_eq!(outgoing.retransmission_map(), result);
+    fn unacked_keeps_packet_ids_and_positions_in_order_and_skips_retained_publishes() {
+        let (mut outgoing, _) = Outgoing::new("unacked-test".to_string());
+        outgoing
+            .inflight_buffer
+            .extend([(4, 0, Some((0, 8))), (5, 1, None), (6, 0, Some((0, 10)))]);
+        assert_eq!(
+            outgoing.unacked(),
+            [(4, 0, (0, 8)), (6, 0, (0, 10))]
+        );
     }
 
     // use super::{Outgoing, MAX_INFLIGHT};

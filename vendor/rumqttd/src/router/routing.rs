@@ -277,9 +277,13 @@ impl Router {
             }
         }
         for (_, outgoing) in self.obufs.iter() {
-            for (filter_idx, cursor) in outgoing.unacked_cursors() {
+            let resend = outgoing.resend.iter().map(|(_, filter_idx, cursor)| (*filter_idx, *cursor));
+            for (filter_idx, cursor) in outgoing.unacked_cursors().chain(resend) {
                 note(&mut oldest, filter_idx, cursor);
             }
+        }
+        for (filter_idx, cursor) in self.graveyard.unacked() {
+            note(&mut oldest, filter_idx, cursor);
         }
         self.datalog.trim(&oldest);
     }
@@ -377,6 +381,7 @@ impl Router {
                     // for using in acklog
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
+                    outgoing.resend = session_state.unacked;
                     session_state.tracker
                 },
             )
@@ -517,7 +522,6 @@ impl Router {
         // self.readyqueue.remove(id);
 
         let inflight_data_requests = self.datalog.clean(id);
-        let retransmissions = outgoing.retransmission_map();
 
         // Remove connections from all groups and
         // discard empty group ( group with no client )
@@ -560,25 +564,17 @@ impl Router {
                 .into_iter()
                 .for_each(|r| tracker.register_data_request(r));
 
-            for request in tracker.data_requests.iter_mut() {
-                if let Some(cursor) = retransmissions.get(&request.filter_idx) {
-                    request.cursor = *cursor;
-                    // reset the group cursor
-                    if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
-                    }
-                }
-            }
-
+            // Antumbra: the unacknowledged publishes are kept to be sent again as they were (same packet ids,
+            // DUP), and the filters resume after what was delivered. Upstream moved each filter's cursor back to
+            // its oldest unacknowledged publish, so the QoS 0 messages delivered after it came again, with new
+            // packet ids for the rest (MQTT 3.1.1 §4.4 and 5 §4.4 want the original ones).
+            let unacked = outgoing.unacked();
             self.graveyard.save_state(
                 tracker,
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                unacked,
                 // Too far ahead to count (an MQTT 5 client asking for ever): never.
                 connection
                     .session_expiry
@@ -1140,6 +1136,8 @@ impl Router {
 
         // We always try to ack when ever a connection is scheduled
         ack_device_data(ackslog, outgoing);
+        // Antumbra: a resumed session's unacknowledged publishes, after its CONNACK and before anything new.
+        resend_unacked(outgoing, datalog, &requests);
 
         let connection = &mut self.connections[id];
 
@@ -1499,6 +1497,41 @@ fn validate_and_set_topic_alias(
 /// Sweep ackslog for all the pending acks.
 /// We write everything to outgoing buf with out worrying about buffer size
 /// because acks most certainly won't cause memory bloat
+/// Antumbra: sends a resumed persistent session's unacknowledged publishes again, read back from their logs,
+/// at the QoS they went at (the lower of the publish's and the subscription's in `requests`). One no longer in
+/// its log (expired) is not sent.
+fn resend_unacked(outgoing: &mut Outgoing, datalog: &DataLog, requests: &VecDeque<DataRequest>) {
+    if outgoing.resend.is_empty() {
+        return;
+    }
+    while let Some((pkid, filter_idx, cursor)) = outgoing.resend.pop_front() {
+        let Ok((_, mut read)) = datalog.native_readv(filter_idx, cursor, 1, None) else {
+            continue;
+        };
+        let Some(((mut publish, properties), offset)) = read.pop() else {
+            continue;
+        };
+        if offset != cursor {
+            continue;
+        }
+        let subscribed = requests
+            .iter()
+            .find(|r| r.filter_idx == filter_idx)
+            .map_or(publish.qos as u8, |r| r.qos);
+        let qos = subscribed.min(publish.qos as u8).max(1);
+        publish.qos = protocol::qos(qos).unwrap_or(QoS::AtLeastOnce);
+        let forward = Forward {
+            cursor: Some(cursor),
+            size: 0,
+            publish,
+            properties,
+        };
+        outgoing.push_resend(forward, pkid, filter_idx);
+    }
+    // The link's wake-up for them (the one for the CONNACK is taken by the link's own attach).
+    outgoing.handle.try_send(()).ok();
+}
+
 fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
     let span = tracing::info_span!("outgoing_ack", client_id = outgoing.client_id);
     let _guard = span.enter();
