@@ -156,3 +156,68 @@ async fn every_unsubscribe_gets_one_unsuback_with_a_reason_per_filter() {
         other => panic!("no UNSUBACK: {other:?}"),
     }
 }
+
+/// A No Local reader whose whole read is its own messages goes on reading: the other messages after them are
+/// delivered without waiting for another publish.
+#[tokio::test]
+async fn no_local_reads_past_a_long_run_of_the_clients_own_messages() {
+    let (mut tx, mut rx) = router_with(&["dev-n"]).await.pop().unwrap();
+    subscribe_with(&mut tx, &mut rx, "devices/dev-n/#", QoS::AtLeastOnce, true).await;
+    // More of its own than one read takes (the in-flight window, 100), then the platform's, in one batch.
+    let mut packets: Vec<Packet> = (0..150)
+        .map(|i| {
+            Packet::Publish(
+                Publish::new("devices/dev-n/echo".to_owned(), i.to_string(), false),
+                None,
+            )
+        })
+        .collect();
+    let reply =
+        Publish::new("devices/dev-n/shadow/update/accepted", "reply", false).from_platform(QoS::AtLeastOnce);
+    packets.push(Packet::Publish(reply, None));
+    assert!(super::forward(&mut tx, packets));
+    let got = next_forward(&mut rx, Duration::from_secs(5))
+        .await
+        .expect("the platform's reply");
+    assert_eq!(payload(&got), "reply");
+}
+
+/// An UNSUBSCRIBE in the same batch as a publish that woke the subscription ends it all the same: nothing
+/// published after it comes, and subscribing again gives one subscription, not two.
+#[tokio::test]
+async fn an_unsubscribe_ends_a_subscription_its_batch_just_woke() {
+    use rumqttd::protocol::Unsubscribe;
+
+    let mut links = router_with(&["platform", "dev-w"]).await;
+    let (mut tx, mut rx) = links.pop().unwrap();
+    let (mut platform, _platform_rx) = links.pop().unwrap();
+    let filter = "devices/dev-w/cmd";
+    subscribe_with(&mut tx, &mut rx, filter, QoS::AtMostOnce, false).await;
+    let unsubscribe = Unsubscribe {
+        pkid: 9,
+        filters: vec![filter.to_owned()],
+    };
+    let batch = vec![
+        Packet::Publish(Publish::new(filter, "before", false), None),
+        Packet::Unsubscribe(unsubscribe, None),
+    ];
+    assert!(super::forward(&mut tx, batch));
+    // "before" may come or not (it was published before the UNSUBSCRIBE); nothing after it may.
+    while next_forward(&mut rx, NOTHING_FOR).await.is_some() {}
+    publish(&mut platform, filter, "after", false).await;
+    assert!(
+        next_forward(&mut rx, NOTHING_FOR).await.is_none(),
+        "delivered after the UNSUBACK"
+    );
+
+    subscribe_with(&mut tx, &mut rx, filter, QoS::AtMostOnce, false).await;
+    publish(&mut platform, filter, "again", false).await;
+    let again = next_forward(&mut rx, Duration::from_secs(5))
+        .await
+        .expect("again");
+    assert_eq!(payload(&again), "again");
+    assert!(
+        next_forward(&mut rx, NOTHING_FOR).await.is_none(),
+        "one subscription, one delivery"
+    );
+}

@@ -2,6 +2,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use super::{
+    iobufs::Unacked,
     scheduler::{PauseReason, Tracker},
     ConnectionEvents, FilterIdx,
 };
@@ -44,7 +45,7 @@ impl Graveyard {
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
-        unacked: VecDeque<(u16, FilterIdx, Cursor)>,
+        unacked: VecDeque<Unacked>,
         expires_at: Option<Instant>,
     ) {
         tracker.pause(PauseReason::Busy);
@@ -79,7 +80,7 @@ impl Graveyard {
         self.connections
             .values()
             .filter_map(|saved| saved.session_state.as_ref())
-            .flat_map(|state| state.unacked.iter().map(|(_, filter_idx, cursor)| (*filter_idx, *cursor)))
+            .flat_map(|state| state.unacked.iter().map(|u| (u.filter_idx, u.cursor)))
     }
 
     /// Save only metrics for connection
@@ -111,5 +112,5 @@ pub struct SessionState {
     pub unacked_pubrels: VecDeque<u16>,
     /// Antumbra: unacknowledged QoS 1/2 publishes (packet id, filter, position in its log), sent again when the
     /// session resumes. Its filters' cursors stay after what was delivered.
-    pub unacked: VecDeque<(u16, FilterIdx, Cursor)>,
+    pub unacked: VecDeque<Unacked>,
 }

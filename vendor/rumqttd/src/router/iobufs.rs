@@ -58,15 +58,15 @@ pub struct Outgoing {
     pub(crate) data_buffer: Arc<Mutex<VecDeque<Notification>>>,
     /// Handle which is given to router to allow router to communicate with this connection
     pub(crate) handle: Sender<()>,
-    /// The buffer to keep track of inflight packets.
-    inflight_buffer: VecDeque<(u16, FilterIdx, Option<Cursor>)>,
+    /// The buffer to keep track of inflight packets (Antumbra: with the QoS each went at).
+    inflight_buffer: VecDeque<(u16, FilterIdx, Option<Cursor>, QoS)>,
     /// PubRels waiting for PubComp
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
     /// Antumbra: a resumed persistent session's unacknowledged QoS 1/2 publishes (packet id, filter, position in
     /// its log), to be sent again, with their packet ids and DUP, before anything else.
-    pub(crate) resend: VecDeque<(u16, FilterIdx, Cursor)>,
+    pub(crate) resend: VecDeque<Unacked>,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
 }
@@ -146,7 +146,7 @@ impl Outgoing {
             p.publish.pkid = self.last_pkid;
 
             self.inflight_buffer
-                .push_back((self.last_pkid, filter_idx, p.cursor));
+                .push_back((self.last_pkid, filter_idx, p.cursor, p.publish.qos));
 
             // Place max pkid packet at index 0
             if self.last_pkid == MAX_PKID {
@@ -174,7 +174,7 @@ impl Outgoing {
     // Returns (unsolicited, outoforder) flags
     // Return: Out of order or unsolicited acks
     pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
+        let (head, ..) = self.inflight_buffer.pop_front()?;
 
         // We don't support out of order acks
         if pkid != head {
@@ -209,32 +209,56 @@ impl Outgoing {
 
     /// Antumbra: the unacknowledged QoS 1/2 publishes that are in a log, oldest first, for a persistent session
     /// to send again when it resumes (a retained publish has no position in a log, and is not sent again).
-    pub fn unacked(&self) -> VecDeque<(u16, FilterIdx, Cursor)> {
-        self.inflight_buffer
-            .iter()
-            .filter_map(|(pkid, filter_idx, cursor)| Some((*pkid, *filter_idx, (*cursor)?)))
-            .collect()
+    /// Those still waiting to be sent again (a session resumed and taken over before it sent them) come first.
+    pub fn unacked(&self) -> VecDeque<Unacked> {
+        let inflight = self.inflight_buffer.iter().filter_map(|(pkid, filter_idx, cursor, qos)| {
+            Some(Unacked {
+                pkid: *pkid,
+                filter_idx: *filter_idx,
+                cursor: (*cursor)?,
+                qos: *qos,
+            })
+        });
+        self.resend.iter().copied().chain(inflight).collect()
     }
 
     /// Antumbra: sends `publish` again as the unacknowledged `pkid` (DUP set) ahead of new publishes, whose
     /// packet ids continue after it.
-    pub fn push_resend(&mut self, mut forward: Forward, pkid: u16, filter_idx: FilterIdx) {
+    pub fn push_resend(&mut self, mut forward: Forward, unacked: Unacked) {
+        let Unacked {
+            pkid,
+            filter_idx,
+            qos,
+            ..
+        } = unacked;
         forward.publish.pkid = pkid;
         forward.publish.dup = true;
-        self.inflight_buffer.push_back((pkid, filter_idx, forward.cursor));
+        forward.publish.qos = qos;
+        self.inflight_buffer
+            .push_back((pkid, filter_idx, forward.cursor, qos));
         self.last_pkid = if pkid == MAX_PKID { 0 } else { pkid };
         self.meter.publish_count += 1;
         self.data_buffer.lock().push_back(Notification::Forward(forward));
     }
 
     /// Antumbra: the log position of every unacknowledged QoS 1/2 publish, oldest first (a retained publish has
-    /// none and is skipped).
+    /// none and is skipped), and of those waiting to be sent again.
     pub fn unacked_cursors(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
         self.inflight_buffer
             .iter()
-            .filter_map(|(_, filter_idx, cursor)| Some((*filter_idx, (*cursor)?)))
+            .filter_map(|(_, filter_idx, cursor, _)| Some((*filter_idx, (*cursor)?)))
+            .chain(self.resend.iter().map(|u| (u.filter_idx, u.cursor)))
     }
+}
 
+/// Antumbra: an unacknowledged QoS 1/2 publish of a persistent session: its packet id, where it is (filter and
+/// position in that filter's log), and the QoS it went at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unacked {
+    pub pkid: u16,
+    pub filter_idx: FilterIdx,
+    pub cursor: Cursor,
+    pub qos: QoS,
 }
 
 #[cfg(test)]
@@ -244,12 +268,25 @@ mod test {
     #[test]
     fn unacked_keeps_packet_ids_and_positions_in_order_and_skips_retained_publishes() {
         let (mut outgoing, _) = Outgoing::new("unacked-test".to_string());
-        outgoing
-            .inflight_buffer
-            .extend([(4, 0, Some((0, 8))), (5, 1, None), (6, 0, Some((0, 10)))]);
+        let unacked = |pkid, cursor, qos| Unacked {
+            pkid,
+            filter_idx: 0,
+            cursor,
+            qos,
+        };
+        outgoing.inflight_buffer.extend([
+            (4, 0, Some((0, 8)), QoS::AtLeastOnce),
+            (5, 1, None, QoS::AtLeastOnce),
+            (6, 0, Some((0, 10)), QoS::ExactlyOnce),
+        ]);
+        outgoing.resend.push_back(unacked(3, (0, 7), QoS::AtLeastOnce));
         assert_eq!(
             outgoing.unacked(),
-            [(4, 0, (0, 8)), (6, 0, (0, 10))]
+            [
+                unacked(3, (0, 7), QoS::AtLeastOnce),
+                unacked(4, (0, 8), QoS::AtLeastOnce),
+                unacked(6, (0, 10), QoS::ExactlyOnce)
+            ]
         );
     }
 

@@ -277,8 +277,7 @@ impl Router {
             }
         }
         for (_, outgoing) in self.obufs.iter() {
-            let resend = outgoing.resend.iter().map(|(_, filter_idx, cursor)| (*filter_idx, *cursor));
-            for (filter_idx, cursor) in outgoing.unacked_cursors().chain(resend) {
+            for (filter_idx, cursor) in outgoing.unacked_cursors() {
                 note(&mut oldest, filter_idx, cursor);
             }
         }
@@ -840,6 +839,9 @@ impl Router {
 
                         self.scheduler.untrack(id, filter);
                         self.datalog.remove_waiters_for_id(id, filter);
+                        // Antumbra: or woken by a publish earlier in this batch (it would be tracked again).
+                        self.notifications
+                            .retain(|(waiter, r)| !(*waiter == id && r.filter == *filter));
                         reasons.push(UnsubAckReason::Success);
                     }
                     let ackslog = self.ackslog.get_mut(id).unwrap();
@@ -1137,7 +1139,7 @@ impl Router {
         // We always try to ack when ever a connection is scheduled
         ack_device_data(ackslog, outgoing);
         // Antumbra: a resumed session's unacknowledged publishes, after its CONNACK and before anything new.
-        resend_unacked(outgoing, datalog, &requests);
+        resend_unacked(outgoing, datalog);
 
         let connection = &mut self.connections[id];
 
@@ -1494,44 +1496,37 @@ fn validate_and_set_topic_alias(
     Ok(())
 }
 
-/// Sweep ackslog for all the pending acks.
-/// We write everything to outgoing buf with out worrying about buffer size
-/// because acks most certainly won't cause memory bloat
-/// Antumbra: sends a resumed persistent session's unacknowledged publishes again, read back from their logs,
-/// at the QoS they went at (the lower of the publish's and the subscription's in `requests`). One no longer in
-/// its log (expired) is not sent.
-fn resend_unacked(outgoing: &mut Outgoing, datalog: &DataLog, requests: &VecDeque<DataRequest>) {
+/// Antumbra: sends a resumed persistent session's unacknowledged publishes again, read back from their logs, at
+/// the QoS they went at. One no longer in its log (expired) is not sent.
+fn resend_unacked(outgoing: &mut Outgoing, datalog: &DataLog) {
     if outgoing.resend.is_empty() {
         return;
     }
-    while let Some((pkid, filter_idx, cursor)) = outgoing.resend.pop_front() {
-        let Ok((_, mut read)) = datalog.native_readv(filter_idx, cursor, 1, None) else {
+    while let Some(unacked) = outgoing.resend.pop_front() {
+        let Ok((_, mut read)) = datalog.native_readv(unacked.filter_idx, unacked.cursor, 1, None) else {
             continue;
         };
-        let Some(((mut publish, properties), offset)) = read.pop() else {
+        let Some(((publish, properties), offset)) = read.pop() else {
             continue;
         };
-        if offset != cursor {
+        if offset != unacked.cursor {
             continue;
         }
-        let subscribed = requests
-            .iter()
-            .find(|r| r.filter_idx == filter_idx)
-            .map_or(publish.qos as u8, |r| r.qos);
-        let qos = subscribed.min(publish.qos as u8).max(1);
-        publish.qos = protocol::qos(qos).unwrap_or(QoS::AtLeastOnce);
         let forward = Forward {
-            cursor: Some(cursor),
+            cursor: Some(unacked.cursor),
             size: 0,
             publish,
             properties,
         };
-        outgoing.push_resend(forward, pkid, filter_idx);
+        outgoing.push_resend(forward, unacked);
     }
     // The link's wake-up for them (the one for the CONNACK is taken by the link's own attach).
     outgoing.handle.try_send(()).ok();
 }
 
+/// Sweep ackslog for all the pending acks.
+/// We write everything to outgoing buf with out worrying about buffer size
+/// because acks most certainly won't cause memory bloat
 fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
     let span = tracing::info_span!("outgoing_ack", client_id = outgoing.client_id);
     let _guard = span.enter();
@@ -1709,7 +1704,12 @@ fn forward_device_data(
     // println!("{:?} {:?} {}", start, next, request.read_count);
 
     if publishes.is_empty() {
-        return ConsumeStatus::FilterCaughtup;
+        // Antumbra: a read whose every message was skipped (No Local, expired) is not the end of the log.
+        return if caughtup {
+            ConsumeStatus::FilterCaughtup
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
