@@ -17,10 +17,10 @@ Modes:
              --count messages that arrive on --reply ("<topic> <payload>"), exit 3 on --timeout
   loopback   connect, subscribe to --topic at --qos, publish --count messages to it (at --pub-qos, default
              --qos), exit 0 when all came back; prints the QoS levels they came at
-  steps      connect, then do each --step in order: "sub FILTER" and "unsub FILTER" (at QoS 1, waiting for the
-             broker's ack), "pub TOPIC PAYLOAD" (QoS 1), "wait N" (until N messages have arrived in all, exit 3 on
-             --timeout), "sleep SECONDS", and with --v5 "subnl FILTER" (No Local); prints every message as subscribe
-             does
+  steps      connect, then do each --step in order: "sub FILTER [nl] [rap] [rh=N]" (QoS 1; with --v5 the options
+             No Local, Retain As Published, Retain Handling) and "unsub FILTER", each waiting for the broker's
+             ack; "pub TOPIC PAYLOAD" and "pubr TOPIC PAYLOAD" (QoS 1; retained); "wait N" (until N messages have
+             arrived in all, exit 3 on --timeout); "sleep SECONDS"; prints every message as subscribe does
 Exit code 2 with "refused <rc>" when the server refuses the connection.
 """
 import argparse
@@ -208,22 +208,27 @@ def main():
         c.on_unsubscribe = lambda *args: acked.set()
         for step in a.step:
             verb, _, rest = step.partition(" ")
-            if verb in ("sub", "subnl", "unsub"):
+            if verb in ("sub", "unsub"):
                 acked.clear()
-                if verb == "subnl":
+                topic, *flags = rest.split()
+                if verb == "unsub":
+                    c.unsubscribe(topic)
+                elif a.v5:
                     from paho.mqtt.subscribeoptions import SubscribeOptions
 
-                    c.subscribe(rest, options=SubscribeOptions(qos=1, noLocal=True))
-                elif verb == "sub":
-                    c.subscribe(rest, qos=1)
+                    rh = next((int(f[3:]) for f in flags if f.startswith("rh=")), 0)
+                    options = SubscribeOptions(
+                        qos=1, noLocal="nl" in flags, retainAsPublished="rap" in flags, retainHandling=rh
+                    )
+                    c.subscribe(topic, options=options)
                 else:
-                    c.unsubscribe(rest)
+                    c.subscribe(topic, qos=1)
                 if not acked.wait(a.timeout):
                     print(f"no ack for {step}", flush=True)
                     return 3
-            elif verb == "pub":
+            elif verb in ("pub", "pubr"):
                 topic, _, payload = rest.partition(" ")
-                c.publish(topic, payload, qos=1).wait_for_publish(a.timeout)
+                c.publish(topic, payload, qos=1, retain=verb == "pubr").wait_for_publish(a.timeout)
             elif verb == "wait":
                 deadline = time.time() + a.timeout
                 while len(received) < int(rest):

@@ -921,7 +921,7 @@ fn no_local_subscriptions_skip_the_devices_own_messages_but_not_the_platforms() 
     let server = start(dir.path());
     let d = server.register(TOKEN, "nl-lamp", dir.path());
     let steps = [
-        "subnl devices/nl-lamp/#",
+        "sub devices/nl-lamp/# nl",
         "pub devices/nl-lamp/echo own",
         r#"pub devices/nl-lamp/shadow/update {"state":{"reported":{"on":true}}}"#,
         "wait 2",
@@ -1048,4 +1048,62 @@ async fn publishes(reader: &mut client::Reader, count: usize) -> Vec<(String, u8
         }
     }
     got
+}
+
+/// MQTT 5 Retain Handling and Retain As Published, and MQTT 3.1.1's rule that a SUBSCRIBE sends the retained
+/// messages again even for a filter the session has, with Paho.
+#[test]
+fn retained_messages_follow_the_subscription_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "ret-lamp", dir.path());
+    let topic = "devices/ret-lamp/state";
+    let run = |v5: bool, steps: &[String]| {
+        let mut args = if v5 { vec!["--v5"] } else { vec![] };
+        for step in steps {
+            args.extend(["--step", step.as_str()]);
+        }
+        let out = paho(&server, &d, "steps", &args).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}");
+        // "<retain> <payload>" per message.
+        let lines: Vec<String> = stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(topic)?.strip_prefix(' ').map(str::to_owned))
+            .collect();
+        lines
+    };
+    let v5 = run(
+        true,
+        &[
+            format!("pubr {topic} on"),
+            // Retain Handling 2: no retained message for this subscription.
+            format!("sub {topic} rh=2"),
+            "sleep 0.5".to_owned(),
+            // The same filter again, Retain Handling 0 and Retain As Published: the retained message, then a
+            // live retained publish with its RETAIN flag.
+            format!("sub {topic} rap"),
+            "wait 1".to_owned(),
+            format!("pubr {topic} off"),
+            "wait 2".to_owned(),
+            // Again without Retain As Published: the retained message, then a live one with the flag cleared.
+            format!("sub {topic}"),
+            "wait 3".to_owned(),
+            format!("pubr {topic} dim"),
+            "wait 4".to_owned(),
+            "sleep 0.3".to_owned(),
+        ],
+    );
+    assert_eq!(v5, ["1 on", "1 off", "1 off", "0 dim"]);
+    let v4 = run(
+        false,
+        &[
+            format!("sub {topic}"),
+            "wait 1".to_owned(),
+            format!("sub {topic}"),
+            "wait 2".to_owned(),
+            "sleep 0.3".to_owned(),
+        ],
+    );
+    assert_eq!(v4, ["1 dim", "1 dim"]);
 }

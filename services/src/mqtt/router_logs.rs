@@ -49,6 +49,11 @@ pub(super) async fn subscribe_with(tx: &mut LinkTx, rx: &mut LinkRx, filter: &st
         preserve_retain: false,
         retain_forward_rule: RetainForwardRule::OnEverySubscribe,
     };
+    subscribe_to(tx, rx, filter).await
+}
+
+/// Subscribes with `filter`'s options and waits for the SUBACK.
+pub(super) async fn subscribe_to(tx: &mut LinkTx, rx: &mut LinkRx, filter: Filter) {
     let subscribe = Subscribe {
         pkid: 1,
         filters: vec![filter],

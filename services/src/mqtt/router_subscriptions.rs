@@ -7,7 +7,7 @@ use std::time::Duration;
 use rumqttd::local::LinkTx;
 use rumqttd::protocol::{Packet, Publish, QoS};
 
-use super::router_logs::{next_forward, router_with, subscribe_with};
+use super::router_logs::{next_forward, router_with, subscribe_to, subscribe_with};
 
 /// How long a message that should not come is waited for.
 const NOTHING_FOR: Duration = Duration::from_millis(300);
@@ -58,13 +58,15 @@ async fn no_local_skips_only_what_the_client_itself_published() {
         .expect("retained");
     assert_eq!(payload(&retained), "own-retained");
 
-    // SUBSCRIBE again without No Local: it replaces the subscription, so dev-a's own messages come back.
+    // SUBSCRIBE again without No Local: it replaces the subscription, so dev-a's own messages come back, the
+    // retained one first (sent again for the new SUBSCRIBE).
     subscribe_with(&mut tx, &mut rx, "devices/dev-a/#", QoS::AtLeastOnce, false).await;
     publish(&mut tx, "devices/dev-a/echo", "own-again", false).await;
-    let again = next_forward(&mut rx, Duration::from_secs(5))
-        .await
-        .expect("own message");
-    assert_eq!(payload(&again), "own-again");
+    let mut again = Vec::new();
+    while let Some(p) = next_forward(&mut rx, NOTHING_FOR).await {
+        again.push(payload(&p));
+    }
+    assert_eq!(again, ["own-retained", "own-again"]);
 }
 
 #[tokio::test]
@@ -220,4 +222,106 @@ async fn an_unsubscribe_ends_a_subscription_its_batch_just_woke() {
         next_forward(&mut rx, NOTHING_FOR).await.is_none(),
         "one subscription, one delivery"
     );
+}
+
+/// The RETAIN flag of a forwarded publish.
+fn retained(publish: &Publish) -> bool {
+    publish.serialize()[0] & 1 == 1
+}
+
+fn options(
+    path: &str,
+    preserve_retain: bool,
+    rule: rumqttd::protocol::RetainForwardRule,
+) -> rumqttd::protocol::Filter {
+    rumqttd::protocol::Filter {
+        path: path.to_owned(),
+        qos: QoS::AtMostOnce,
+        nolocal: false,
+        preserve_retain,
+        retain_forward_rule: rule,
+    }
+}
+
+/// MQTT 5 Retain As Published: a live message keeps the RETAIN flag it was published with only for a
+/// subscription that asks; retained messages sent for a subscription always have it.
+#[tokio::test]
+async fn retain_as_published_keeps_the_flag_of_live_messages() {
+    use rumqttd::protocol::RetainForwardRule::OnEverySubscribe;
+
+    let mut links = router_with(&["platform", "dev-r", "dev-s"]).await;
+    let (mut plain_tx, mut plain_rx) = links.pop().unwrap();
+    let (mut rap_tx, mut rap_rx) = links.pop().unwrap();
+    let (mut platform, _platform_rx) = links.pop().unwrap();
+    publish(&mut platform, "devices/dev-r/state", "old", true).await;
+    subscribe_to(
+        &mut rap_tx,
+        &mut rap_rx,
+        options("devices/dev-r/#", true, OnEverySubscribe),
+    )
+    .await;
+    subscribe_to(
+        &mut plain_tx,
+        &mut plain_rx,
+        options("devices/dev-r/#", false, OnEverySubscribe),
+    )
+    .await;
+    for rx in [&mut rap_rx, &mut plain_rx] {
+        let sent = next_forward(rx, Duration::from_secs(5)).await.expect("retained");
+        assert_eq!((payload(&sent), retained(&sent)), ("old".to_owned(), true));
+    }
+    publish(&mut platform, "devices/dev-r/state", "new", true).await;
+    publish(&mut platform, "devices/dev-r/event", "plain", false).await;
+    let mut flags = Vec::new();
+    for rx in [&mut rap_rx, &mut plain_rx] {
+        for _ in 0..2 {
+            let p = next_forward(rx, Duration::from_secs(5)).await.expect("live");
+            flags.push((payload(&p), retained(&p)));
+        }
+    }
+    let expected = [("new", true), ("plain", false), ("new", false), ("plain", false)];
+    assert_eq!(flags, expected.map(|(p, r)| (p.to_owned(), r)));
+}
+
+/// MQTT 5 Retain Handling (and MQTT 3.1.1's rule): retained messages are sent on every SUBSCRIBE (0), only
+/// for a new subscription (1), or never (2).
+#[tokio::test]
+async fn retain_handling_decides_when_retained_messages_are_sent() {
+    use rumqttd::protocol::RetainForwardRule::{Never, OnEverySubscribe, OnNewSubscribe};
+
+    let mut links = router_with(&["platform", "dev-h"]).await;
+    let (mut tx, mut rx) = links.pop().unwrap();
+    let (mut platform, _platform_rx) = links.pop().unwrap();
+    let filter = "devices/dev-h/state";
+    publish(&mut platform, filter, "kept", true).await;
+    let mut got = Vec::new();
+    for rule in [
+        Never,
+        OnNewSubscribe,
+        OnNewSubscribe,
+        OnEverySubscribe,
+        OnEverySubscribe,
+    ] {
+        // Never on a new subscription, then the same filter subscribed again with each rule.
+        subscribe_to(&mut tx, &mut rx, options(filter, false, rule.clone())).await;
+        let sent = next_forward(&mut rx, NOTHING_FOR).await.map(|p| payload(&p));
+        got.push((format!("{rule:?}"), sent));
+        if matches!(rule, Never) {
+            // Start again with no subscription, so the next one is new.
+            let unsubscribe = rumqttd::protocol::Unsubscribe {
+                pkid: 5,
+                filters: vec![filter.to_owned()],
+            };
+            tx.send(Packet::Unsubscribe(unsubscribe, None)).await.unwrap();
+        }
+    }
+    let kept = Some("kept".to_owned());
+    let expected = [
+        ("Never", None),
+        ("OnNewSubscribe", kept.clone()),
+        ("OnNewSubscribe", None),
+        ("OnEverySubscribe", kept.clone()),
+        ("OnEverySubscribe", kept),
+    ];
+    assert_eq!(got, expected.map(|(r, p)| (r.to_owned(), p)));
 }

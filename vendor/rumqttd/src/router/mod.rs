@@ -199,6 +199,9 @@ pub struct DataRequest {
     /// Antumbra: MQTT 5 No Local: messages this connection's client published are not delivered to it.
     #[serde(default)]
     pub(crate) nolocal: bool,
+    /// Antumbra: MQTT 5 Retain As Published: messages keep the RETAIN flag they were published with.
+    #[serde(default)]
+    pub(crate) preserve_retain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

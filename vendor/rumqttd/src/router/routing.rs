@@ -1055,9 +1055,9 @@ impl Router {
         }
 
         // check is group is None because retained messages aren't sent
-        // for shared subscriptions
-        // TODO: use retain forward rules
-        let forward_retained = group.is_none();
+        // for shared subscriptions. Antumbra: and not with Retain Handling 2 (MQTT 5 §3.8.3.1).
+        let forward_retained =
+            group.is_none() && filter.retain_forward_rule != protocol::RetainForwardRule::Never;
 
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
@@ -1073,6 +1073,7 @@ impl Router {
                 forward_retained,
                 group,
                 nolocal: filter.nolocal,
+                preserve_retain: filter.preserve_retain,
             };
 
             self.scheduler.track(id, request);
@@ -1081,13 +1082,24 @@ impl Router {
         } else {
             // Antumbra: a SUBSCRIBE for a filter the connection has replaces the subscription (MQTT 3.1.1 and 5
             // §3.8.4): its QoS and No Local now apply, from its next message on. Upstream kept the old ones.
+            // Retained messages are sent again unless Retain Handling says only for a new subscription, or
+            // never (MQTT 3.1.1 §3.8.4: always; MQTT 5 §3.8.3.1).
+            let resend_retained = forward_retained
+                && filter.retain_forward_rule == protocol::RetainForwardRule::OnEverySubscribe;
             self.update_request(id, filter_path, |request| {
                 request.qos = filter.qos as u8;
                 request.nolocal = filter.nolocal;
+                request.preserve_retain = filter.preserve_retain;
+                request.forward_retained |= resend_retained;
             });
+            if resend_retained {
+                // A request parked on its log runs only on new data: back to the connection's tracker.
+                if let Some(request) = self.datalog.remove_waiters_for_id(id, filter_path) {
+                    self.scheduler.track(id, request);
+                }
+                self.scheduler.reschedule(id, ScheduleReason::NewFilter);
+            }
         }
-
-        // TODO: forwarding retained messages on every subscribe
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
@@ -1365,9 +1377,8 @@ fn append_to_commitlog(
         );
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // Antumbra: the log keeps the RETAIN flag as published; a forward clears it unless the subscription has
+    // Retain As Published (MQTT 5 §3.3.1.3). Upstream cleared it here, for every subscriber.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1437,9 +1448,8 @@ fn append_will_message(
         datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned(), None);
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // Antumbra: the log keeps the RETAIN flag as published; a forward clears it unless the subscription has
+    // Retain As Published (MQTT 5 §3.3.1.3). Upstream cleared it here, for every subscriber.
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
@@ -1698,6 +1708,7 @@ fn forward_device_data(
     );
 
     let qos = request.qos;
+    let preserve_retain = request.preserve_retain;
     let filter_idx = request.filter_idx;
     request.read_count += publishes.len();
     request.cursor = next;
@@ -1735,6 +1746,11 @@ fn forward_device_data(
             // Antumbra: delivered at the lower of the publish's QoS and the subscription's (MQTT 3.1.1 §3.8.4,
             // MQTT 5 §3.8.4); rumqttd used the subscription's.
             publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap();
+            // Antumbra: a message from the log (not a retained one sent for the subscription) keeps its RETAIN
+            // flag only with Retain As Published.
+            if offset.is_some() {
+                publish.retain &= preserve_retain;
+            }
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
