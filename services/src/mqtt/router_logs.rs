@@ -183,33 +183,49 @@ async fn a_resumed_session_gets_only_its_unacknowledged_messages_again() {
     };
     let (mut tx, mut rx, _) = attach().await.unwrap();
     subscribe(&mut tx, &mut rx, "devices/dev-z/#", QoS::AtLeastOnce).await;
-    for (payload, qos) in [
-        ("q1-a", QoS::AtLeastOnce),
-        ("q0", QoS::AtMostOnce),
-        ("q1-b", QoS::AtLeastOnce),
+    // The last one published retained: it goes to the live subscription with RETAIN clear, and comes again so.
+    for (payload, qos, retain) in [
+        ("q1-a", QoS::AtLeastOnce, false),
+        ("q0", QoS::AtMostOnce, false),
+        ("q1-b", QoS::AtLeastOnce, true),
     ] {
-        let publish = Publish::new("devices/dev-z/inbox", payload, false).from_platform(qos);
-        let publish = if qos == QoS::AtMostOnce {
-            Publish::new("devices/dev-z/inbox", payload, false)
-        } else {
-            publish
+        let publish = Publish::new("devices/dev-z/inbox", payload, retain);
+        let publish = match qos {
+            QoS::AtMostOnce => publish,
+            qos => publish.from_platform(qos),
         };
         platform.send(Packet::Publish(publish, None)).await.unwrap();
     }
-    let mut first = Vec::new();
-    while let Some(publish) = next_forward(&mut rx, Duration::from_millis(500)).await {
-        first.push(String::from_utf8(publish.payload.to_vec()).unwrap());
+    // (payload, RETAIN, DUP) of each publish forwarded within half a second of the last.
+    async fn forwards(rx: &mut LinkRx) -> Vec<(String, bool, bool)> {
+        let mut got = Vec::new();
+        while let Some(publish) = next_forward(rx, Duration::from_millis(500)).await {
+            let header = publish.serialize()[0];
+            let payload = String::from_utf8(publish.payload.to_vec()).unwrap();
+            got.push((payload, header & 1 == 1, header & 0b1000 != 0));
+        }
+        got
     }
-    assert_eq!(first, ["q1-a", "q0", "q1-b"]);
+    let expected = |list: &[(&str, bool, bool)]| {
+        list.iter()
+            .map(|(p, r, d)| (p.to_string(), *r, *d))
+            .collect::<Vec<_>>()
+    };
+    let first = forwards(&mut rx).await;
+    assert_eq!(
+        first,
+        expected(&[
+            ("q1-a", false, false),
+            ("q0", false, false),
+            ("q1-b", false, false)
+        ])
+    );
     detach(&mut tx, &mut rx).await;
     let_the_router_trim(&mut platform).await;
 
     let (_tx, mut rx, _) = attach().await.unwrap();
-    let mut again = Vec::new();
-    while let Some(publish) = next_forward(&mut rx, Duration::from_millis(500)).await {
-        again.push(String::from_utf8(publish.payload.to_vec()).unwrap());
-    }
-    assert_eq!(again, ["q1-a", "q1-b"]);
+    let again = forwards(&mut rx).await;
+    assert_eq!(again, expected(&[("q1-a", false, true), ("q1-b", false, true)]));
 }
 
 #[tokio::test]

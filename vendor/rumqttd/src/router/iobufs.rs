@@ -58,8 +58,8 @@ pub struct Outgoing {
     pub(crate) data_buffer: Arc<Mutex<VecDeque<Notification>>>,
     /// Handle which is given to router to allow router to communicate with this connection
     pub(crate) handle: Sender<()>,
-    /// The buffer to keep track of inflight packets (Antumbra: with the QoS each went at).
-    inflight_buffer: VecDeque<(u16, FilterIdx, Option<Cursor>, QoS)>,
+    /// The buffer to keep track of inflight packets (Antumbra: with the QoS and RETAIN flag each went with).
+    inflight_buffer: VecDeque<(u16, FilterIdx, Option<Cursor>, QoS, bool)>,
     /// PubRels waiting for PubComp
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
@@ -146,7 +146,7 @@ impl Outgoing {
             p.publish.pkid = self.last_pkid;
 
             self.inflight_buffer
-                .push_back((self.last_pkid, filter_idx, p.cursor, p.publish.qos));
+                .push_back((self.last_pkid, filter_idx, p.cursor, p.publish.qos, p.publish.retain));
 
             // Place max pkid packet at index 0
             if self.last_pkid == MAX_PKID {
@@ -211,14 +211,18 @@ impl Outgoing {
     /// to send again when it resumes (a retained publish has no position in a log, and is not sent again).
     /// Those still waiting to be sent again (a session resumed and taken over before it sent them) come first.
     pub fn unacked(&self) -> VecDeque<Unacked> {
-        let inflight = self.inflight_buffer.iter().filter_map(|(pkid, filter_idx, cursor, qos)| {
-            Some(Unacked {
-                pkid: *pkid,
-                filter_idx: *filter_idx,
-                cursor: (*cursor)?,
-                qos: *qos,
-            })
-        });
+        let inflight = self
+            .inflight_buffer
+            .iter()
+            .filter_map(|(pkid, filter_idx, cursor, qos, retain)| {
+                Some(Unacked {
+                    pkid: *pkid,
+                    filter_idx: *filter_idx,
+                    cursor: (*cursor)?,
+                    qos: *qos,
+                    retain: *retain,
+                })
+            });
         self.resend.iter().copied().chain(inflight).collect()
     }
 
@@ -229,13 +233,16 @@ impl Outgoing {
             pkid,
             filter_idx,
             qos,
+            retain,
             ..
         } = unacked;
         forward.publish.pkid = pkid;
         forward.publish.dup = true;
         forward.publish.qos = qos;
+        // As it went: the log keeps the flag as published, the forward had cleared it or not.
+        forward.publish.retain = retain;
         self.inflight_buffer
-            .push_back((pkid, filter_idx, forward.cursor, qos));
+            .push_back((pkid, filter_idx, forward.cursor, qos, retain));
         self.last_pkid = if pkid == MAX_PKID { 0 } else { pkid };
         self.meter.publish_count += 1;
         self.data_buffer.lock().push_back(Notification::Forward(forward));
@@ -246,19 +253,20 @@ impl Outgoing {
     pub fn unacked_cursors(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
         self.inflight_buffer
             .iter()
-            .filter_map(|(_, filter_idx, cursor, _)| Some((*filter_idx, (*cursor)?)))
+            .filter_map(|(_, filter_idx, cursor, ..)| Some((*filter_idx, (*cursor)?)))
             .chain(self.resend.iter().map(|u| (u.filter_idx, u.cursor)))
     }
 }
 
 /// Antumbra: an unacknowledged QoS 1/2 publish of a persistent session: its packet id, where it is (filter and
-/// position in that filter's log), and the QoS it went at.
+/// position in that filter's log), and the QoS and RETAIN flag it went with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unacked {
     pub pkid: u16,
     pub filter_idx: FilterIdx,
     pub cursor: Cursor,
     pub qos: QoS,
+    pub retain: bool,
 }
 
 #[cfg(test)]
@@ -273,11 +281,12 @@ mod test {
             filter_idx: 0,
             cursor,
             qos,
+            retain: false,
         };
         outgoing.inflight_buffer.extend([
-            (4, 0, Some((0, 8)), QoS::AtLeastOnce),
-            (5, 1, None, QoS::AtLeastOnce),
-            (6, 0, Some((0, 10)), QoS::ExactlyOnce),
+            (4, 0, Some((0, 8)), QoS::AtLeastOnce, false),
+            (5, 1, None, QoS::AtLeastOnce, true),
+            (6, 0, Some((0, 10)), QoS::ExactlyOnce, false),
         ]);
         outgoing.resend.push_back(unacked(3, (0, 7), QoS::AtLeastOnce));
         assert_eq!(

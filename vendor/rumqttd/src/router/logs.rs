@@ -176,7 +176,7 @@ impl DataLog {
         data.waiters
             .get_mut()
             .iter_mut()
-            .find(|(waiter, _)| *waiter == id)
+            .find(|(waiter, request)| *waiter == id && request.filter == filter)
             .map(|(_, request)| request)
     }
 
@@ -193,7 +193,7 @@ impl DataLog {
 
         waiters
             .iter()
-            .position(|&(conn_id, _)| conn_id == id)
+            .position(|(conn_id, request)| *conn_id == id && request.filter == *filter)
             .and_then(|index| {
                 waiters
                     .swap_remove_back(index)
