@@ -1,9 +1,10 @@
 //! Which instances of a cluster are alive: each keeps a heartbeat key in Redis that lapses when it stops.
 //!
 //! Every instance adds its id to one set (`{prefix}instances`) at start and refreshes `{prefix}instance:{id}`
-//! every [`BEAT`] with a time to live of [`LAPSE`]. Every [`BEAT`] each instance also looks for ids in the set
-//! whose key has lapsed: the devices such an instance held are offline (`server_shutdown`), in the database and in
-//! this instance's memory and event streams ([`Presence::held_by_dead`]); then the id leaves the set. Several
+//! every [`BEAT`] with a time to live of [`LAPSE`]. Every [`BEAT`] each instance also looks, in a task of its own
+//! so that a slow look never delays the heartbeat, for ids in the set whose key has lapsed: the devices such an
+//! instance held are offline (`server_shutdown`), in the database and in this instance's memory and event
+//! streams ([`Presence::held_by_dead`]); then the id leaves the set. Several
 //! instances may do this for the same dead one at once: every step is idempotent. An instance that was only
 //! cut off or stalled finds itself out of the set at its next beat: it enters again and announces the sessions
 //! it still holds ([`Presence::reannounce`]).
@@ -130,15 +131,33 @@ impl Liveness {
             .collect())
     }
 
-    /// Beats every [`BEAT`], and marks offline the devices of instances that stopped beating.
+    /// Beats every [`BEAT`]; beside it, every [`BEAT`], rejoins when dropped and marks offline the devices of
+    /// instances that stopped beating. Apart, so that a slow sweep or announcement (a database that is slow to
+    /// answer, a fleet of devices to mark) never holds the heartbeat back until the others take this instance for
+    /// dead too.
     pub fn spawn(self, presence: Arc<Presence>, registry: Registry) {
+        let beating = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let heart = (self.clone(), beating.clone());
+        tokio::spawn(async move {
+            let (this, beating) = heart;
+            let mut ticks = tokio::time::interval(BEAT);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let beat = this.beat().await;
+                if let Err(e) = &beat {
+                    tracing::warn!(error = %e, "could not renew this instance's heartbeat in Redis");
+                }
+                beating.store(beat.is_ok(), std::sync::atomic::Ordering::Relaxed);
+            }
+        });
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(BEAT);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                if let Err(e) = self.beat().await {
-                    tracing::warn!(error = %e, "could not renew this instance's heartbeat in Redis");
+                // Without a heartbeat, joining again would only be undone by the next sweep elsewhere.
+                if !beating.load(std::sync::atomic::Ordering::Relaxed) {
                     continue;
                 }
                 if let Err(e) = self.rejoin_if_dropped(&presence, &registry).await {

@@ -23,7 +23,7 @@ mod servers;
 
 use std::time::Duration;
 
-use antumbra_e2e::{eventually, paho_connected, pub_, runtime, sub, DeviceFiles, Server};
+use antumbra_e2e::{eventually, paho_connected, pub_, runtime, sub, DeviceFiles, Proc, Server};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "cluster-e2e-admin-token-0123456789";
@@ -494,4 +494,75 @@ fn an_instance_taken_for_dead_while_it_stalled_announces_its_devices_again() {
     // A session announced late never closes the device's session where it is: B's stays.
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(status(&b, "pump-7")["online"], true);
+}
+
+/// `redis-cli` on the test Redis with `args`; its output, trimmed.
+fn redis_cli(redis: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", redis])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "redis-cli {args:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An instance keeps beating while its look for dead instances is held up (here by a table lock in
+/// PostgreSQL): a slow sweep used to delay the next heartbeat, and past the lapse the others would have taken
+/// a live instance for dead.
+#[test]
+fn the_heartbeat_goes_on_while_a_sweep_for_dead_instances_is_held_up() {
+    let db = test_database();
+    let env = ClusterEnv::new(&db);
+    let (redis, prefix) = (env.redis.clone(), env.prefix.clone());
+    let vars = env.vars();
+    let dir = tempfile::tempdir().unwrap();
+    let _a = instance(dir.path(), "a", &vars, &[]);
+    let beat_key = redis_cli(&redis, &["--scan", "--pattern", &format!("{prefix}instance:*")]);
+    assert!(
+        !beat_key.is_empty() && !beat_key.contains('\n'),
+        "one heartbeat: {beat_key:?}"
+    );
+
+    // An instance that stopped beating, and a lock that holds up the sweep that marks its devices offline.
+    let set = format!("{prefix}instances");
+    redis_cli(&redis, &["SADD", &set, "ghost"]);
+    // Longer than a lapse (15 s) less a beat (5 s): held up in the beat loop, the heartbeat would lapse below.
+    const HELD: u64 = 20;
+    let lock = std::process::Command::new("psql")
+        .args([
+            &db,
+            "-qc",
+            &format!(
+                "BEGIN; LOCK TABLE device_presence IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep({HELD}); COMMIT;"
+            ),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = Proc(lock);
+
+    // Over the lock, the heartbeat's time to live never falls far: a beat every 5 s renews it to 15 s.
+    let mut lowest = i64::MAX;
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(HELD - 1) {
+        let ttl: i64 = redis_cli(&redis, &["PTTL", &beat_key]).parse().unwrap();
+        lowest = lowest.min(ttl);
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(
+        redis_cli(&redis, &["SISMEMBER", &set, "ghost"]),
+        "1",
+        "the sweep was not held up"
+    );
+    assert!(
+        lowest > 8_000,
+        "the heartbeat's time to live fell to {lowest} ms during a held-up sweep"
+    );
+    drop(lock);
+    // The sweep finishes once the lock is gone.
+    assert!(eventually(Duration::from_secs(20), || redis_cli(
+        &redis,
+        &["SISMEMBER", &set, "ghost"]
+    ) == "0"));
 }
