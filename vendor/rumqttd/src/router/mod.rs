@@ -202,6 +202,9 @@ pub struct DataRequest {
     /// Antumbra: MQTT 5 Retain As Published: messages keep the RETAIN flag they were published with.
     #[serde(default)]
     pub(crate) preserve_retain: bool,
+    /// Antumbra: retained messages of this subscription still to send (more than one in-flight window).
+    #[serde(skip)]
+    pub(crate) pending_retained: Vec<(crate::protocol::Publish, Option<crate::protocol::PublishProperties>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

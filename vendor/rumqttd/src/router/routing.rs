@@ -1074,6 +1074,7 @@ impl Router {
                 group,
                 nolocal: filter.nolocal,
                 preserve_retain: filter.preserve_retain,
+                pending_retained: Vec::new(),
             };
 
             self.scheduler.track(id, request);
@@ -1638,27 +1639,35 @@ fn forward_device_data(
     let nolocal = request.nolocal.then_some(connection.client_id.as_str());
 
     if request.forward_retained {
-        // NOTE: ideally we want to limit the number of read messages
-        // and skip the messages previously read while reading next time.
-        // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter, nolocal);
-        retained_publishes.truncate(inflight_slots as usize);
-
-        publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
-        inflight_slots -= publishes.len() as u64;
-
+        // Antumbra: all of them, sent over as many rounds as the in-flight window takes. Upstream sent what fit
+        // in the free slots and dropped the rest.
+        request.pending_retained = datalog.read_retained_messages(&request.filter, nolocal);
         // we only want to forward retained messages once
         request.forward_retained = false;
     }
+    if !request.pending_retained.is_empty() {
+        let count = request.pending_retained.len().min(inflight_slots as usize);
+        publishes.extend(request.pending_retained.drain(..count).map(|p| (p, None)));
+        inflight_slots -= count as u64;
+    }
+    let retained_left = !request.pending_retained.is_empty();
 
-    let (next, publishes_from_datalog) =
+    let (next, publishes_from_datalog) = if inflight_slots == 0 {
+        // The window is full of retained messages: the log waits for the next round.
+        let here = Position::Next {
+            start: request.cursor,
+            end: request.cursor,
+        };
+        (here, Vec::new())
+    } else {
         match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots, nolocal) {
             Ok(v) => v,
             Err(e) => {
                 error!(error = ?e, "Failed to read from commitlog {}", e);
                 return ConsumeStatus::FilterCaughtup;
             }
-        };
+        }
+    };
 
     publishes.extend(
         publishes_from_datalog
@@ -1805,6 +1814,16 @@ fn forward_device_data(
         share.update_next_client();
         // update the shared cursor
         share.cursor = request.cursor;
+    }
+
+    if retained_left {
+        // Antumbra: more retained messages than the window took: again once acknowledgements free it (QoS 1
+        // and 2), or in the next round.
+        return if qos != 0 {
+            ConsumeStatus::InflightFull
+        } else {
+            ConsumeStatus::PartialRead
+        };
     }
 
     if caughtup {
