@@ -326,33 +326,43 @@ async fn retain_handling_decides_when_retained_messages_are_sent() {
     assert_eq!(got, expected.map(|(r, p)| (r.to_owned(), p)));
 }
 
-/// More retained messages than one in-flight window (100 at QoS 1) all reach a new subscription, in rounds as
-/// it acknowledges them: upstream sent what fit and dropped the rest.
+/// More retained messages than one in-flight window (100 at QoS 1) all reach a new QoS 1 subscription, in rounds
+/// as it acknowledges those above QoS 0 (upstream sent what fit and dropped the rest), whether they were
+/// published at QoS 1 (each takes a slot) or at QoS 0 (none does: nothing to wait for).
 #[tokio::test]
 async fn every_retained_message_reaches_a_subscription_whatever_the_window() {
     use rumqttd::protocol::{PubAck, PubAckReason};
 
-    let mut links = router_with(&["platform", "dev-m"]).await;
-    let (mut tx, mut rx) = links.pop().unwrap();
-    let (mut platform, _platform_rx) = links.pop().unwrap();
-    const RETAINED: usize = 150;
-    for i in 0..RETAINED {
-        let topic = format!("devices/dev-m/state/{i}");
-        let publish = Publish::new(topic, i.to_string(), true).from_platform(QoS::AtLeastOnce);
-        platform.send(Packet::Publish(publish, None)).await.unwrap();
+    for published_at in [QoS::AtLeastOnce, QoS::AtMostOnce] {
+        let mut links = router_with(&["platform", "dev-m"]).await;
+        let (mut tx, mut rx) = links.pop().unwrap();
+        let (mut platform, _platform_rx) = links.pop().unwrap();
+        const RETAINED: usize = 150;
+        for i in 0..RETAINED {
+            let topic = format!("devices/dev-m/state/{i}");
+            let publish = Publish::new(topic, i.to_string(), true);
+            let publish = match published_at {
+                QoS::AtMostOnce => publish,
+                qos => publish.from_platform(qos),
+            };
+            platform.send(Packet::Publish(publish, None)).await.unwrap();
+        }
+        subscribe_with(&mut tx, &mut rx, "devices/dev-m/#", QoS::AtLeastOnce, false).await;
+        let mut got = std::collections::BTreeSet::new();
+        while let Some(publish) = next_forward(&mut rx, Duration::from_secs(2)).await {
+            got.insert(payload(&publish));
+            if qos(&publish) == 0 {
+                continue;
+            }
+            // Acknowledged as received, as a device does: the window frees up for the rest.
+            let wire = publish.serialize();
+            let pkid = u16::from_be_bytes([wire[1], wire[2]]);
+            let ack = PubAck {
+                pkid,
+                reason: PubAckReason::Success,
+            };
+            tx.send(Packet::PubAck(ack, None)).await.unwrap();
+        }
+        assert_eq!(got.len(), RETAINED, "published at {published_at:?}");
     }
-    subscribe_with(&mut tx, &mut rx, "devices/dev-m/#", QoS::AtLeastOnce, false).await;
-    let mut got = std::collections::BTreeSet::new();
-    while let Some(publish) = next_forward(&mut rx, Duration::from_secs(2)).await {
-        got.insert(payload(&publish));
-        // Acknowledged as received, as a device does: the window frees up for the rest.
-        let wire = publish.serialize();
-        let pkid = u16::from_be_bytes([wire[1], wire[2]]);
-        let ack = PubAck {
-            pkid,
-            reason: PubAckReason::Success,
-        };
-        tx.send(Packet::PubAck(ack, None)).await.unwrap();
-    }
-    assert_eq!(got.len(), RETAINED);
 }

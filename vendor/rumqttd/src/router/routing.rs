@@ -1646,9 +1646,18 @@ fn forward_device_data(
         request.forward_retained = false;
     }
     if !request.pending_retained.is_empty() {
-        let count = request.pending_retained.len().min(inflight_slots as usize);
+        // A slot for each one delivered above QoS 0 (one published at QoS 0 takes none), and a bound per round.
+        let most = datalog.config.max_outgoing_packet_count as usize;
+        let (mut count, mut slots) = (0, 0);
+        for (publish, _) in &request.pending_retained {
+            if count == most || slots == inflight_slots as usize {
+                break;
+            }
+            count += 1;
+            slots += usize::from(request.qos.min(publish.qos as u8) != 0);
+        }
         publishes.extend(request.pending_retained.drain(..count).map(|p| (p, None)));
-        inflight_slots -= count as u64;
+        inflight_slots -= slots as u64;
     }
     let retained_left = !request.pending_retained.is_empty();
 
@@ -1817,9 +1826,9 @@ fn forward_device_data(
     }
 
     if retained_left {
-        // Antumbra: more retained messages than the window took: again once acknowledgements free it (QoS 1
-        // and 2), or in the next round.
-        return if qos != 0 {
+        // Antumbra: more retained messages than this round took: again once acknowledgements free the window
+        // when it is full (nothing else would wake the connection), or in the next round.
+        return if qos != 0 && outgoing.free_slots() == 0 {
             ConsumeStatus::InflightFull
         } else {
             ConsumeStatus::PartialRead
