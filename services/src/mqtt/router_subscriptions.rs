@@ -366,3 +366,43 @@ async fn every_retained_message_reaches_a_subscription_whatever_the_window() {
         assert_eq!(got.len(), RETAINED, "published at {published_at:?}");
     }
 }
+
+/// A retained message with an MQTT 5 Message Expiry Interval reaches each subscription with what is left of the
+/// interval, however often it was read before (rumqttd took the time waited off the stored interval at every read,
+/// so it expired early).
+#[tokio::test]
+async fn a_retained_messages_expiry_counts_the_time_waited_once() {
+    use rumqttd::protocol::{PublishProperties, RetainForwardRule::OnEverySubscribe};
+
+    let mut links = router_with(&["platform", "dev-e"]).await;
+    let (mut tx, mut rx) = links.pop().unwrap();
+    let (mut platform, _platform_rx) = links.pop().unwrap();
+    let filter = "devices/dev-e/state";
+    let properties = PublishProperties {
+        message_expiry_interval: Some(60),
+        ..Default::default()
+    };
+    let publish = Publish::new(filter, "lamp-on", true);
+    let published = std::time::Instant::now();
+    platform
+        .send(Packet::Publish(publish, Some(properties)))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+        // Each SUBSCRIBE (Retain Handling 0) sends the retained message again.
+        subscribe_to(&mut tx, &mut rx, options(filter, false, OnEverySubscribe)).await;
+        let forward = loop {
+            match tokio::time::timeout(Duration::from_secs(5), rx.next()).await {
+                Ok(Ok(Some(rumqttd::Notification::Forward(forward)))) => break forward,
+                Ok(Ok(_)) => {}
+                other => panic!("no retained message: {other:?}"),
+            }
+        };
+        let left = forward.properties.and_then(|p| p.message_expiry_interval);
+        let waited = published.elapsed().as_secs_f64();
+        // Whole seconds are counted: what is left is 60 less the time waited, give or take a second.
+        let off = f64::from(left.expect("an expiry interval")) - (60.0 - waited);
+        assert!(off.abs() <= 1.0, "{left:?} s left after {waited:.1} s");
+    }
+}

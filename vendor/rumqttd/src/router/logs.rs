@@ -402,36 +402,32 @@ impl DataLog {
         let now = Instant::now();
 
         // discard expired retained messages
+        // Antumbra: the stored interval stays as published; each copy sent gets what is left of it. Upstream
+        // took the time spent off the stored one at every read, without resetting the timestamp, so a retained
+        // message read twice lost its waiting time twice and expired early.
+        let spent = |pubdata: &PublishData| (now - pubdata.timestamp).as_secs() as u32;
         self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
-            }
-
-            is_valid
+            let interval = pubdata
+                .properties
+                .as_ref()
+                .and_then(|p| p.message_expiry_interval);
+            interval.is_none_or(|interval| spent(pubdata) < interval)
         });
 
-        // no need to include timestamp when returning
         self.retained_publishes
             .iter()
             .filter(|(topic, p)| matches(topic, filter) && !p.skipped_by(nolocal))
-            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
+            .map(|(_, p)| {
+                let mut properties = p.properties.clone();
+                if let Some(interval) = properties
+                    .as_mut()
+                    .and_then(|p| p.message_expiry_interval.as_mut())
+                {
+                    // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
+                    *interval -= spent(p);
+                }
+                (p.publish.clone(), properties)
+            })
             .collect()
     }
 }
