@@ -6,7 +6,7 @@ use antumbra_wire::topics::{parse_shadow_request, shadow_delta, ShadowOp};
 use antumbra_wire::DeviceId;
 use bytes::Bytes;
 use rumqttd::local::LinkTx;
-use rumqttd::protocol::{matches, Packet};
+use rumqttd::protocol::{has_wildcards, matches, Packet};
 
 use crate::shadow::store::{ShadowKey, ShadowName};
 use crate::shadow::{Courier, Outgoing, Shadows};
@@ -131,7 +131,7 @@ impl Subscriptions {
                     if !filters.iter().any(|t| t.filter == filter.path) {
                         filters.push(Tracked {
                             filter: filter.path.clone(),
-                            wildcard: filter.path.contains(['+', '#']),
+                            wildcard: has_wildcards(&filter.path),
                         });
                     }
                 }

@@ -39,9 +39,43 @@ impl From<PubWithProp> for PublishData {
 }
 
 impl PublishData {
+    /// Antumbra: a publish logged now, published by the client `origin` (see [`PublishData::origin`]).
+    pub fn published_by(
+        publish: Publish,
+        properties: Option<PublishProperties>,
+        origin: Option<std::sync::Arc<str>>,
+    ) -> Self {
+        PublishData {
+            origin,
+            ..PublishData::from((publish, properties))
+        }
+    }
+
     /// Antumbra: whether a reader whose subscription has No Local, `nolocal` being its client id, skips this.
     fn skipped_by(&self, nolocal: Option<&str>) -> bool {
         nolocal.is_some_and(|client| self.origin.as_deref() == Some(client))
+    }
+
+    /// Whole seconds it has waited in the broker at `now`.
+    fn waited(&self, now: Instant) -> u32 {
+        (now - self.timestamp).as_secs() as u32
+    }
+
+    /// Whether its MQTT 5 Message Expiry Interval has passed at `now`.
+    fn expired(&self, now: Instant) -> bool {
+        let interval = self.properties.as_ref().and_then(|p| p.message_expiry_interval);
+        interval.is_some_and(|interval| self.waited(now) >= interval)
+    }
+
+    /// The publish as it leaves the broker at `now`: its Message Expiry Interval less the time it waited
+    /// (MQTT 5 §3.3.2.3.3, ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112).
+    fn sent_at(self, now: Instant) -> PubWithProp {
+        let waited = self.waited(now);
+        let mut properties = self.properties;
+        if let Some(interval) = properties.as_mut().and_then(|p| p.message_expiry_interval.as_mut()) {
+            *interval = interval.saturating_sub(waited);
+        }
+        (self.publish, properties)
     }
 }
 
@@ -312,38 +346,10 @@ impl DataLog {
         let next = data.log.readv(offset, len, &mut o)?;
 
         let now = Instant::now();
-        o.retain_mut(|(pubdata, _)| {
-            if pubdata.skipped_by(nolocal) {
-                return false;
-            }
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
-            }
-
-            is_valid
-        });
-
-        // no need to include timestamp when returning
         let o = o
             .into_iter()
-            .map(|(pubdata, offset)| ((pubdata.publish, pubdata.properties), offset))
+            .filter(|(pubdata, _)| !pubdata.skipped_by(nolocal) && !pubdata.expired(now))
+            .map(|(pubdata, offset)| (pubdata.sent_at(now), offset))
             .collect();
 
         Ok((next, o))
@@ -387,8 +393,7 @@ impl DataLog {
         topic: Topic,
         origin: Option<std::sync::Arc<str>>,
     ) {
-        let mut data = PublishData::from((publish, publish_properties));
-        data.origin = origin;
+        let data = PublishData::published_by(publish, publish_properties, origin);
         self.retained_publishes.insert(topic, data);
     }
 
@@ -405,29 +410,12 @@ impl DataLog {
         // Antumbra: the stored interval stays as published; each copy sent gets what is left of it. Upstream
         // took the time spent off the stored one at every read, without resetting the timestamp, so a retained
         // message read twice lost its waiting time twice and expired early.
-        let spent = |pubdata: &PublishData| (now - pubdata.timestamp).as_secs() as u32;
-        self.retained_publishes.retain(|_, pubdata| {
-            let interval = pubdata
-                .properties
-                .as_ref()
-                .and_then(|p| p.message_expiry_interval);
-            interval.is_none_or(|interval| spent(pubdata) < interval)
-        });
+        self.retained_publishes.retain(|_, pubdata| !pubdata.expired(now));
 
         self.retained_publishes
             .iter()
             .filter(|(topic, p)| matches(topic, filter) && !p.skipped_by(nolocal))
-            .map(|(_, p)| {
-                let mut properties = p.properties.clone();
-                if let Some(interval) = properties
-                    .as_mut()
-                    .and_then(|p| p.message_expiry_interval.as_mut())
-                {
-                    // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                    *interval -= spent(p);
-                }
-                (p.publish.clone(), properties)
-            })
+            .map(|(_, p)| p.clone().sent_at(now))
             .collect()
     }
 }

@@ -1397,8 +1397,7 @@ fn append_to_commitlog(
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let mut publish_data = PublishData::from((publish.clone(), properties.clone()));
-        publish_data.origin = origin.clone();
+        let publish_data = PublishData::published_by(publish.clone(), properties.clone(), origin.clone());
         let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
