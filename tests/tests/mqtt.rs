@@ -1019,13 +1019,59 @@ fn a_resumed_session_gets_its_unacknowledged_messages_again_and_nothing_else() {
     );
     assert_eq!(
         again,
-        [("a".to_owned(), 1, a.2, true), ("b".to_owned(), 1, b.2, true)],
+        [
+            ("a".to_owned(), 1, a.2, true, false),
+            ("b".to_owned(), 1, b.2, true, false)
+        ],
         "the unacknowledged ones again, as they were, and nothing else"
     );
 }
 
-/// Up to `count` publishes the broker sends within a second of each other: (payload, QoS, packet id, DUP).
-async fn publishes(reader: &mut client::Reader, count: usize) -> Vec<(String, u8, Option<u16>, bool)> {
+/// A retained message the broker sent for a subscription, left unacknowledged, comes again when the persistent
+/// session resumes: same packet id, RETAIN and DUP set (rumqttd keeps retained messages out of its logs, so it
+/// used to have nothing to send again).
+#[test]
+fn a_resumed_session_gets_its_unacknowledged_retained_message_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "resumer-r", dir.path());
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let addr = server.mqtts_addr();
+    let topic = "devices/resumer-r/settings";
+    let (first, again) = antumbra_e2e::runtime().block_on(async {
+        let (mut reader, mut writer) = client::connect_session(addr, tls.clone(), "resumer-r", 60, false)
+            .await
+            .unwrap();
+        let at = writer.buf.len();
+        packet::publish_payload(&mut writer.buf, topic, 1, 1, b"kept");
+        writer.buf[at] |= 1; // RETAIN
+        writer.send().await.unwrap();
+        let ack = reader.next().await.unwrap();
+        assert!(matches!(ack, packet::Packet::PubAck { packet_id: 1 }), "{ack:?}");
+        client::subscribe(&mut reader, &mut writer, topic, 1)
+            .await
+            .unwrap();
+        // The retained message, not acknowledged; then the connection drops.
+        let first = publishes(&mut reader, 1).await;
+        drop((reader, writer));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (mut reader, _writer) = client::connect_session(addr, tls, "resumer-r", 60, false)
+            .await
+            .unwrap();
+        (first, publishes(&mut reader, 2).await)
+    });
+    assert_eq!(first.len(), 1, "no retained message on SUBSCRIBE: {first:?}");
+    let (_, qos, pkid, dup, retain) = first[0].clone();
+    assert_eq!((qos, dup, retain), (1, false, true));
+    assert_eq!(again, [("kept".to_owned(), 1, pkid, true, true)]);
+}
+
+/// A publish as received: (payload, QoS, packet id, DUP, RETAIN).
+type Received = (String, u8, Option<u16>, bool, bool);
+
+/// Up to `count` publishes the broker sends within a second of each other.
+async fn publishes(reader: &mut client::Reader, count: usize) -> Vec<Received> {
     let mut got = Vec::new();
     while got.len() < count {
         let Ok(packet) = tokio::time::timeout(Duration::from_secs(1), reader.next()).await else {
@@ -1034,6 +1080,7 @@ async fn publishes(reader: &mut client::Reader, count: usize) -> Vec<(String, u8
         if let packet::Packet::Publish {
             qos,
             dup,
+            retain,
             packet_id,
             payload,
             ..
@@ -1044,6 +1091,7 @@ async fn publishes(reader: &mut client::Reader, count: usize) -> Vec<(String, u8
                 qos,
                 packet_id,
                 dup,
+                retain,
             ));
         }
     }

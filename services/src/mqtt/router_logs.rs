@@ -228,6 +228,66 @@ async fn a_resumed_session_gets_only_its_unacknowledged_messages_again() {
     assert_eq!(again, expected(&[("q1-a", false, true), ("q1-b", false, true)]));
 }
 
+/// A retained message sent for a subscription is in no log: left unacknowledged, it comes again when the
+/// persistent session resumes, as it went (packet id, RETAIN) with DUP set, before a message logged after it.
+#[tokio::test]
+async fn a_resumed_session_gets_its_unacknowledged_retained_message_again() {
+    let router = Router::new(0, router_config(&MqttSettings::default())).spawn();
+    let (mut platform, _platform_rx, _) = LinkBuilder::new("platform", router.clone())
+        .build_async()
+        .await
+        .unwrap();
+    let retained = Publish::new("devices/dev-r/config", "kept", true).from_platform(QoS::AtLeastOnce);
+    platform.send(Packet::Publish(retained, None)).await.unwrap();
+    let attach = || {
+        LinkBuilder::new("dev-r", router.clone())
+            .clean_session(false)
+            .build_async()
+    };
+    let (mut tx, mut rx, _) = attach().await.unwrap();
+    subscribe(&mut tx, &mut rx, "devices/dev-r/#", QoS::AtLeastOnce).await;
+    // (payload, packet id, RETAIN, DUP), from the wire form.
+    let seen = |publish: &Publish| {
+        let wire = publish.serialize();
+        (
+            String::from_utf8_lossy(&publish.payload).into_owned(),
+            u16::from_be_bytes([wire[1], wire[2]]),
+            wire[0] & 1 == 1,
+            wire[0] & 0b1000 != 0,
+        )
+    };
+    let first = next_forward(&mut rx, Duration::from_secs(5))
+        .await
+        .expect("retained message");
+    let (payload, first_pkid, retain, dup) = seen(&first);
+    assert_eq!((payload.as_str(), retain, dup), ("kept", true, false));
+    let live = Publish::new("devices/dev-r/inbox", "live", false).from_platform(QoS::AtLeastOnce);
+    platform.send(Packet::Publish(live, None)).await.unwrap();
+    let second = next_forward(&mut rx, Duration::from_secs(5))
+        .await
+        .expect("live message");
+    let (payload, second_pkid, ..) = seen(&second);
+    assert_eq!(payload, "live");
+    assert_ne!(first_pkid, second_pkid);
+    // Neither is acknowledged.
+    detach(&mut tx, &mut rx).await;
+    let_the_router_trim(&mut platform).await;
+
+    let (_tx, mut rx, _) = attach().await.unwrap();
+    let mut again = Vec::new();
+    while let Some(publish) = next_forward(&mut rx, Duration::from_millis(500)).await {
+        again.push(publish);
+    }
+    assert_eq!(
+        again.iter().map(seen).collect::<Vec<_>>(),
+        [
+            ("kept".to_string(), first_pkid, true, true),
+            ("live".to_string(), second_pkid, false, true)
+        ]
+    );
+    assert_eq!(again[0].topic.as_ref(), b"devices/dev-r/config");
+}
+
 #[tokio::test]
 async fn a_subscriber_that_falls_behind_gets_every_message_after_the_logs_were_trimmed() {
     let mut links = router_with(&["platform", "dev-b"]).await;

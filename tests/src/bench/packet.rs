@@ -31,6 +31,7 @@ pub enum Packet {
     Publish {
         qos: u8,
         dup: bool,
+        retain: bool,
         packet_id: Option<u16>,
         topic: Bytes,
         payload: Bytes,
@@ -199,6 +200,7 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<Packet>> {
             Packet::Publish {
                 qos,
                 dup: first & 0b1000 != 0,
+                retain: first & 1 == 1,
                 packet_id,
                 topic,
                 payload: body,

@@ -80,7 +80,7 @@ impl Graveyard {
         self.connections
             .values()
             .filter_map(|saved| saved.session_state.as_ref())
-            .flat_map(|state| state.unacked.iter().map(|u| (u.filter_idx, u.cursor)))
+            .flat_map(|state| state.unacked.iter().filter_map(Unacked::cursor))
     }
 
     /// Save only metrics for connection

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use tracing::{error, warn};
 
 use crate::{
-    protocol::{Packet, QoS},
+    protocol::{Packet, Publish, PublishProperties, QoS},
     router::{FilterIdx, MAX_CHANNEL_CAPACITY},
     Cursor, Notification,
 };
@@ -58,14 +58,15 @@ pub struct Outgoing {
     pub(crate) data_buffer: Arc<Mutex<VecDeque<Notification>>>,
     /// Handle which is given to router to allow router to communicate with this connection
     pub(crate) handle: Sender<()>,
-    /// The buffer to keep track of inflight packets (Antumbra: with the QoS and RETAIN flag each went with).
-    inflight_buffer: VecDeque<(u16, FilterIdx, Option<Cursor>, QoS, bool)>,
+    /// The buffer to keep track of inflight packets (Antumbra: where each can be read again, and the QoS and
+    /// RETAIN flag it went with).
+    inflight_buffer: VecDeque<Unacked>,
     /// PubRels waiting for PubComp
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
-    /// Antumbra: a resumed persistent session's unacknowledged QoS 1/2 publishes (packet id, filter, position in
-    /// its log), to be sent again, with their packet ids and DUP, before anything else.
+    /// Antumbra: a resumed persistent session's unacknowledged QoS 1/2 publishes, to be sent again, with their
+    /// packet ids and DUP, before anything else.
     pub(crate) resend: VecDeque<Unacked>,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
@@ -110,10 +111,11 @@ impl Outgoing {
         buffer.len()
     }
 
-    /// Push packets to the outgoing buffer.
+    /// Push packets to the outgoing buffer. Antumbra: each comes with, for a retained message (in no log), the
+    /// copy to send again should it stay unacknowledged until a persistent session resumes.
     pub fn push_forwards(
         &mut self,
-        publishes: impl Iterator<Item = Forward>,
+        publishes: impl Iterator<Item = (Forward, Option<Arc<Retained>>)>,
         qos: u8,
         filter_idx: usize,
     ) -> (usize, usize) {
@@ -121,7 +123,7 @@ impl Outgoing {
         let publishes = publishes;
 
         if qos == 0 {
-            for p in publishes {
+            for (p, _) in publishes {
                 self.meter.publish_count += 1;
                 buffer.push_back(Notification::Forward(p));
                 // self.meter.total_size += p.len();
@@ -133,7 +135,7 @@ impl Outgoing {
             return (buffer_count, inflight_count);
         }
 
-        for mut p in publishes {
+        for (mut p, copy) in publishes {
             // Antumbra: a publish delivered at QoS 0 under a QoS 1 or 2 subscription (it was published at QoS 0)
             // takes no packet id and waits for no acknowledgement.
             if p.publish.qos == QoS::AtMostOnce {
@@ -145,8 +147,18 @@ impl Outgoing {
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;
 
-            self.inflight_buffer
-                .push_back((self.last_pkid, filter_idx, p.cursor, p.publish.qos, p.publish.retain));
+            let held = match (p.cursor, copy) {
+                (Some(cursor), _) => Held::Log(cursor),
+                (None, Some(copy)) => Held::Copy(copy),
+                (None, None) => Held::Copy(Arc::new((p.publish.clone(), p.properties.clone()))),
+            };
+            self.inflight_buffer.push_back(Unacked {
+                pkid: self.last_pkid,
+                filter_idx,
+                held,
+                qos: p.publish.qos,
+                retain: p.publish.retain,
+            });
 
             // Place max pkid packet at index 0
             if self.last_pkid == MAX_PKID {
@@ -174,7 +186,7 @@ impl Outgoing {
     // Returns (unsolicited, outoforder) flags
     // Return: Out of order or unsolicited acks
     pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        let (head, ..) = self.inflight_buffer.pop_front()?;
+        let head = self.inflight_buffer.pop_front()?.pkid;
 
         // We don't support out of order acks
         if pkid != head {
@@ -207,43 +219,27 @@ impl Outgoing {
         Some(())
     }
 
-    /// Antumbra: the unacknowledged QoS 1/2 publishes that are in a log, oldest first, for a persistent session
-    /// to send again when it resumes (a retained publish has no position in a log, and is not sent again).
-    /// Those still waiting to be sent again (a session resumed and taken over before it sent them) come first.
+    /// Antumbra: the unacknowledged QoS 1/2 publishes, oldest first, for a persistent session to send again when
+    /// it resumes. Those still waiting to be sent again (a session resumed and taken over before it sent them)
+    /// come first.
     pub fn unacked(&self) -> VecDeque<Unacked> {
-        let inflight = self
-            .inflight_buffer
+        self.resend
             .iter()
-            .filter_map(|(pkid, filter_idx, cursor, qos, retain)| {
-                Some(Unacked {
-                    pkid: *pkid,
-                    filter_idx: *filter_idx,
-                    cursor: (*cursor)?,
-                    qos: *qos,
-                    retain: *retain,
-                })
-            });
-        self.resend.iter().copied().chain(inflight).collect()
+            .chain(&self.inflight_buffer)
+            .cloned()
+            .collect()
     }
 
     /// Antumbra: sends `publish` again as the unacknowledged `pkid` (DUP set) ahead of new publishes, whose
     /// packet ids continue after it.
     pub fn push_resend(&mut self, mut forward: Forward, unacked: Unacked) {
-        let Unacked {
-            pkid,
-            filter_idx,
-            qos,
-            retain,
-            ..
-        } = unacked;
-        forward.publish.pkid = pkid;
+        forward.publish.pkid = unacked.pkid;
         forward.publish.dup = true;
-        forward.publish.qos = qos;
+        forward.publish.qos = unacked.qos;
         // As it went: the log keeps the flag as published, the forward had cleared it or not.
-        forward.publish.retain = retain;
-        self.inflight_buffer
-            .push_back((pkid, filter_idx, forward.cursor, qos, retain));
-        self.last_pkid = if pkid == MAX_PKID { 0 } else { pkid };
+        forward.publish.retain = unacked.retain;
+        self.last_pkid = if unacked.pkid == MAX_PKID { 0 } else { unacked.pkid };
+        self.inflight_buffer.push_back(unacked);
         self.meter.publish_count += 1;
         self.data_buffer.lock().push_back(Notification::Forward(forward));
     }
@@ -253,20 +249,42 @@ impl Outgoing {
     pub fn unacked_cursors(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
         self.inflight_buffer
             .iter()
-            .filter_map(|(_, filter_idx, cursor, ..)| Some((*filter_idx, (*cursor)?)))
-            .chain(self.resend.iter().map(|u| (u.filter_idx, u.cursor)))
+            .chain(&self.resend)
+            .filter_map(Unacked::cursor)
     }
 }
 
-/// Antumbra: an unacknowledged QoS 1/2 publish of a persistent session: its packet id, where it is (filter and
-/// position in that filter's log), and the QoS and RETAIN flag it went with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Antumbra: a retained message as it was sent for a subscription (before any topic alias).
+pub type Retained = (Publish, Option<PublishProperties>);
+
+/// Antumbra: where an unacknowledged publish can be read again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// Its position in its filter's log.
+    Log(Cursor),
+    /// A copy: a retained message sent for a subscription is in no log.
+    Copy(Arc<Retained>),
+}
+
+/// Antumbra: an unacknowledged QoS 1/2 publish in flight or of a persistent session: its packet id, its filter,
+/// where it can be read again, and the QoS and RETAIN flag it went with.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unacked {
     pub pkid: u16,
     pub filter_idx: FilterIdx,
-    pub cursor: Cursor,
+    pub held: Held,
     pub qos: QoS,
     pub retain: bool,
+}
+
+impl Unacked {
+    /// Its filter and position in that filter's log, if it is in one (the log keeps it until acknowledged).
+    pub fn cursor(&self) -> Option<(FilterIdx, Cursor)> {
+        match self.held {
+            Held::Log(cursor) => Some((self.filter_idx, cursor)),
+            Held::Copy(_) => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -274,28 +292,42 @@ mod test {
     use super::*;
 
     #[test]
-    fn unacked_keeps_packet_ids_and_positions_in_order_and_skips_retained_publishes() {
+    fn unacked_keeps_packet_ids_positions_and_retained_copies_in_order() {
         let (mut outgoing, _) = Outgoing::new("unacked-test".to_string());
-        let unacked = |pkid, cursor, qos| Unacked {
+        let logged = |pkid, cursor, qos| Unacked {
             pkid,
             filter_idx: 0,
-            cursor,
+            held: Held::Log(cursor),
             qos,
             retain: false,
         };
+        let copy = Arc::new((Publish::new("a/b", "retained", true), None));
+        let retained = Unacked {
+            pkid: 5,
+            filter_idx: 1,
+            held: Held::Copy(copy),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        };
         outgoing.inflight_buffer.extend([
-            (4, 0, Some((0, 8)), QoS::AtLeastOnce, false),
-            (5, 1, None, QoS::AtLeastOnce, true),
-            (6, 0, Some((0, 10)), QoS::ExactlyOnce, false),
+            logged(4, (0, 8), QoS::AtLeastOnce),
+            retained.clone(),
+            logged(6, (0, 10), QoS::ExactlyOnce),
         ]);
-        outgoing.resend.push_back(unacked(3, (0, 7), QoS::AtLeastOnce));
+        outgoing.resend.push_back(logged(3, (0, 7), QoS::AtLeastOnce));
         assert_eq!(
             outgoing.unacked(),
             [
-                unacked(3, (0, 7), QoS::AtLeastOnce),
-                unacked(4, (0, 8), QoS::AtLeastOnce),
-                unacked(6, (0, 10), QoS::ExactlyOnce)
+                logged(3, (0, 7), QoS::AtLeastOnce),
+                logged(4, (0, 8), QoS::AtLeastOnce),
+                retained,
+                logged(6, (0, 10), QoS::ExactlyOnce)
             ]
+        );
+        // The log keeps what is in it; the retained copy needs no log.
+        assert_eq!(
+            outgoing.unacked_cursors().collect::<Vec<_>>(),
+            [(0, (0, 8)), (0, (0, 10)), (0, (0, 7))]
         );
     }
 

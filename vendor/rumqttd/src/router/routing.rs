@@ -13,6 +13,7 @@ use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
@@ -20,7 +21,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
-use super::iobufs::{Incoming, Outgoing};
+use super::iobufs::{Held, Incoming, Outgoing};
 use super::logs::{AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
@@ -1513,17 +1514,24 @@ fn resend_unacked(outgoing: &mut Outgoing, datalog: &DataLog) {
         return;
     }
     while let Some(unacked) = outgoing.resend.pop_front() {
-        let Ok((_, mut read)) = datalog.native_readv(unacked.filter_idx, unacked.cursor, 1, None) else {
-            continue;
+        let (cursor, (publish, properties)) = match &unacked.held {
+            Held::Log(cursor) => {
+                let Ok((_, mut read)) = datalog.native_readv(unacked.filter_idx, *cursor, 1, None) else {
+                    continue;
+                };
+                let Some((publish, offset)) = read.pop() else {
+                    continue;
+                };
+                if offset != *cursor {
+                    continue;
+                }
+                (Some(*cursor), publish)
+            }
+            // A retained message sent for the subscription: sent again as it went.
+            Held::Copy(copy) => (None, (**copy).clone()),
         };
-        let Some(((publish, properties), offset)) = read.pop() else {
-            continue;
-        };
-        if offset != unacked.cursor {
-            continue;
-        }
         let forward = Forward {
-            cursor: Some(unacked.cursor),
+            cursor,
             size: 0,
             publish,
             properties,
@@ -1768,6 +1776,10 @@ fn forward_device_data(
             if offset.is_some() {
                 publish.retain &= preserve_retain;
             }
+            // Antumbra: a retained message sent for the subscription is in no log; in flight, a copy of it (before
+            // any topic alias) is kept to send again when a persistent session resumes.
+            let copy = (offset.is_none() && publish.qos != QoS::AtMostOnce)
+                .then(|| Arc::new((publish.clone(), properties.clone())));
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
@@ -1788,12 +1800,13 @@ fn forward_device_data(
                 properties = Some(props);
             }
 
-            Forward {
+            let forward = Forward {
                 cursor: offset,
                 size: 0,
                 publish,
                 properties,
-            }
+            };
+            (forward, copy)
         });
 
     let (len, inflight) = outgoing.push_forwards(forwards, qos, filter_idx);
