@@ -224,6 +224,27 @@ impl Figures {
     }
 }
 
+/// Longest wait for the server to go quiet before the paced phase.
+const SETTLE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Waits until antumbra (and Redis) use under a tenth of a core over 200 ms, so that the paced phase measures a
+/// steady rate rather than the tail of the saturated one (its queues, checkpoints and trims); returns the wait.
+async fn settle(pid: u32, redis_pid: Option<u32>) -> Duration {
+    const SLICE: Duration = Duration::from_millis(200);
+    let began = Instant::now();
+    let busy = || process_secs(pid).unwrap_or(0.0) + redis_pid.and_then(process_secs).unwrap_or(0.0);
+    let mut before = busy();
+    while began.elapsed() < SETTLE_LIMIT {
+        tokio::time::sleep(SLICE).await;
+        let now = busy();
+        if now - before < SLICE.as_secs_f64() / 10.0 {
+            break;
+        }
+        before = now;
+    }
+    began.elapsed()
+}
+
 fn ms(histogram: &hdrhistogram::Histogram<u64>, quantile: f64) -> f64 {
     if histogram.is_empty() {
         f64::NAN
@@ -379,7 +400,15 @@ fn bench_setup(setup: Setup, cx: &Shared) -> Result<Figures> {
             f.put("saturated missing", sat.missing as f64 + raw.missing as f64, 0);
         }
 
-        // Paced device updates with REST changes of desired state alongside.
+        // Paced device updates with REST changes of desired state alongside, from a quiet server.
+        let settled = settle(pid, redis_pid).await;
+        eprintln!(
+            "  [{}] quiet {:.1} s after the saturated phase{}",
+            setup.name(),
+            settled.as_secs_f64(),
+            if settled >= SETTLE_LIMIT { " (gave up waiting)" } else { "" }
+        );
+        f.put("quiet after saturation (s)", settled.as_secs_f64(), 1);
         let period = Duration::from_secs_f64(fleet.alive as f64 / plan.rate);
         let (start, end) = fleet.schedule(Work::Paced { period }, plan.paced);
         let patches = tokio::spawn(rest::patch_paced(
