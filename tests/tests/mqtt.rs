@@ -1067,6 +1067,207 @@ fn a_resumed_session_gets_its_unacknowledged_retained_message_again() {
     assert_eq!(again, [("kept".to_owned(), 1, pkid, true, true)]);
 }
 
+// Hand-built MQTT 5 packets: the lean client speaks 3.1.1 (its parser reads a v5 PUBLISH's empty property
+// length as the first payload byte, and a v5 SUBACK's as its granted QoS 0, which is all these tests need).
+
+/// A packet of type `first` (with its flags) whose body is under 128 bytes.
+fn v5_packet(first: u8, body: &[u8]) -> Vec<u8> {
+    assert!(body.len() < 128);
+    let mut out = vec![first, body.len() as u8];
+    out.extend_from_slice(body);
+    out
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// CONNECT, MQTT 5, clean start, keep-alive 60 s, with a Receive Maximum.
+fn v5_connect(client_id: &str, receive_max: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_string(&mut body, "MQTT");
+    body.extend_from_slice(&[5, 0x02, 0, 60]);
+    body.extend_from_slice(&[3, 0x21]); // properties: Receive Maximum
+    body.extend_from_slice(&receive_max.to_be_bytes());
+    put_string(&mut body, client_id);
+    v5_packet(0x10, &body)
+}
+
+/// SUBSCRIBE (packet id 1, no properties) to `filter` at `qos`.
+fn v5_subscribe(filter: &str, qos: u8) -> Vec<u8> {
+    let mut body = vec![0, 1, 0];
+    put_string(&mut body, filter);
+    body.push(qos);
+    v5_packet(0x82, &body)
+}
+
+/// PUBLISH at QoS 1 or 2, no properties.
+fn v5_publish(topic: &str, qos: u8, packet_id: u16, payload: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_string(&mut body, topic);
+    body.extend_from_slice(&packet_id.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(payload.as_bytes());
+    v5_packet(0x30 | (qos << 1), &body)
+}
+
+/// An MQTT 5 PUBREL may carry properties (here a Reason String): rumqttd matched only one without, so such a
+/// PUBREL was ignored, no PUBCOMP came and the QoS 2 message was never published.
+#[test]
+fn a_pubrel_with_properties_completes_the_qos2_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "q2-label", dir.path());
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let topic = "devices/q2-label/inbox";
+    let seen = antumbra_e2e::runtime().block_on(async {
+        let connect = v5_connect("q2-label", 10);
+        let (mut reader, mut writer) = client::connect_with(server.mqtts_addr(), tls, &connect)
+            .await
+            .unwrap();
+        writer.buf.extend(v5_subscribe(topic, 0));
+        writer.buf.extend(v5_publish(topic, 2, 7, "exactly"));
+        writer.send().await.unwrap();
+        let mut seen = Vec::new();
+        while let Ok(packet) = tokio::time::timeout(Duration::from_millis(700), reader.next()).await {
+            match packet.unwrap() {
+                packet::Packet::Other(5) => {
+                    seen.push("PUBREC".to_owned());
+                    // PUBREL: packet id 7, reason Success, properties: Reason String "ok".
+                    let pubrel = v5_packet(0x62, &[0, 7, 0, 5, 0x1F, 0, 2, b'o', b'k']);
+                    writer.buf.extend(pubrel);
+                    writer.send().await.unwrap();
+                }
+                packet::Packet::Other(7) => seen.push("PUBCOMP".to_owned()),
+                packet::Packet::Publish { payload, .. } => {
+                    // After the empty property length the lean parser leaves in.
+                    seen.push(String::from_utf8_lossy(&payload[1..]).into_owned());
+                }
+                _ => {}
+            }
+        }
+        seen
+    });
+    // The PUBCOMP and the delivery to the subscription may come in either order.
+    let mut after = seen.get(1..).unwrap_or_default().to_vec();
+    after.sort();
+    assert_eq!(
+        (seen.first().map(String::as_str), after),
+        (Some("PUBREC"), vec!["PUBCOMP".to_owned(), "exactly".to_owned()]),
+        "{seen:?}"
+    );
+}
+
+/// A QoS 2 delivery holds its place in the client's Receive Maximum until its PUBCOMP (MQTT 5 §4.9), and the
+/// PUBCOMP lets the next one go (rumqttd freed the place at PUBREC and did not look again at PUBCOMP).
+#[test]
+fn a_qos2_delivery_holds_its_place_until_its_pubcomp() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "q2-window", dir.path());
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let topic = "devices/q2-window/inbox";
+    let seen = antumbra_e2e::runtime().block_on(async {
+        let connect = v5_connect("q2-window", 1);
+        let (mut reader, mut writer) = client::connect_with(server.mqtts_addr(), tls, &connect)
+            .await
+            .unwrap();
+        writer.buf.extend(v5_subscribe(topic, 2));
+        writer.buf.extend(v5_publish(topic, 2, 1, "first"));
+        writer.buf.extend(v5_publish(topic, 2, 2, "second"));
+        writer.send().await.unwrap();
+        // What arrives, answering the broker as a client that is slow with its PUBCOMP.
+        let mut seen = Vec::new();
+        let mut ours = [1u16, 2].into_iter();
+        let (mut delivered, mut held_pubcomp) = (None, None);
+        loop {
+            let wait = Duration::from_millis(700);
+            let Ok(packet) = tokio::time::timeout(wait, reader.next()).await else {
+                // Quiet: send the PUBCOMP held back, if any, and see what it lets through.
+                let Some(id) = held_pubcomp.take() else { break };
+                seen.push("(PUBCOMP)".to_owned());
+                writer.buf.extend(v5_packet(0x70, &u16::to_be_bytes(id)));
+                writer.send().await.unwrap();
+                continue;
+            };
+            match packet.unwrap() {
+                // PUBREC for one of our publishes (in order): release it.
+                packet::Packet::Other(5) => {
+                    let id = ours.next().expect("a PUBREC too many");
+                    writer.buf.extend(v5_packet(0x62, &u16::to_be_bytes(id)));
+                }
+                packet::Packet::Publish {
+                    packet_id, payload, ..
+                } => {
+                    let id = packet_id.unwrap();
+                    seen.push(String::from_utf8_lossy(&payload[1..]).into_owned());
+                    delivered = Some(id);
+                    writer.buf.extend(v5_packet(0x50, &u16::to_be_bytes(id))); // PUBREC
+                }
+                // PUBREL for the delivery: its PUBCOMP waits until the line is quiet.
+                packet::Packet::Other(6) => held_pubcomp = delivered,
+                _ => {}
+            }
+            writer.send().await.unwrap();
+        }
+        seen
+    });
+    assert_eq!(seen, ["first", "(PUBCOMP)", "second", "(PUBCOMP)"]);
+}
+
+/// MQTT 5 Receive Maximum: the broker never has more QoS 1 publishes unacknowledged at a client than the client
+/// said it takes (§3.1.2.11.3); rumqttd ignored it and sent up to 100. A Receive Maximum of 0 is refused.
+#[test]
+fn the_broker_keeps_to_the_clients_receive_maximum() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "rm-label", dir.path());
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let addr = server.mqtts_addr();
+    let topic = "devices/rm-label/inbox";
+    let connect = |receive_max: u16| v5_connect("rm-label", receive_max);
+    let publishes = antumbra_e2e::runtime().block_on(async {
+        let refused = client::connect_with(addr, tls.clone(), &connect(0)).await;
+        let refusal = format!("{:#}", refused.err().expect("Receive Maximum 0 accepted"));
+        assert!(refusal.contains("return code 130"), "{refusal}"); // 0x82 Protocol Error
+
+        let (mut reader, mut writer) = client::connect_with(addr, tls, &connect(2)).await.unwrap();
+        writer.buf.extend(v5_subscribe(topic, 1));
+        for id in 1..=5u16 {
+            writer.buf.extend(v5_publish(topic, 1, id, &format!("m{id}")));
+        }
+        writer.send().await.unwrap();
+        // Packet ids of the deliveries that arrive within `wait` of each other.
+        async fn deliveries(reader: &mut client::Reader, wait: Duration) -> Vec<u16> {
+            let mut ids = Vec::new();
+            while let Ok(packet) = tokio::time::timeout(wait, reader.next()).await {
+                if let packet::Packet::Publish { packet_id, .. } = packet.unwrap() {
+                    ids.push(packet_id.unwrap());
+                }
+            }
+            ids
+        }
+        let mut rounds = vec![deliveries(&mut reader, Duration::from_millis(700)).await];
+        // Acknowledging one lets one more through, and so on.
+        while rounds.iter().map(Vec::len).sum::<usize>() < 5 && rounds.len() < 8 {
+            let oldest = rounds.iter().flatten().nth(rounds.len() - 1).copied().unwrap();
+            packet::puback(&mut writer.buf, oldest);
+            writer.send().await.unwrap();
+            rounds.push(deliveries(&mut reader, Duration::from_millis(500)).await);
+        }
+        rounds
+    });
+    assert_eq!(
+        publishes.iter().map(Vec::len).collect::<Vec<_>>(),
+        [2, 1, 1, 1],
+        "deliveries per round: {publishes:?}"
+    );
+}
+
 /// A publish as received: (payload, QoS, packet id, DUP, RETAIN).
 type Received = (String, u8, Option<u16>, bool, bool);
 

@@ -101,10 +101,15 @@ const PLATFORM_CLIENT_ID: &str = "antumbra@platform";
 type Attached = Result<(LinkTx, LinkRx, Notification), String>;
 
 /// Attaches a session to the router: client id, clean start (a saved session is not resumed), how long the
-/// session is kept after the client leaves → the link and the router's CONNACK. Async, so a CONNECT does not
-/// hop through the blocking pool.
+/// session is kept after the client leaves, the client's MQTT 5 Receive Maximum → the link and the router's
+/// CONNACK. Async, so a CONNECT does not hop through the blocking pool.
 type Attach = Arc<
-    dyn Fn(String, bool, Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = Attached> + Send>>
+    dyn Fn(
+            String,
+            bool,
+            Duration,
+            Option<u16>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Attached> + Send>>
         + Send
         + Sync,
 >;
@@ -159,18 +164,21 @@ impl FrontDoor {
     ) -> Result<Arc<Self>, BrokerError> {
         let router_tx = Router::new(0, router_config(&settings)).spawn();
         // The router's channel type names a private rumqttd type, so it lives only inside this closure.
-        let attach: Attach = Arc::new(move |client_id: String, clean: bool, expiry: Duration| {
-            let router_tx = router_tx.clone();
-            Box::pin(async move {
-                LinkBuilder::new(&client_id, router_tx)
-                    .clean_session(clean)
-                    .session_expiry(Some(expiry))
-                    .build_async()
-                    .await
-                    .map_err(|e: LinkError| e.to_string())
-            })
-        });
-        let (tx, rx, _) = attach(PLATFORM_CLIENT_ID.into(), true, Duration::ZERO)
+        let attach: Attach = Arc::new(
+            move |client_id: String, clean: bool, expiry: Duration, receive_max| {
+                let router_tx = router_tx.clone();
+                Box::pin(async move {
+                    LinkBuilder::new(&client_id, router_tx)
+                        .clean_session(clean)
+                        .session_expiry(Some(expiry))
+                        .receive_maximum(receive_max)
+                        .build_async()
+                        .await
+                        .map_err(|e: LinkError| e.to_string())
+                })
+            },
+        );
+        let (tx, rx, _) = attach(PLATFORM_CLIENT_ID.into(), true, Duration::ZERO, None)
             .await
             .map_err(BrokerError::Router)?;
         let (platform, queue) = mpsc::unbounded_channel();

@@ -128,6 +128,14 @@ where
         door.metrics.auth_failed(AuthFailure::BadConnect);
         return None;
     };
+    let receive_maximum = connect_props.as_ref().and_then(|p| p.receive_maximum);
+    if receive_maximum == Some(0) {
+        // MQTT 5 §3.1.2.11.3: a Receive Maximum of 0 is a protocol error.
+        door.metrics.auth_failed(AuthFailure::BadConnect);
+        tracing::info!(%remote, client_id = %connect.client_id, "MQTT connection refused: Receive Maximum 0");
+        refuse(&codec, io, ConnectReturnCode::ProtocolError).await;
+        return None;
+    }
 
     let (device, serial) = match admit(door, &identity, &connect.client_id, will.as_ref()).await {
         Ok(admitted) => admitted,
@@ -162,7 +170,7 @@ where
         connect.clean_session,
         asked,
     );
-    let attached = (door.attach)(device.to_string(), connect.clean_session, expiry).await;
+    let attached = (door.attach)(device.to_string(), connect.clean_session, expiry, receive_maximum).await;
     let Ok((tx, rx, ack)) = attached else {
         tracing::error!(device_id = %device, "the router refused the session");
         let code = if codec.version() == Version::V4 {

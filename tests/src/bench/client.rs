@@ -180,6 +180,18 @@ pub async fn connect_session(
     keep_alive_secs: u16,
     clean: bool,
 ) -> Result<(Reader, Writer)> {
+    let mut connect = Vec::new();
+    packet::connect(&mut connect, client_id, keep_alive_secs, clean);
+    connect_with(addr, tls, &connect).await
+}
+
+/// Connects over mutual TLS with `connect` (a whole CONNECT packet, of any protocol version) and waits for a
+/// CONNACK that accepts it.
+pub async fn connect_with(
+    addr: SocketAddr,
+    tls: Arc<ClientConfig>,
+    connect: &[u8],
+) -> Result<(Reader, Writer)> {
     let tcp = TcpStream::connect(addr).await.context("TCP connect")?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from(SERVER_NAME)?;
@@ -196,7 +208,7 @@ pub async fn connect_session(
         half: write,
         buf: Vec::with_capacity(4096),
     };
-    packet::connect(&mut writer.buf, client_id, keep_alive_secs, clean);
+    writer.buf.extend_from_slice(connect);
     writer.send().await.context("sending CONNECT")?;
     match reader.next().await.context("waiting for CONNACK")? {
         Packet::ConnAck { code: 0 } => Ok((reader, writer)),

@@ -51,6 +51,8 @@ pub struct LinkBuilder<'a> {
     topic_alias_max: u16,
     // Antumbra: `None` by default (a persistent session is kept until the client returns)
     session_expiry: Option<std::time::Duration>,
+    // Antumbra: the client's MQTT 5 Receive Maximum, if it sent one
+    receive_maximum: Option<u16>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -65,7 +67,15 @@ impl<'a> LinkBuilder<'a> {
             dynamic_filters: false,
             topic_alias_max: 0,
             session_expiry: None,
+            receive_maximum: None,
         }
+    }
+
+    /// Antumbra: the most QoS 1/2 publishes the client takes unacknowledged at once (its MQTT 5 Receive
+    /// Maximum); the router sends no more (and never more than its own window of 100).
+    pub fn receive_maximum(mut self, max: Option<u16>) -> Self {
+        self.receive_maximum = max;
+        self
     }
 
     /// Antumbra: how long the router keeps this persistent session after the link goes (see
@@ -148,7 +158,10 @@ impl<'a> LinkBuilder<'a> {
             .topic_alias_max(self.topic_alias_max);
         connection.session_expiry = self.session_expiry;
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        if let Some(max) = self.receive_maximum {
+            outgoing.limit_inflight(max);
+        }
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 

@@ -65,6 +65,9 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// Antumbra: most QoS 1/2 publishes unacknowledged at once (a PUBREL waiting for its PUBCOMP included): the
+    /// client's MQTT 5 Receive Maximum, capped at `MAX_INFLIGHT`.
+    receive_max: usize,
     /// Antumbra: a resumed persistent session's unacknowledged QoS 1/2 publishes, to be sent again, with their
     /// packet ids and DUP, before anything else.
     pub(crate) resend: VecDeque<Unacked>,
@@ -89,6 +92,7 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            receive_max: MAX_INFLIGHT,
             resend: VecDeque::new(),
             meter: Default::default(),
         };
@@ -101,8 +105,16 @@ impl Outgoing {
         self.data_buffer.clone()
     }
 
+    /// Antumbra: at most `max` QoS 1/2 publishes unacknowledged at once (MQTT 5 Receive Maximum, §3.1.2.11.3;
+    /// 0 is a protocol error the session refuses, and is taken as 1 here).
+    pub fn limit_inflight(&mut self, max: u16) {
+        self.receive_max = usize::from(max).clamp(1, MAX_INFLIGHT);
+    }
+
+    /// Antumbra: a QoS 2 publish takes its slot until its PUBCOMP (MQTT 5 §4.9), not only until its PUBREC.
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        self.receive_max
+            .saturating_sub(self.inflight_buffer.len() + self.unacked_pubrels.len())
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {
@@ -144,8 +156,7 @@ impl Outgoing {
                 continue;
             }
             // Index and pkid of current outgoing packet
-            self.last_pkid += 1;
-            p.publish.pkid = self.last_pkid;
+            p.publish.pkid = next_pkid(&mut self.last_pkid, &self.unacked_pubrels, &self.inflight_buffer);
 
             let held = match (p.cursor, copy) {
                 (Some(cursor), _) => Held::Log(cursor),
@@ -153,17 +164,12 @@ impl Outgoing {
                 (None, None) => Held::Copy(Arc::new((p.publish.clone(), p.properties.clone()))),
             };
             self.inflight_buffer.push_back(Unacked {
-                pkid: self.last_pkid,
+                pkid: p.publish.pkid,
                 filter_idx,
                 held,
                 qos: p.publish.qos,
                 retain: p.publish.retain,
             });
-
-            // Place max pkid packet at index 0
-            if self.last_pkid == MAX_PKID {
-                self.last_pkid = 0;
-            }
 
             self.meter.publish_count += 1;
             self.meter.total_size += p.publish.topic.len() + p.publish.payload.len();
@@ -254,6 +260,22 @@ impl Outgoing {
     }
 }
 
+/// Antumbra: the packet id after `last` (which becomes it), past any still waiting for a PUBCOMP or in flight: an
+/// id is free again only once its flow is complete (MQTT §2.2.1). Upstream reused one whose PUBREL was
+/// unanswered.
+fn next_pkid(last: &mut u16, pubrels: &VecDeque<u16>, inflight: &VecDeque<Unacked>) -> u16 {
+    let in_use = |id: u16| pubrels.contains(&id) || inflight.iter().any(|u| u.pkid == id);
+    let check = !pubrels.is_empty();
+    // At most one turn: the window (`MAX_INFLIGHT`) is never wider than the ids.
+    for _ in 0..MAX_PKID {
+        *last = if *last >= MAX_PKID { 1 } else { *last + 1 };
+        if !check || !in_use(*last) {
+            break;
+        }
+    }
+    *last
+}
+
 /// Antumbra: a retained message as it was sent for a subscription (before any topic alias).
 pub type Retained = (Publish, Option<PublishProperties>);
 
@@ -329,6 +351,49 @@ mod test {
             outgoing.unacked_cursors().collect::<Vec<_>>(),
             [(0, (0, 8)), (0, (0, 10)), (0, (0, 7))]
         );
+    }
+
+    fn forwards(count: u64) -> impl Iterator<Item = (Forward, Option<Arc<Retained>>)> {
+        (0..count).map(|n| {
+            let mut publish = Publish::new("a/b", "m", false);
+            publish.qos = QoS::ExactlyOnce;
+            let forward = Forward {
+                cursor: Some((0, n)),
+                size: 0,
+                publish,
+                properties: None,
+            };
+            (forward, None)
+        })
+    }
+
+    #[test]
+    fn the_window_keeps_to_the_receive_maximum_and_counts_a_pubrel_until_its_pubcomp() {
+        let (mut outgoing, _) = Outgoing::new("window-test".to_string());
+        assert_eq!(outgoing.free_slots(), MAX_INFLIGHT);
+        outgoing.limit_inflight(0);
+        assert_eq!(outgoing.free_slots(), 1);
+        outgoing.limit_inflight(u16::MAX);
+        assert_eq!(outgoing.free_slots(), MAX_INFLIGHT);
+        outgoing.limit_inflight(3);
+        outgoing.push_forwards(forwards(2), 2, 0);
+        assert_eq!(outgoing.free_slots(), 1);
+        // PUBREC: the publish leaves the in-flight buffer, its PUBREL waits for a PUBCOMP and keeps the slot.
+        outgoing.register_ack(1).unwrap();
+        outgoing.register_pubrec(1);
+        assert_eq!(outgoing.free_slots(), 1);
+        outgoing.register_pubcomp(1).unwrap();
+        assert_eq!(outgoing.free_slots(), 2);
+    }
+
+    #[test]
+    fn a_packet_id_waiting_for_its_pubcomp_is_not_given_again() {
+        let (mut outgoing, _) = Outgoing::new("pkid-test".to_string());
+        outgoing.last_pkid = MAX_PKID - 1;
+        outgoing.unacked_pubrels.extend([MAX_PKID, 1]);
+        outgoing.push_forwards(forwards(2), 2, 0);
+        let ids: Vec<u16> = outgoing.inflight_buffer.iter().map(|u| u.pkid).collect();
+        assert_eq!(ids, [2, 3]);
     }
 
     // use super::{Outgoing, MAX_INFLIGHT};

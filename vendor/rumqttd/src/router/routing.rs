@@ -885,7 +885,9 @@ impl Router {
                     ackslog.pubrel(pubrel);
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
-                Packet::PubRel(pubrel, None) => {
+                // Antumbra: an MQTT 5 PUBREL may carry properties (a reason string); upstream matched only one
+                // without, so such a PUBREL was ignored and its message never published.
+                Packet::PubRel(pubrel, _) => {
                     let span = tracing::info_span!("pubrel", pkid = pubrel.pkid);
                     let _guard = span.enter();
 
@@ -948,6 +950,8 @@ impl Router {
                         disconnect = true;
                         break;
                     }
+                    // Antumbra: the PUBCOMP frees the publish's slot in the window (`Outgoing::free_slots`).
+                    self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PingReq(_) => {
                     let ackslog = self.ackslog.get_mut(id).unwrap();
