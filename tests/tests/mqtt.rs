@@ -1160,6 +1160,43 @@ fn a_pubrel_with_properties_completes_the_qos2_flow() {
     );
 }
 
+/// A PUBREL for a packet id the broker holds no message for (its PUBLISH went on an earlier connection, or it
+/// was released already) gets a PUBCOMP and the connection goes on: rumqttd disconnected the client, which sent
+/// the PUBREL again on every reconnection.
+#[test]
+fn an_unknown_pubrel_gets_a_pubcomp_and_the_connection_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "q2-stray", dir.path());
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let seen = antumbra_e2e::runtime().block_on(async {
+        let connect = v5_connect("q2-stray", 10);
+        let (mut reader, mut writer) = client::connect_with(server.mqtts_addr(), tls, &connect)
+            .await
+            .unwrap();
+        writer.buf.extend(v5_packet(0x62, &[0, 9])); // PUBREL 9, never published
+        writer.buf.extend(v5_packet(0xC0, &[])); // PINGREQ
+        writer.send().await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
+                Ok(Ok(packet)) => seen.push(format!("{packet:?}")),
+                Ok(Err(e)) => {
+                    seen.push(format!("error: {e}"));
+                    break;
+                }
+                Err(_) => {
+                    seen.push("nothing within 5 s".to_owned());
+                    break;
+                }
+            }
+        }
+        seen
+    });
+    assert_eq!(seen, ["Other(7)", "PingResp"]);
+}
+
 /// A QoS 2 delivery holds its place in the client's Receive Maximum until its PUBCOMP (MQTT 5 §4.9), and the
 /// PUBCOMP lets the next one go (rumqttd freed the place at PUBREC and did not look again at PUBCOMP).
 #[test]
@@ -1184,7 +1221,9 @@ fn a_qos2_delivery_holds_its_place_until_its_pubcomp() {
         let mut ours = [1u16, 2].into_iter();
         let (mut delivered, mut held_pubcomp) = (None, None);
         loop {
-            let wait = Duration::from_millis(700);
+            // Long while a delivery is due (a slow machine), short to show that none comes.
+            let due = held_pubcomp.is_none() && seen.len() < 3;
+            let wait = Duration::from_millis(if due { 5_000 } else { 700 });
             let Ok(packet) = tokio::time::timeout(wait, reader.next()).await else {
                 // Quiet: send the PUBCOMP held back, if any, and see what it lets through.
                 let Some(id) = held_pubcomp.take() else { break };
@@ -1241,23 +1280,29 @@ fn the_broker_keeps_to_the_clients_receive_maximum() {
             writer.buf.extend(v5_publish(topic, 1, id, &format!("m{id}")));
         }
         writer.send().await.unwrap();
-        // Packet ids of the deliveries that arrive within `wait` of each other.
-        async fn deliveries(reader: &mut client::Reader, wait: Duration) -> Vec<u16> {
+        // Packet ids of the deliveries that come: `expected` of them within 5 s (a slow machine), then any more
+        // within half a second of the last.
+        async fn deliveries(reader: &mut client::Reader, expected: usize) -> Vec<u16> {
             let mut ids = Vec::new();
-            while let Ok(packet) = tokio::time::timeout(wait, reader.next()).await {
+            loop {
+                let wait = Duration::from_millis(if ids.len() < expected { 5_000 } else { 500 });
+                let Ok(packet) = tokio::time::timeout(wait, reader.next()).await else {
+                    return ids;
+                };
                 if let packet::Packet::Publish { packet_id, .. } = packet.unwrap() {
                     ids.push(packet_id.unwrap());
                 }
             }
-            ids
         }
-        let mut rounds = vec![deliveries(&mut reader, Duration::from_millis(700)).await];
+        let mut rounds = vec![deliveries(&mut reader, 2).await];
         // Acknowledging one lets one more through, and so on.
         while rounds.iter().map(Vec::len).sum::<usize>() < 5 && rounds.len() < 8 {
-            let oldest = rounds.iter().flatten().nth(rounds.len() - 1).copied().unwrap();
+            let Some(oldest) = rounds.iter().flatten().nth(rounds.len() - 1).copied() else {
+                break;
+            };
             packet::puback(&mut writer.buf, oldest);
             writer.send().await.unwrap();
-            rounds.push(deliveries(&mut reader, Duration::from_millis(500)).await);
+            rounds.push(deliveries(&mut reader, 1).await);
         }
         rounds
     });

@@ -110,7 +110,7 @@ pub struct SessionState {
     pub subscriptions: HashSet<String>,
     // used for pubrel in qos2
     pub unacked_pubrels: VecDeque<u16>,
-    /// Antumbra: unacknowledged QoS 1/2 publishes (packet id, filter, position in its log), sent again when the
-    /// session resumes. Its filters' cursors stay after what was delivered.
+    /// Antumbra: unacknowledged QoS 1/2 publishes (packet id, filter, where to read each again), sent again when
+    /// the session resumes. Its filters' cursors stay after what was delivered.
     pub unacked: VecDeque<Unacked>,
 }

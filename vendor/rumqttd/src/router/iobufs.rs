@@ -179,10 +179,11 @@ impl Outgoing {
         let buffer_count = buffer.len();
         let inflight_count = self.inflight_buffer.len();
 
-        if inflight_count > MAX_INFLIGHT {
+        if inflight_count + self.unacked_pubrels.len() > self.receive_max {
             warn!(
                 "More inflight publishes than max allowed, inflight count = {}, max allowed = {}",
-                inflight_count, MAX_INFLIGHT
+                inflight_count + self.unacked_pubrels.len(),
+                self.receive_max
             );
         }
 
@@ -191,16 +192,17 @@ impl Outgoing {
 
     // Returns (unsolicited, outoforder) flags
     // Return: Out of order or unsolicited acks
-    pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        let head = self.inflight_buffer.pop_front()?.pkid;
+    // Antumbra: else the QoS the acknowledged publish went at.
+    pub fn register_ack(&mut self, pkid: u16) -> Option<QoS> {
+        let head = self.inflight_buffer.pop_front()?;
 
         // We don't support out of order acks
-        if pkid != head {
-            error!(pkid, head, "out of order ack.");
+        if pkid != head.pkid {
+            error!(pkid, head = head.pkid, "out of order ack.");
             return None;
         }
 
-        Some(())
+        Some(head.qos)
     }
 
     pub fn register_pubrec(&mut self, pkid: u16) {
@@ -250,8 +252,8 @@ impl Outgoing {
         self.data_buffer.lock().push_back(Notification::Forward(forward));
     }
 
-    /// Antumbra: the log position of every unacknowledged QoS 1/2 publish, oldest first (a retained publish has
-    /// none and is skipped), and of those waiting to be sent again.
+    /// Antumbra: the log position of every unacknowledged QoS 1/2 publish (a retained publish has none and is
+    /// skipped), and of those waiting to be sent again.
     pub fn unacked_cursors(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
         self.inflight_buffer
             .iter()
@@ -265,11 +267,11 @@ impl Outgoing {
 /// unanswered.
 fn next_pkid(last: &mut u16, pubrels: &VecDeque<u16>, inflight: &VecDeque<Unacked>) -> u16 {
     let in_use = |id: u16| pubrels.contains(&id) || inflight.iter().any(|u| u.pkid == id);
-    let check = !pubrels.is_empty();
-    // At most one turn: the window (`MAX_INFLIGHT`) is never wider than the ids.
+    // At most one turn: the window (`MAX_INFLIGHT`) is never wider than the ids. Always checked: a PUBCOMP
+    // that came meanwhile can leave a gap among the ids in flight, which the sequence would reach again.
     for _ in 0..MAX_PKID {
         *last = if *last >= MAX_PKID { 1 } else { *last + 1 };
-        if !check || !in_use(*last) {
+        if !in_use(*last) {
             break;
         }
     }
@@ -394,6 +396,26 @@ mod test {
         outgoing.push_forwards(forwards(2), 2, 0);
         let ids: Vec<u16> = outgoing.inflight_buffer.iter().map(|u| u.pkid).collect();
         assert_eq!(ids, [2, 3]);
+    }
+
+    #[test]
+    fn a_packet_id_still_in_flight_is_not_given_again_after_a_gap() {
+        // Ids 1-100 in flight but 50 (its PUBCOMP came): the next is 50, not 1 again.
+        let (mut outgoing, _) = Outgoing::new("gap-test".to_string());
+        let unacked = |pkid| Unacked {
+            pkid,
+            filter_idx: 0,
+            held: Held::Log((0, u64::from(pkid))),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        };
+        outgoing
+            .inflight_buffer
+            .extend((1..=MAX_PKID).filter(|id| *id != 50).map(unacked));
+        outgoing.last_pkid = MAX_PKID;
+        outgoing.limit_inflight(u16::MAX);
+        outgoing.push_forwards(forwards(1), 2, 0);
+        assert_eq!(outgoing.inflight_buffer.back().unwrap().pkid, 50);
     }
 
     // use super::{Outgoing, MAX_INFLIGHT};

@@ -3,7 +3,7 @@ use slab::Slab;
 use tracing::{info, trace};
 
 use crate::protocol::{
-    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
+    matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubCompReason, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
@@ -512,9 +512,13 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
+    /// Antumbra: a QoS 2 PUBLISH sent again before its PUBREL (DUP) is the same message, recorded once.
     pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
         let ack = Ack::PubRec(ack);
-        self.recorded.push_back((publish, props));
+        match self.recorded.iter_mut().find(|(p, _)| p.pkid == publish.pkid) {
+            Some(slot) => *slot = (publish, props),
+            None => self.recorded.push_back((publish, props)),
+        }
         self.committed.push_back(ack);
     }
 
@@ -523,10 +527,21 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
-        let ack = Ack::PubComp(ack);
-        self.committed.push_back(ack);
-        self.recorded.pop_front()
+    /// Antumbra: the message the PUBREL's packet id releases (upstream took the oldest recorded, whatever the
+    /// id). None when no message has that id (its PUBLISH was on a connection before): the PUBCOMP still goes,
+    /// with Packet Identifier Not Found, so that the client's flow ends (upstream disconnected it, and the
+    /// client sent the PUBREL again on every reconnection).
+    pub fn pubcomp(&mut self, mut ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
+        let recorded = self
+            .recorded
+            .iter()
+            .position(|(p, _)| p.pkid == ack.pkid)
+            .and_then(|i| self.recorded.remove(i));
+        if recorded.is_none() {
+            ack.reason = PubCompReason::PacketIdentifierNotFound;
+        }
+        self.committed.push_back(Ack::PubComp(ack));
+        recorded
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {
@@ -549,6 +564,41 @@ mod test {
     use super::DataLog;
     use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
+
+    #[test]
+    fn a_pubrel_releases_the_message_with_its_packet_id_once() {
+        use super::AckLog;
+        use crate::protocol::{PubComp, PubCompReason, PubRec, PubRecReason, Publish, QoS};
+        use crate::router::Ack;
+        let publish = |pkid, payload: &'static str| {
+            let mut p = Publish::new("a/b", payload, false);
+            p.qos = QoS::ExactlyOnce;
+            p.pkid = pkid;
+            p
+        };
+        let rec = |pkid| PubRec {
+            pkid,
+            reason: PubRecReason::Success,
+        };
+        let comp = |pkid| PubComp {
+            pkid,
+            reason: PubCompReason::Success,
+        };
+        let mut log = AckLog::new();
+        log.pubrec(publish(1, "one"), None, rec(1));
+        log.pubrec(publish(2, "two"), None, rec(2));
+        // The same PUBLISH again before its PUBREL (DUP): still one message.
+        log.pubrec(publish(1, "one"), None, rec(1));
+        let released = |p: Option<(Publish, _)>| p.map(|(p, _)| p.payload);
+        assert_eq!(released(log.pubcomp(comp(2))), Some("two".into()));
+        assert_eq!(released(log.pubcomp(comp(1))), Some("one".into()));
+        assert_eq!(released(log.pubcomp(comp(1))), None);
+        let last = log.readv().pop_back();
+        assert!(
+            matches!(&last, Some(Ack::PubComp(c)) if c.reason == PubCompReason::PacketIdentifierNotFound),
+            "{last:?}"
+        );
+    }
 
     #[test]
     fn publish_filters_updating_correctly_on_new_topic_subscription() {

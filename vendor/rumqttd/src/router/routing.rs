@@ -869,10 +869,28 @@ impl Router {
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubrec.pkid;
-                    if outgoing.register_ack(pkid).is_none() {
-                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
-                        disconnect = true;
-                        break;
+                    match outgoing.register_ack(pkid) {
+                        Some(QoS::ExactlyOnce) => {}
+                        // Antumbra: a PUBREC for a QoS 1 publish is a protocol error (upstream waited for a
+                        // PUBCOMP that never comes, holding a place in the window for good).
+                        Some(_) => {
+                            error!(pkid, "PUBREC for a publish not sent at QoS 2");
+                            disconnect = true;
+                            break;
+                        }
+                        None => {
+                            error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
+                            disconnect = true;
+                            break;
+                        }
+                    }
+                    // Antumbra: a PUBREC with a failure reason ends the flow (MQTT 5 §4.3.3): no PUBREL.
+                    if !matches!(
+                        pubrec.reason,
+                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                    ) {
+                        self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
+                        continue;
                     }
 
                     let ackslog = self.ackslog.get_mut(id).unwrap();
@@ -901,12 +919,11 @@ impl Router {
                     // on reconnection ( with clean session false )
                     // we try to retrive publish assuming broker saved the previous state
                     // successfully in graveyard.
-                    let (publish, props) = match ackslog.pubcomp(pubcomp) {
-                        Some(v) => v,
-                        None => {
-                            disconnect = true;
-                            break;
-                        }
+                    let Some((publish, props)) = ackslog.pubcomp(pubcomp) else {
+                        // Antumbra: its PUBLISH was on an earlier connection (or was released already): the
+                        // PUBCOMP (Packet Identifier Not Found) ends the client's flow; upstream disconnected.
+                        force_ack = true;
+                        continue;
                     };
 
                     // Try to append publish to commitlog
