@@ -982,7 +982,8 @@ fn a_device_named_like_the_platform_link_does_not_take_it_over() {
 
 /// A persistent session that comes back gets its unacknowledged QoS 1 messages again, with their packet ids and
 /// DUP set (MQTT 3.1.1 and 5 §4.4), and not the QoS 0 message delivered between them: rumqttd restarted each
-/// filter from its oldest unacknowledged message, delivering everything after it again.
+/// filter from its oldest unacknowledged message, delivering everything after it again. A publisher's DUP (a
+/// retransmission) is not passed on to the subscriber.
 #[test]
 fn a_resumed_session_gets_its_unacknowledged_messages_again_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
@@ -1001,7 +1002,10 @@ fn a_resumed_session_gets_its_unacknowledged_messages_again_and_nothing_else() {
             .unwrap();
         packet::publish_payload(&mut writer.buf, topic, 1, 1, b"a");
         packet::publish_payload(&mut writer.buf, topic, 0, 0, b"z");
+        // Sent as a retransmission (DUP): subscribers get it without (MQTT §3.3.1.1).
+        let at = writer.buf.len();
         packet::publish_payload(&mut writer.buf, topic, 1, 2, b"b");
+        writer.buf[at] |= 0b1000;
         writer.send().await.unwrap();
         // Read the three deliveries and acknowledge none, then drop the connection.
         let first = publishes(&mut reader, 3).await;

@@ -1355,6 +1355,9 @@ fn append_to_commitlog(
     // Antumbra: who published it, for No Local. The platform's replies come over the device's own link (see
     // `Publish::from_platform`) but are not the device's.
     let origin = (!publish.is_platform()).then(|| connection.origin.clone());
+    // Antumbra: the publisher's DUP is not passed on to subscribers (MQTT 3.1.1 and 5 §3.3.1.1); a forward sets
+    // its own when the broker sends it again.
+    publish.dup = false;
 
     let topic_alias = properties.as_mut().and_then(|p| {
         // clear the received value as it is irrelevant while forwarding publishes
