@@ -1317,6 +1317,55 @@ fn the_broker_keeps_to_the_clients_receive_maximum() {
     );
 }
 
+/// A device's QoS 2 publish the broker received (PUBREC) but that the connection lost before its PUBREL is kept
+/// with the persistent session: the PUBREL on the next connection publishes it (rumqttd kept a connection's QoS
+/// 2 state with the connection only, so the message was lost and the PUBREL refused).
+#[test]
+fn a_qos2_publish_released_on_the_next_connection_is_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "resumer-2", dir.path());
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let addr = server.mqtts_addr();
+    let topic = "devices/resumer-2/inbox";
+    let got = antumbra_e2e::runtime().block_on(async {
+        let (mut reader, mut writer) = client::connect_session(addr, tls.clone(), "resumer-2", 60, false)
+            .await
+            .unwrap();
+        client::subscribe(&mut reader, &mut writer, topic, 0)
+            .await
+            .unwrap();
+        packet::publish_payload(&mut writer.buf, topic, 2, 5, b"exactly-once");
+        writer.send().await.unwrap();
+        let pubrec = reader.next().await.unwrap();
+        assert!(matches!(pubrec, packet::Packet::Other(5)), "{pubrec:?}");
+        // The connection drops before the PUBREL.
+        drop((reader, writer));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (mut reader, mut writer) = client::connect_session(addr, tls, "resumer-2", 60, false)
+            .await
+            .unwrap();
+        writer.buf.extend_from_slice(&[0x62, 2, 0, 5]); // PUBREL 5
+        writer.send().await.unwrap();
+        let mut got = Vec::new();
+        while let Ok(packet) = tokio::time::timeout(Duration::from_secs(2), reader.next()).await {
+            match packet.unwrap() {
+                packet::Packet::Publish { payload, .. } => {
+                    got.push(String::from_utf8_lossy(&payload).into_owned())
+                }
+                other => got.push(format!("{other:?}")),
+            }
+            if got.len() == 2 {
+                break;
+            }
+        }
+        got.sort();
+        got
+    });
+    assert_eq!(got, ["Other(7)", "exactly-once"]);
+}
+
 /// A publish as received: (payload, QoS, packet id, DUP, RETAIN).
 type Received = (String, u8, Option<u16>, bool, bool);
 

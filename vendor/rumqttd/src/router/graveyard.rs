@@ -6,6 +6,7 @@ use super::{
     scheduler::{PauseReason, Tracker},
     ConnectionEvents, FilterIdx,
 };
+use crate::protocol::{Publish, PublishProperties};
 use crate::Cursor;
 
 pub struct Graveyard {
@@ -46,6 +47,7 @@ impl Graveyard {
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
         unacked: VecDeque<Unacked>,
+        recorded: VecDeque<(Publish, Option<PublishProperties>)>,
         expires_at: Option<Instant>,
     ) {
         tracker.pause(PauseReason::Busy);
@@ -56,6 +58,7 @@ impl Graveyard {
             subscriptions,
             unacked_pubrels,
             unacked,
+            recorded,
         };
 
         self.connections.insert(
@@ -113,4 +116,7 @@ pub struct SessionState {
     /// Antumbra: unacknowledged QoS 1/2 publishes (packet id, filter, where to read each again), sent again when
     /// the session resumes. Its filters' cursors stay after what was delivered.
     pub unacked: VecDeque<Unacked>,
+    /// Antumbra: the client's QoS 2 publishes received (PUBREC sent) and not yet released by its PUBREL; they are
+    /// published when it comes, on a later connection.
+    pub recorded: VecDeque<(Publish, Option<PublishProperties>)>,
 }

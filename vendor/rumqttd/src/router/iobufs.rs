@@ -190,19 +190,21 @@ impl Outgoing {
         (buffer_count, inflight_count)
     }
 
-    // Returns (unsolicited, outoforder) flags
-    // Return: Out of order or unsolicited acks
-    // Antumbra: else the QoS the acknowledged publish went at.
-    pub fn register_ack(&mut self, pkid: u16) -> Option<QoS> {
-        let head = self.inflight_buffer.pop_front()?;
-
+    /// Antumbra: takes the publish `pkid` out of the window when it is the oldest in flight and was sent at `qos`
+    /// (PUBACK: QoS 1, PUBREC: QoS 2); `false` (nothing taken) for an out-of-order ack, an unknown id or an ack of
+    /// the wrong kind, which the router treats as a protocol error. Upstream took the oldest out first, so a
+    /// persistent session saved after such an error no longer had that publish to send again.
+    pub fn register_ack(&mut self, pkid: u16, qos: QoS) -> bool {
+        let Some(head) = self.inflight_buffer.front() else {
+            return false;
+        };
         // We don't support out of order acks
-        if pkid != head.pkid {
-            error!(pkid, head = head.pkid, "out of order ack.");
-            return None;
+        if pkid != head.pkid || qos != head.qos {
+            error!(pkid, head = head.pkid, ?qos, head_qos = ?head.qos, "out of order or unexpected ack.");
+            return false;
         }
-
-        Some(head.qos)
+        self.inflight_buffer.pop_front();
+        true
     }
 
     pub fn register_pubrec(&mut self, pkid: u16) {
@@ -381,7 +383,7 @@ mod test {
         outgoing.push_forwards(forwards(2), 2, 0);
         assert_eq!(outgoing.free_slots(), 1);
         // PUBREC: the publish leaves the in-flight buffer, its PUBREL waits for a PUBCOMP and keeps the slot.
-        outgoing.register_ack(1).unwrap();
+        assert!(outgoing.register_ack(1, QoS::ExactlyOnce));
         outgoing.register_pubrec(1);
         assert_eq!(outgoing.free_slots(), 1);
         outgoing.register_pubcomp(1).unwrap();
@@ -400,7 +402,8 @@ mod test {
 
     #[test]
     fn a_packet_id_still_in_flight_is_not_given_again_after_a_gap() {
-        // Ids 1-100 in flight but 50 (its PUBCOMP came): the next is 50, not 1 again.
+        // Ids 1-100 in flight but 50 (acknowledged out of the sequence's turn, as a PUBCOMP can be): the next is
+        // 50, not 1 again.
         let (mut outgoing, _) = Outgoing::new("gap-test".to_string());
         let unacked = |pkid| Unacked {
             pkid,

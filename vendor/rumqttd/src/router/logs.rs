@@ -544,6 +544,17 @@ impl AckLog {
         recorded
     }
 
+    /// Antumbra: the client's QoS 2 publishes received (PUBREC sent) and not yet released, for its persistent
+    /// session to keep until the client sends their PUBRELs on a later connection.
+    pub fn take_recorded(&mut self) -> VecDeque<(Publish, Option<PublishProperties>)> {
+        std::mem::take(&mut self.recorded)
+    }
+
+    /// Antumbra: what [`AckLog::take_recorded`] took when the session was saved.
+    pub fn restore_recorded(&mut self, recorded: VecDeque<(Publish, Option<PublishProperties>)>) {
+        self.recorded = recorded;
+    }
+
     pub fn pingresp(&mut self, ack: PingResp) {
         let ack = Ack::PingResp(ack);
         self.committed.push_back(ack);

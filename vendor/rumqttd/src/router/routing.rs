@@ -363,6 +363,8 @@ impl Router {
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
         let mut pending_acks = VecDeque::new();
+        // Antumbra: the client's QoS 2 publishes waiting for their PUBRELs.
+        let mut recorded = VecDeque::new();
 
         let tracker = if !clean_session {
             // if there was some saved state, restore the metrics
@@ -382,6 +384,7 @@ impl Router {
                     pending_acks.clone_from(&session_state.unacked_pubrels);
                     outgoing.unacked_pubrels = session_state.unacked_pubrels;
                     outgoing.resend = session_state.unacked;
+                    recorded = session_state.recorded;
                     session_state.tracker
                 },
             )
@@ -391,7 +394,8 @@ impl Router {
             Tracker::new(client_id.clone())
         };
 
-        let ackslog = AckLog::new();
+        let mut ackslog = AckLog::new();
+        ackslog.restore_recorded(recorded);
 
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
             Ok(v) => v.as_millis().to_string(),
@@ -514,7 +518,7 @@ impl Router {
         let outgoing = self.obufs.remove(id);
         let mut tracker = self.scheduler.remove(id);
         self.connection_map.remove(&client_id);
-        self.ackslog.remove(id);
+        let mut acks = self.ackslog.remove(id);
 
         // Don't remove connection id from readyqueue with index. This will
         // remove wrong connection from readyqueue. Instead just leave disconnected
@@ -575,6 +579,7 @@ impl Router {
                 connection.events,
                 outgoing.unacked_pubrels,
                 unacked,
+                acks.take_recorded(),
                 // Too far ahead to count (an MQTT 5 client asking for ever): never.
                 connection
                     .session_expiry
@@ -855,9 +860,10 @@ impl Router {
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = puback.pkid;
-                    if outgoing.register_ack(pkid).is_none() {
-                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
+                    if !outgoing.register_ack(pkid, QoS::AtLeastOnce) {
+                        // Antumbra: unknown, out of order, or for a QoS 2 publish (§4.3.3 wants PUBREC).
                         disconnect = true;
+                        disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
                         break;
                     }
 
@@ -869,20 +875,12 @@ impl Router {
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubrec.pkid;
-                    match outgoing.register_ack(pkid) {
-                        Some(QoS::ExactlyOnce) => {}
-                        // Antumbra: a PUBREC for a QoS 1 publish is a protocol error (upstream waited for a
-                        // PUBCOMP that never comes, holding a place in the window for good).
-                        Some(_) => {
-                            error!(pkid, "PUBREC for a publish not sent at QoS 2");
-                            disconnect = true;
-                            break;
-                        }
-                        None => {
-                            error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
-                            disconnect = true;
-                            break;
-                        }
+                    if !outgoing.register_ack(pkid, QoS::ExactlyOnce) {
+                        // Antumbra: unknown, out of order, or for a QoS 1 publish (upstream then waited for a
+                        // PUBCOMP that never came, holding a place in the window for good).
+                        disconnect = true;
+                        disconnect_reason = Some(DisconnectReasonCode::ProtocolError);
+                        break;
                     }
                     // Antumbra: a PUBREC with a failure reason ends the flow (MQTT 5 §4.3.3): no PUBREL.
                     if !matches!(
@@ -922,7 +920,9 @@ impl Router {
                     let Some((publish, props)) = ackslog.pubcomp(pubcomp) else {
                         // Antumbra: its PUBLISH was on an earlier connection (or was released already): the
                         // PUBCOMP (Packet Identifier Not Found) ends the client's flow; upstream disconnected.
+                        // Rescheduled as an ack, so that it goes out even while the window is full.
                         force_ack = true;
+                        self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                         continue;
                     };
 
