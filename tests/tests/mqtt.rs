@@ -1366,6 +1366,39 @@ fn a_qos2_publish_released_on_the_next_connection_is_published() {
     assert_eq!(got, ["Other(7)", "exactly-once"]);
 }
 
+/// A device may have at most the broker's Receive Maximum (100, announced in an MQTT 5 CONNACK) QoS 2 publishes
+/// waiting for their PUBRELs; the next one ends its connection (rumqttd kept them without bound).
+#[test]
+fn qos2_publishes_waiting_for_pubrel_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let d = server.register(TOKEN, "q2-flood", dir.path());
+    let (ca, cert, key) = d.pems();
+    let tls = client::tls_config(&ca, &cert, &key).unwrap();
+    let topic = "devices/q2-flood/inbox";
+    let (pubrecs, end) = antumbra_e2e::runtime().block_on(async {
+        let (mut reader, mut writer) = client::connect(server.mqtts_addr(), tls, "q2-flood", 60)
+            .await
+            .unwrap();
+        for id in 1..=101u16 {
+            packet::publish_payload(&mut writer.buf, topic, 2, id, b"held");
+        }
+        writer.send().await.unwrap();
+        let mut pubrecs = 0;
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
+                Ok(Ok(packet::Packet::Other(5))) => pubrecs += 1,
+                Ok(Ok(other)) => break format!("{other:?}"),
+                Ok(Err(e)) => break format!("{e}"),
+                Err(_) => break "still connected after 5 s".to_owned(),
+            }
+        };
+        (pubrecs, end)
+    });
+    assert_eq!(pubrecs, 100);
+    assert!(end.contains("closed"), "{end}");
+}
+
 /// A publish as received: (payload, QoS, packet id, DUP, RETAIN).
 type Received = (String, u8, Option<u16>, bool, bool);
 

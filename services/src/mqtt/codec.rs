@@ -118,9 +118,12 @@ impl Codec {
         }
     }
 
-    /// Encodes a packet for this client (properties dropped for 3.1.1).
+    /// Encodes a packet for this client (properties dropped for 3.1.1). A DISCONNECT to a 3.1.1 client is
+    /// nothing: that protocol has none from the server (the connection is closed instead), though the router
+    /// asks for one when it ends a connection for a protocol error.
     pub fn write(&self, packet: Packet, out: &mut BytesMut) -> Result<usize, protocol::Error> {
         match self.version {
+            Version::V4 if matches!(packet, Packet::Disconnect(..)) => Ok(0),
             Version::V4 => self.v4.write(strip_properties(packet), out),
             Version::V5 => self.v5.write(packet, out),
         }
@@ -188,6 +191,24 @@ mod tests {
         );
         let mut partial = BytesMut::from(&[0x30u8, 10, 0][..]);
         assert!(matches!(codec.read(&mut partial), Ok(None)));
+    }
+
+    #[test]
+    fn a_disconnect_goes_only_to_an_mqtt5_client() {
+        use rumqttd::protocol::{Disconnect, DisconnectReasonCode};
+        let disconnect = || {
+            let reason_code = DisconnectReasonCode::ReceiveMaximumExceeded;
+            Packet::Disconnect(Disconnect { reason_code }, None)
+        };
+        let mut out = BytesMut::new();
+        Codec::new(Version::V4, 1024)
+            .write(disconnect(), &mut out)
+            .unwrap();
+        assert!(out.is_empty());
+        Codec::new(Version::V5, 1024)
+            .write(disconnect(), &mut out)
+            .unwrap();
+        assert_eq!(&out[..3], &[0xE0, 1, 0x93]);
     }
 
     #[test]

@@ -197,6 +197,8 @@ where
         (codec.version() == Version::V5).then(|| ConnAckProperties {
             session_expiry_interval: granted,
             max_packet_size: Some(door.settings.max_packet_bytes as u32),
+            // QoS 2 publishes the device may have waiting for their PUBRELs (QoS 1 ones are acknowledged as read).
+            receive_max: Some(rumqttd::RECEIVE_MAXIMUM),
             retain_available: Some(1),
             wildcard_subscription_available: Some(1),
             shared_subscription_available: Some(0),

@@ -44,6 +44,12 @@ pub type TopicId = usize;
 pub type Offset = (u64, u64);
 pub type Cursor = (u64, u64);
 
+/// Antumbra: the most QoS 2 publishes a client may have received by the broker and not yet released (PUBREC
+/// sent, PUBREL not come): the broker's MQTT 5 Receive Maximum, for the embedding server to announce in its
+/// CONNACK. Past it the client is disconnected (Receive Maximum exceeded); upstream kept them without bound.
+/// (QoS 1 publishes are acknowledged as they are read, so they never wait.)
+pub const RECEIVE_MAXIMUM: u16 = 100;
+
 pub type ClientId = String;
 pub type AuthUser = String;
 pub type AuthPass = String;

@@ -512,6 +512,13 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
+    /// Antumbra: whether recording a QoS 2 publish with packet id `pkid` would pass `crate::RECEIVE_MAXIMUM`
+    /// (one sent again before its PUBREL takes no new place).
+    pub fn recording_exceeds(&self, pkid: u16) -> bool {
+        self.recorded.len() >= usize::from(crate::RECEIVE_MAXIMUM)
+            && !self.recorded.iter().any(|(p, _)| p.pkid == pkid)
+    }
+
     /// Antumbra: a QoS 2 PUBLISH sent again before its PUBREL (DUP) is the same message, recorded once.
     pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
         let ack = Ack::PubRec(ack);

@@ -491,6 +491,12 @@ impl Router {
 
         info!("Disconnecting connection");
 
+        // Antumbra: the acks of what this connection sent before it is dropped still go (a PUBREC for a QoS 2
+        // publish that is kept with its session, a PUBACK for one logged), ahead of any DISCONNECT.
+        if let (Some(acks), Some(outgoing)) = (self.ackslog.get_mut(id), self.obufs.get_mut(id)) {
+            ack_device_data(acks, outgoing);
+        }
+
         if let Some(reason_code) = reason {
             let outgoing = match self.obufs.get_mut(id) {
                 Some(v) => v,
@@ -684,6 +690,14 @@ impl Router {
                             };
 
                             let ackslog = self.ackslog.get_mut(id).unwrap();
+                            if ackslog.recording_exceeds(pkid) {
+                                // Antumbra: more QoS 2 publishes waiting for their PUBRELs than the broker's
+                                // Receive Maximum (MQTT 5 §3.3.4); upstream kept them without bound.
+                                warn!(pkid, "QoS 2 publishes past the Receive Maximum");
+                                disconnect = true;
+                                disconnect_reason = Some(DisconnectReasonCode::ReceiveMaximumExceeded);
+                                break;
+                            }
                             ackslog.pubrec(publish, properties, pubrec);
                             force_ack = true;
                             continue;
