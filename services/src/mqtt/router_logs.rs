@@ -288,6 +288,58 @@ async fn a_resumed_session_gets_its_unacknowledged_retained_message_again() {
     assert_eq!(again[0].topic.as_ref(), b"devices/dev-r/config");
 }
 
+/// A session that comes back with a smaller Receive Maximum gets its unacknowledged publishes again only as
+/// fast as it acknowledges them (MQTT 5 §3.1.2.11.3), and new ones only after them.
+#[tokio::test]
+async fn resends_on_resume_keep_to_the_new_receive_maximum() {
+    let router = Router::new(0, router_config(&MqttSettings::default())).spawn();
+    let (mut platform, _platform_rx, _) = LinkBuilder::new("platform", router.clone())
+        .build_async()
+        .await
+        .unwrap();
+    let attach = |receive_max| {
+        LinkBuilder::new("dev-m", router.clone())
+            .clean_session(false)
+            .receive_maximum(receive_max)
+            .build_async()
+    };
+    let (mut tx, mut rx, _) = attach(None).await.unwrap();
+    subscribe(&mut tx, &mut rx, "devices/dev-m/#", QoS::AtLeastOnce).await;
+    let message = |payload: &'static str| {
+        let publish = Publish::new("devices/dev-m/inbox", payload, false).from_platform(QoS::AtLeastOnce);
+        Packet::Publish(publish, None)
+    };
+    for payload in ["a", "b", "c"] {
+        platform.send(message(payload)).await.unwrap();
+    }
+    for _ in 0..3 {
+        forwarded(&mut rx).await;
+    }
+    // None acknowledged; the device comes back taking one at a time.
+    detach(&mut tx, &mut rx).await;
+    platform.send(message("new")).await.unwrap();
+    let (mut tx, mut rx, _) = attach(Some(1)).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(publish) = next_forward(&mut rx, Duration::from_secs(2)).await {
+        let wire = publish.serialize();
+        let (pkid, dup) = (u16::from_be_bytes([wire[1], wire[2]]), wire[0] & 0b1000 != 0);
+        got.push((String::from_utf8_lossy(&publish.payload).into_owned(), dup));
+        // Nothing more until this one is acknowledged.
+        let early = next_forward(&mut rx, Duration::from_millis(300)).await;
+        assert!(
+            early.is_none(),
+            "sent past the Receive Maximum: {got:?} then {early:?}"
+        );
+        let ack = PubAck {
+            pkid,
+            reason: PubAckReason::Success,
+        };
+        tx.send(Packet::PubAck(ack, None)).await.unwrap();
+    }
+    let expected = [("a", true), ("b", true), ("c", true), ("new", false)];
+    assert_eq!(got, expected.map(|(p, d)| (p.to_owned(), d)));
+}
+
 #[tokio::test]
 async fn a_subscriber_that_falls_behind_gets_every_message_after_the_logs_were_trimmed() {
     let mut links = router_with(&["platform", "dev-b"]).await;

@@ -156,7 +156,8 @@ impl Outgoing {
                 continue;
             }
             // Index and pkid of current outgoing packet
-            p.publish.pkid = next_pkid(&mut self.last_pkid, &self.unacked_pubrels, &self.inflight_buffer);
+            let in_use = [&self.inflight_buffer, &self.resend];
+            p.publish.pkid = next_pkid(&mut self.last_pkid, &self.unacked_pubrels, in_use);
 
             let held = match (p.cursor, copy) {
                 (Some(cursor), _) => Held::Log(cursor),
@@ -264,11 +265,11 @@ impl Outgoing {
     }
 }
 
-/// Antumbra: the packet id after `last` (which becomes it), past any still waiting for a PUBCOMP or in flight: an
-/// id is free again only once its flow is complete (MQTT §2.2.1). Upstream reused one whose PUBREL was
-/// unanswered.
-fn next_pkid(last: &mut u16, pubrels: &VecDeque<u16>, inflight: &VecDeque<Unacked>) -> u16 {
-    let in_use = |id: u16| pubrels.contains(&id) || inflight.iter().any(|u| u.pkid == id);
+/// Antumbra: the packet id after `last` (which becomes it), past any still waiting for a PUBCOMP, in flight or
+/// waiting to be sent again: an id is free again only once its flow is complete (MQTT §2.2.1). Upstream reused
+/// one whose PUBREL was unanswered.
+fn next_pkid(last: &mut u16, pubrels: &VecDeque<u16>, unacked: [&VecDeque<Unacked>; 2]) -> u16 {
+    let in_use = |id: u16| pubrels.contains(&id) || unacked.iter().any(|list| list.iter().any(|u| u.pkid == id));
     // At most one turn: the window (`MAX_INFLIGHT`) is never wider than the ids. Always checked: a PUBCOMP
     // that came meanwhile can leave a gap among the ids in flight, which the sequence would reach again.
     for _ in 0..MAX_PKID {

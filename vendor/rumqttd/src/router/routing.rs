@@ -1546,12 +1546,16 @@ fn validate_and_set_topic_alias(
 }
 
 /// Antumbra: sends a resumed persistent session's unacknowledged publishes again, read back from their logs, at
-/// the QoS they went at. One no longer in its log (expired) is not sent.
+/// the QoS they went at. One no longer in its log (expired) is not sent. As many as the window takes (the client
+/// may come back with a smaller Receive Maximum); the rest go as acks free it, still before anything new.
 fn resend_unacked(outgoing: &mut Outgoing, datalog: &DataLog) {
-    if outgoing.resend.is_empty() {
+    if outgoing.resend.is_empty() || outgoing.free_slots() == 0 {
         return;
     }
-    while let Some(unacked) = outgoing.resend.pop_front() {
+    while outgoing.free_slots() > 0 {
+        let Some(unacked) = outgoing.resend.pop_front() else {
+            break;
+        };
         let (cursor, (publish, properties)) = match &unacked.held {
             Held::Log(cursor) => {
                 let Ok((_, mut read)) = datalog.native_readv(unacked.filter_idx, *cursor, 1, None) else {
