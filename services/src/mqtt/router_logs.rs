@@ -289,7 +289,8 @@ async fn a_resumed_session_gets_its_unacknowledged_retained_message_again() {
 }
 
 /// A session that comes back with a smaller Receive Maximum gets its unacknowledged publishes again only as
-/// fast as it acknowledges them (MQTT 5 §3.1.2.11.3), and new ones only after them.
+/// fast as it acknowledges them (MQTT 5 §3.1.2.11.3), and new ones only after them; leaving in between keeps
+/// their order.
 #[tokio::test]
 async fn resends_on_resume_keep_to_the_new_receive_maximum() {
     let router = Router::new(0, router_config(&MqttSettings::default())).spawn();
@@ -315,9 +316,16 @@ async fn resends_on_resume_keep_to_the_new_receive_maximum() {
     for _ in 0..3 {
         forwarded(&mut rx).await;
     }
-    // None acknowledged; the device comes back taking one at a time.
+    // None acknowledged; the device comes back taking one at a time, and leaves again after the first.
     detach(&mut tx, &mut rx).await;
     platform.send(message("new")).await.unwrap();
+    let (mut tx, mut rx, _) = attach(Some(1)).await.unwrap();
+    let first = next_forward(&mut rx, Duration::from_secs(2))
+        .await
+        .expect("a resend");
+    assert_eq!(first.payload.as_ref(), b"a");
+    detach(&mut tx, &mut rx).await;
+    // Back again: still in order, one at a time.
     let (mut tx, mut rx, _) = attach(Some(1)).await.unwrap();
     let mut got = Vec::new();
     while let Some(publish) = next_forward(&mut rx, Duration::from_secs(2)).await {

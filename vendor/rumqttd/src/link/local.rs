@@ -196,7 +196,10 @@ impl<'a> LinkBuilder<'a> {
         };
 
         let tx = LinkTx::new(id, router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
+        let mut rx = LinkRx::new(id, router_tx, link_rx, outgoing_data_buffer);
+        // Antumbra: what the router queued with the CONNACK (a resumed session's PUBRELs and publishes sent
+        // again) came with the wake-up the attach took: the link starts with it, or it waited for the next.
+        mem::swap(&mut *rx.send_buffer.lock(), &mut rx.cache);
         Ok((tx, rx, notification))
     }
 }

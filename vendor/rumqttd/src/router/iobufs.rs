@@ -231,12 +231,12 @@ impl Outgoing {
     }
 
     /// Antumbra: the unacknowledged QoS 1/2 publishes, oldest first, for a persistent session to send again when
-    /// it resumes. Those still waiting to be sent again (a session resumed and taken over before it sent them)
-    /// come first.
+    /// it resumes: those in flight, then those still waiting to be sent again (a resumed session taken over
+    /// before it sent them all; nothing new goes out while some wait, so they are the newer).
     pub fn unacked(&self) -> VecDeque<Unacked> {
-        self.resend
+        self.inflight_buffer
             .iter()
-            .chain(&self.inflight_buffer)
+            .chain(&self.resend)
             .cloned()
             .collect()
     }
@@ -341,20 +341,21 @@ mod test {
             retained.clone(),
             logged(6, (0, 10), QoS::ExactlyOnce),
         ]);
-        outgoing.resend.push_back(logged(3, (0, 7), QoS::AtLeastOnce));
+        // Still to be sent again after a resume whose window was full: newer than those in flight.
+        outgoing.resend.push_back(logged(7, (0, 11), QoS::AtLeastOnce));
         assert_eq!(
             outgoing.unacked(),
             [
-                logged(3, (0, 7), QoS::AtLeastOnce),
                 logged(4, (0, 8), QoS::AtLeastOnce),
                 retained,
-                logged(6, (0, 10), QoS::ExactlyOnce)
+                logged(6, (0, 10), QoS::ExactlyOnce),
+                logged(7, (0, 11), QoS::AtLeastOnce)
             ]
         );
         // The log keeps what is in it; the retained copy needs no log.
         assert_eq!(
             outgoing.unacked_cursors().collect::<Vec<_>>(),
-            [(0, (0, 8)), (0, (0, 10)), (0, (0, 7))]
+            [(0, (0, 8)), (0, (0, 10)), (0, (0, 11))]
         );
     }
 

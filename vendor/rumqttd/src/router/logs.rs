@@ -562,6 +562,11 @@ impl AckLog {
         self.recorded = recorded;
     }
 
+    /// Antumbra: takes back the ack queued last (its publish could not be logged after all).
+    pub fn withdraw_last(&mut self) {
+        self.committed.pop_back();
+    }
+
     pub fn pingresp(&mut self, ack: PingResp) {
         let ack = Ack::PingResp(ack);
         self.committed.push_back(ack);

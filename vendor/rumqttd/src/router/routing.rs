@@ -735,6 +735,11 @@ impl Router {
                             if let RouterError::Disconnect(code) = e {
                                 disconnect_reason = Some(code)
                             }
+                            // Antumbra: the PUBACK queued for it does not go (the acks a connection earned are
+                            // now sent before it is dropped).
+                            if qos == QoS::AtLeastOnce && !platform {
+                                self.ackslog[id].withdraw_last();
+                            }
 
                             break;
                         }
@@ -962,6 +967,11 @@ impl Router {
                             );
                             self.router_meters.failed_publishes += 1;
                             disconnect = true;
+                            if let RouterError::Disconnect(code) = e {
+                                disconnect_reason = Some(code)
+                            }
+                            // Antumbra: its PUBCOMP does not go.
+                            self.ackslog[id].withdraw_last();
                             break;
                         }
                     };
