@@ -15,7 +15,8 @@
 //! wholly copied with no write in between, which continuous writes never allow; so past `RESTART_FRAMES`,
 //! once its passive checkpoints have caught up with the writer (or the WAL reached `WAL_LIMIT_FRAMES`), the
 //! checkpointer holds the writer back for one last checkpoint of what came in meanwhile, and starts the WAL
-//! over.
+//! over. Should the checkpointer still fall behind (a machine too busy to give it its turns), the writer starts
+//! the WAL over itself once it passes `WAL_LIMIT_FRAMES`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -48,6 +49,8 @@ const RESTART_FRAMES: i64 = 4_096;
 /// WAL frames past which the writer is held back for a RESTART even when the passive checkpoints could not
 /// catch up with it (64 MiB).
 const WAL_LIMIT_FRAMES: i64 = 16_384;
+/// SQLite's page size (the default), hence the size of a WAL frame's page.
+const PAGE_BYTES: u64 = 4_096;
 /// Passive checkpoints, at most, to catch up with the writer before holding it back.
 const CATCH_UP_PASSES: usize = 3;
 /// New frames after a passive checkpoint few enough to copy while the writer waits.
@@ -128,6 +131,8 @@ struct File {
     turn: Arc<tokio::sync::Mutex<()>>,
     /// Told after each write.
     committed: watch::Sender<()>,
+    /// The WAL file, whose size the writer watches (see [`File::write`]).
+    wal: std::path::PathBuf,
 }
 
 impl File {
@@ -142,6 +147,14 @@ impl File {
             .await
             .map(|_| ())
             .map_err(|e| e.to_string());
+        // The backstop for a checkpointer that cannot keep up (a machine too busy for its turns): past the WAL's
+        // bound the writer starts it over itself, so that it never grows much beyond.
+        let wal_bytes = std::fs::metadata(&self.wal).map_or(0, |m| m.len());
+        if wal_bytes > WAL_LIMIT_FRAMES as u64 * PAGE_BYTES {
+            if let Err(e) = checkpoint(&mut self.connection, "RESTART").await {
+                tracing::warn!(error = %e, wal_bytes, "starting the shadow store's WAL over failed");
+            }
+        }
         drop(turn);
         self.committed.send_replace(());
         result
@@ -194,6 +207,7 @@ impl EmbeddedStore {
             connection: options.connect().await.map_err(backend)?,
             turn: Arc::default(),
             committed: watch::channel(()).0,
+            wal: wal_path(path),
         };
         let checkpointer = Checkpointer {
             // While it holds the writer back, it waits this long at most for readers to leave the WAL.
@@ -510,4 +524,11 @@ async fn commit(file: &mut File, batch: &[Job]) -> Result<(), String> {
             .bind(*version as i64);
     }
     file.write(query).await
+}
+
+/// The WAL file SQLite keeps beside the database at `path`.
+fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
 }
