@@ -3,10 +3,10 @@ use std::time::Instant;
 
 use super::{
     iobufs::Unacked,
+    logs::PubWithProp,
     scheduler::{PauseReason, Tracker},
     ConnectionEvents, FilterIdx,
 };
-use crate::protocol::{Publish, PublishProperties};
 use crate::Cursor;
 
 pub struct Graveyard {
@@ -47,7 +47,7 @@ impl Graveyard {
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
         unacked: VecDeque<Unacked>,
-        recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+        recorded: VecDeque<PubWithProp>,
         expires_at: Option<Instant>,
     ) {
         tracker.pause(PauseReason::Busy);
@@ -118,5 +118,5 @@ pub struct SessionState {
     pub unacked: VecDeque<Unacked>,
     /// Antumbra: the client's QoS 2 publishes received (PUBREC sent) and not yet released by its PUBREL; they are
     /// published when it comes, on a later connection.
-    pub recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    pub recorded: VecDeque<PubWithProp>,
 }

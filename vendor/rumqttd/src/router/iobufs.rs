@@ -8,12 +8,12 @@ use parking_lot::Mutex;
 use tracing::{error, warn};
 
 use crate::{
-    protocol::{Packet, Publish, PublishProperties, QoS},
+    protocol::{Packet, QoS},
     router::{FilterIdx, MAX_CHANNEL_CAPACITY},
     Cursor, Notification,
 };
 
-use super::{Forward, IncomingMeter, OutgoingMeter};
+use super::{logs::PubWithProp, Forward, IncomingMeter, OutgoingMeter};
 
 const MAX_INFLIGHT: usize = 100;
 const MAX_PKID: u16 = MAX_INFLIGHT as u16;
@@ -127,7 +127,7 @@ impl Outgoing {
     /// copy to send again should it stay unacknowledged until a persistent session resumes.
     pub fn push_forwards(
         &mut self,
-        publishes: impl Iterator<Item = (Forward, Option<Arc<Retained>>)>,
+        publishes: impl Iterator<Item = (Forward, Option<Arc<PubWithProp>>)>,
         qos: u8,
         filter_idx: usize,
     ) -> (usize, usize) {
@@ -281,16 +281,14 @@ fn next_pkid(last: &mut u16, pubrels: &VecDeque<u16>, unacked: [&VecDeque<Unacke
     *last
 }
 
-/// Antumbra: a retained message as it was sent for a subscription (before any topic alias).
-pub type Retained = (Publish, Option<PublishProperties>);
-
 /// Antumbra: where an unacknowledged publish can be read again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Held {
     /// Its position in its filter's log.
     Log(Cursor),
-    /// A copy: a retained message sent for a subscription is in no log.
-    Copy(Arc<Retained>),
+    /// A copy: a retained message sent for a subscription is in no log (kept as sent, before any topic
+    /// alias).
+    Copy(Arc<PubWithProp>),
 }
 
 /// Antumbra: an unacknowledged QoS 1/2 publish in flight or of a persistent session: its packet id, its filter,
@@ -317,6 +315,7 @@ impl Unacked {
 #[cfg(test)]
 mod test {
     use super::*;
+    use crate::protocol::Publish;
 
     #[test]
     fn unacked_keeps_packet_ids_positions_and_retained_copies_in_order() {
@@ -359,7 +358,7 @@ mod test {
         );
     }
 
-    fn forwards(count: u64) -> impl Iterator<Item = (Forward, Option<Arc<Retained>>)> {
+    fn forwards(count: u64) -> impl Iterator<Item = (Forward, Option<Arc<PubWithProp>>)> {
         (0..count).map(|n| {
             let mut publish = Publish::new("a/b", "m", false);
             publish.qos = QoS::ExactlyOnce;

@@ -15,7 +15,9 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::time::Instant;
 
-type PubWithProp = (Publish, Option<PublishProperties>);
+/// A publish with its MQTT 5 properties (Antumbra: public in the crate, for the router's in-flight copies and
+/// saved sessions).
+pub type PubWithProp = (Publish, Option<PublishProperties>);
 
 #[derive(Clone)]
 pub struct PublishData {
@@ -485,7 +487,7 @@ pub struct AckLog {
     // Committed acks per connection. First pkid, last pkid, data
     committed: VecDeque<Ack>,
     // Recorded qos 2 publishes
-    recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    recorded: VecDeque<PubWithProp>,
 }
 
 impl AckLog {
@@ -515,15 +517,19 @@ impl AckLog {
     /// Antumbra: whether recording a QoS 2 publish with packet id `pkid` would pass `crate::RECEIVE_MAXIMUM`
     /// (one sent again before its PUBREL takes no new place).
     pub fn recording_exceeds(&self, pkid: u16) -> bool {
-        self.recorded.len() >= usize::from(crate::RECEIVE_MAXIMUM)
-            && !self.recorded.iter().any(|(p, _)| p.pkid == pkid)
+        self.recorded.len() >= usize::from(crate::RECEIVE_MAXIMUM) && self.recorded_at(pkid).is_none()
+    }
+
+    /// Antumbra: where the recorded QoS 2 publish with packet id `pkid` is, if one is.
+    fn recorded_at(&self, pkid: u16) -> Option<usize> {
+        self.recorded.iter().position(|(p, _)| p.pkid == pkid)
     }
 
     /// Antumbra: a QoS 2 PUBLISH sent again before its PUBREL (DUP) is the same message, recorded once.
     pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
         let ack = Ack::PubRec(ack);
-        match self.recorded.iter_mut().find(|(p, _)| p.pkid == publish.pkid) {
-            Some(slot) => *slot = (publish, props),
+        match self.recorded_at(publish.pkid) {
+            Some(i) => self.recorded[i] = (publish, props),
             None => self.recorded.push_back((publish, props)),
         }
         self.committed.push_back(ack);
@@ -538,12 +544,8 @@ impl AckLog {
     /// id). None when no message has that id (its PUBLISH was on a connection before): the PUBCOMP still goes,
     /// with Packet Identifier Not Found, so that the client's flow ends (upstream disconnected it, and the
     /// client sent the PUBREL again on every reconnection).
-    pub fn pubcomp(&mut self, mut ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
-        let recorded = self
-            .recorded
-            .iter()
-            .position(|(p, _)| p.pkid == ack.pkid)
-            .and_then(|i| self.recorded.remove(i));
+    pub fn pubcomp(&mut self, mut ack: PubComp) -> Option<PubWithProp> {
+        let recorded = self.recorded_at(ack.pkid).and_then(|i| self.recorded.remove(i));
         if recorded.is_none() {
             ack.reason = PubCompReason::PacketIdentifierNotFound;
         }
@@ -553,12 +555,12 @@ impl AckLog {
 
     /// Antumbra: the client's QoS 2 publishes received (PUBREC sent) and not yet released, for its persistent
     /// session to keep until the client sends their PUBRELs on a later connection.
-    pub fn take_recorded(&mut self) -> VecDeque<(Publish, Option<PublishProperties>)> {
+    pub fn take_recorded(&mut self) -> VecDeque<PubWithProp> {
         std::mem::take(&mut self.recorded)
     }
 
     /// Antumbra: what [`AckLog::take_recorded`] took when the session was saved.
-    pub fn restore_recorded(&mut self, recorded: VecDeque<(Publish, Option<PublishProperties>)>) {
+    pub fn restore_recorded(&mut self, recorded: VecDeque<PubWithProp>) {
         self.recorded = recorded;
     }
 
