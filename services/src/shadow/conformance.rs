@@ -340,30 +340,51 @@ async fn the_service_applies_aws_rules_end_to_end(store: Store) {
     )
     .0;
     let k2 = key("grow", None);
-    let mut refused = false;
+    let small_update = |body: serde_json::Value| parse_update(body.to_string().as_bytes(), &limits).unwrap();
+    let mut last = None;
     for i in 0..20 {
         let body = json!({"state": {"reported": {format!("field{i}"): "0123456789"}}});
-        match small
-            .update(
-                &k2,
-                &parse_update(body.to_string().as_bytes(), &limits).unwrap(),
-                true,
-            )
-            .await
-        {
-            Ok(_) => {}
+        match small.update(&k2, &small_update(body), true).await {
+            Ok(updated) => last = Some(updated.document),
             Err(e) => {
                 assert_eq!(e.code(), 413);
-                refused = true;
                 break;
             }
         }
     }
-    assert!(refused);
-    assert!(
-        small.get(&k2, true).await.unwrap().version < 20,
+    let last = last.expect("the first updates fit");
+    assert!(last.version < 20, "an update was refused");
+    // The refused update changed the document it was given (the stores hand it over to be changed in place):
+    // what is read now, and what the next update starts from, is still the last accepted version.
+    assert_eq!(
+        small.get(&k2, true).await.unwrap(),
+        *last,
         "the refused update wrote nothing"
     );
+    let shrunk = small
+        .update(
+            &k2,
+            &small_update(json!({"state": {"reported": {"field0": null}}})),
+            true,
+        )
+        .await
+        .unwrap();
+    let mut expected = (*last).clone();
+    expected.reported.as_mut().unwrap().remove("field0");
+    expected.reported_meta.remove("field0");
+    assert_eq!(shrunk.document.version, last.version + 1);
+    assert_eq!(shrunk.document.reported, expected.reported);
+    assert_eq!(shrunk.document.reported_meta, expected.reported_meta);
+    // A version conflict found on the memory's copy leaves it as it was too.
+    let conflict = small
+        .update(
+            &k2,
+            &small_update(json!({"state": {"reported": {"field1": 1}}, "version": 1})),
+            true,
+        )
+        .await;
+    assert_eq!(conflict.unwrap_err().code(), 409);
+    assert_eq!(small.get(&k2, true).await.unwrap(), *shrunk.document);
 }
 
 /// Two instances, each with its own connection to Redis (and so its own memory of what it last wrote), update
@@ -448,14 +469,9 @@ async fn redis_reads_after_a_missed_purge_see_the_new_document() {
     assert_eq!((seen.version, seen.reported.unwrap()["n"].clone()), (2, json!(2)));
 }
 
-/// Shadows written by an earlier release (`d` in the older storage form, no `t`) read back, and their next
-/// update is stored in the current form.
-#[tokio::test]
-async fn redis_reads_the_older_storage_form() {
-    let prefix = fresh_prefix();
-    let dir = tempfile::tempdir().unwrap();
-    let shadows = service(redis_at(&prefix).await, &dir).await;
-    let older = Document::default().updated(
+/// A document as an earlier release stored it (see the `…_reads_the_older_storage_form` tests).
+fn older_form_document() -> Document {
+    Document::default().updated(
         &Patch::Merge(
             json!({"mode": "eco", "fan": {"speed": 2}})
                 .as_object()
@@ -464,7 +480,32 @@ async fn redis_reads_the_older_storage_form() {
         ),
         &Patch::Absent,
         1_795_000_000,
-    );
+    )
+}
+
+/// The update after [`older_form_document`], which the store writes in the current form.
+async fn update_older_form(shadows: &Shadows, k: &ShadowKey) -> super::Updated {
+    let body = json!({"state": {"reported": {"mode": "eco"}}});
+    let updated = shadows
+        .update(
+            k,
+            &parse_update(body.to_string().as_bytes(), &Limits::default()).unwrap(),
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(updated.document.version, 2);
+    updated
+}
+
+/// Shadows written by an earlier release (`d` in the older storage form, no `t`) read back, and their next
+/// update is stored in the current form.
+#[tokio::test]
+async fn redis_reads_the_older_storage_form() {
+    let prefix = fresh_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let shadows = service(redis_at(&prefix).await, &dir).await;
+    let older = older_form_document();
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let hash = format!("{prefix}shadow/old-device/");
@@ -479,16 +520,7 @@ async fn redis_reads_the_older_storage_form() {
         .unwrap();
     let k = key("old-device", None);
     assert_eq!(shadows.get(&k, true).await.unwrap(), older);
-    let body = json!({"state": {"reported": {"mode": "eco"}}});
-    let updated = shadows
-        .update(
-            &k,
-            &parse_update(body.to_string().as_bytes(), &Limits::default()).unwrap(),
-            true,
-        )
-        .await
-        .unwrap();
-    assert_eq!(updated.document.version, 2);
+    let updated = update_older_form(&shadows, &k).await;
     let (view, timestamp): (Vec<u8>, i64) = redis::cmd("HMGET")
         .arg(&hash)
         .arg("d")
@@ -603,6 +635,79 @@ async fn the_embedded_store_reads_back_every_acknowledged_write() {
     }
     let deleted = reopened.load(&key("d0", None)).await.unwrap();
     assert_eq!((deleted.document, deleted.version), (None, 10));
+}
+
+/// An update is handed the document itself, not a copy of what the memory shares: the memory keeps its view,
+/// from which a read rebuilds it meanwhile.
+#[tokio::test]
+async fn the_embedded_store_lends_its_document_to_an_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("shadows.db")).await.unwrap();
+    let k = key("lent", None);
+    assert!(store
+        .compare_and_set(&k, 0, 1, Some(&doc(1, json!({"a": 1}))))
+        .await
+        .unwrap());
+    let mut lent = store.load_for_update(&k).await.unwrap().document.unwrap();
+    assert_eq!(Arc::strong_count(&lent), 1, "nobody else holds the lent document");
+    let read = store.load(&k).await.unwrap().document.unwrap();
+    assert_eq!(*read, *doc(1, json!({"a": 1})));
+    assert!(!Arc::ptr_eq(&read, &lent));
+    Arc::make_mut(&mut lent).apply(
+        &Patch::Absent,
+        &Patch::Merge(json!({"a": 2}).as_object().unwrap().clone()),
+        11,
+    );
+    assert_eq!(*read, *doc(1, json!({"a": 1})), "the reader's copy is its own");
+    assert!(store.compare_and_set(&k, 1, 2, Some(&lent)).await.unwrap());
+    let now = store.load(&k).await.unwrap().document.unwrap();
+    assert!(Arc::ptr_eq(&now, &lent), "the written document is shared again");
+    // A shadow read from the file, then lent, is lent without a copy as well.
+    drop((read, now, lent));
+    let reopened = EmbeddedStore::open(&dir.path().join("shadows.db")).await.unwrap();
+    let lent = reopened.load_for_update(&k).await.unwrap().document.unwrap();
+    assert_eq!(Arc::strong_count(&lent), 1);
+    assert_eq!(lent.reported.as_ref().unwrap()["a"], 2);
+}
+
+/// Files written by an earlier release (no `timestamp` column; documents in the older storage form) open, read
+/// back, and take the next update in the current form.
+#[tokio::test]
+async fn the_embedded_store_reads_the_older_storage_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shadows.db");
+    let older = older_form_document();
+    let file = crate::db::connect(&crate::db::sqlite_url(&path)).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE shadows (device_id TEXT NOT NULL, name TEXT NOT NULL, document TEXT, \
+         version INTEGER NOT NULL, PRIMARY KEY (device_id, name))",
+    )
+    .execute(&file)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO shadows (device_id, name, document, version) VALUES ('old-device', '', ?, 1)")
+        .bind(older.to_stored_string())
+        .execute(&file)
+        .await
+        .unwrap();
+    let store = Store::Embedded(EmbeddedStore::open(&path).await.unwrap());
+    let shadows = service(store, &dir).await;
+    let k = key("old-device", None);
+    assert_eq!(shadows.get(&k, true).await.unwrap(), older);
+    let updated = update_older_form(&shadows, &k).await;
+    let (view, timestamp): (String, i64) =
+        sqlx::query_as("SELECT document, timestamp FROM shadows WHERE device_id = 'old-device'")
+            .fetch_one(&file)
+            .await
+            .unwrap();
+    let stored = Document::from_view(view.into_bytes().into(), timestamp).unwrap();
+    assert_eq!(stored, *updated.document);
+    assert_eq!(stored.desired.unwrap()["fan"]["speed"], 2);
+    let reopened = EmbeddedStore::open(&path).await.unwrap();
+    assert_eq!(
+        reopened.load(&k).await.unwrap().document.as_deref(),
+        Some(&*updated.document)
+    );
 }
 
 /// Under writes that never pause, the embedded store's WAL still starts over: its checkpoints never run inside a

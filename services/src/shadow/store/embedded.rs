@@ -8,6 +8,12 @@
 //! before it is in the file; with `synchronous = NORMAL` under WAL a commit is in the operating system once
 //! written, so killing the process loses nothing acknowledged (only a power loss can take the last commits).
 //!
+//! An update changes the document it is given in place: the memory lends it out (keeping its view, which is
+//! what the file holds) rather than sharing it, which would make the update copy the whole document first. The
+//! file holds each document as its `documents` view, the form the update serializes anyway (for its size check
+//! and the `documents` message), with its timestamp beside it; rows of earlier releases (the older storage
+//! form, no timestamp) are still read.
+//!
 //! The WAL is checkpointed by a task of its own, on its own connection, never inside a commit. SQLite's
 //! automatic checkpoint runs in the commit that crosses its threshold: it copies up to 1,000 pages and syncs
 //! both files while every update queued behind that commit waits (milliseconds on a quiet disk, seconds on a
@@ -37,7 +43,7 @@ use crate::shadow::document::Document;
 /// Most shadows kept in memory; past it, some that have nothing left to write are forgotten (and read from the
 /// file again when needed).
 const REMEMBERED: usize = 50_000;
-/// Most rows in one commit (4 parameters each, well under SQLite's 32,766).
+/// Most rows in one commit (5 parameters each, well under SQLite's 32,766).
 const BATCH: usize = 1_000;
 /// How often a compare-and-set re-reads a shadow that was forgotten while it read it.
 const READ_ATTEMPTS: usize = 8;
@@ -83,17 +89,55 @@ struct Memory {
 
 struct Known {
     version: u64,
-    document: Option<Arc<Document>>,
+    document: Held,
     /// Writes queued and not yet committed: such a shadow is never forgotten.
     unwritten: u32,
 }
 
+/// A shadow's document as the memory holds it.
+enum Held {
+    /// No document (never written, or deleted).
+    Absent,
+    /// The document, shared with whoever read it.
+    Here(Arc<Document>),
+    /// Lent to an update ([`EmbeddedStore::load_for_update`]), which changes it in place: what is kept is its
+    /// view and timestamp, as the file has them, from which a read (or an update that failed, and so never put
+    /// its document back) rebuilds it.
+    Lent { view: bytes::Bytes, timestamp: i64 },
+}
+
+impl From<Option<Arc<Document>>> for Held {
+    fn from(document: Option<Arc<Document>>) -> Self {
+        document.map_or(Held::Absent, Held::Here)
+    }
+}
+
 impl Known {
-    fn stored(&self) -> Stored {
-        Stored {
-            document: self.document.clone(),
-            version: self.version,
+    fn stored(&mut self) -> Result<Stored, StoreError> {
+        if let Held::Lent { view, timestamp } = &self.document {
+            let document = Document::from_view(view.clone(), *timestamp).map_err(StoreError::Corrupt)?;
+            self.document = Held::Here(Arc::new(document));
         }
+        Ok(Stored {
+            document: match &self.document {
+                Held::Here(document) => Some(document.clone()),
+                _ => None,
+            },
+            version: self.version,
+        })
+    }
+
+    /// What [`Known::stored`] gives, the document handed over rather than shared.
+    fn lend(&mut self) -> Result<Stored, StoreError> {
+        let stored = self.stored()?;
+        if let Some(document) = &stored.document {
+            // The memory's reference goes: the update's is then the only one, unless a reader still holds one.
+            self.document = Held::Lent {
+                view: document.view_bytes().clone(),
+                timestamp: document.timestamp,
+            };
+        }
+        Ok(stored)
     }
 }
 
@@ -112,7 +156,7 @@ impl Memory {
             key.clone(),
             Known {
                 version: stored.version,
-                document: stored.document,
+                document: stored.document.into(),
                 unwritten: 0,
             },
         );
@@ -166,7 +210,8 @@ enum Job {
     Put {
         key: ShadowKey,
         version: u64,
-        text: Option<String>,
+        /// The document's view and timestamp; `None` deletes the document.
+        view: Option<(bytes::Bytes, i64)>,
         done: oneshot::Sender<Result<(), String>>,
     },
     Purge {
@@ -198,11 +243,23 @@ impl EmbeddedStore {
             .map_err(backend)?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS shadows (device_id TEXT NOT NULL, name TEXT NOT NULL, document TEXT, \
-             version INTEGER NOT NULL, PRIMARY KEY (device_id, name))",
+             version INTEGER NOT NULL, timestamp INTEGER, PRIMARY KEY (device_id, name))",
         )
         .execute(&pool)
         .await
         .map_err(backend)?;
+        // A file of an earlier release has no timestamp column: its documents are in the older storage form.
+        let has_timestamp: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM pragma_table_info('shadows') WHERE name = 'timestamp'")
+                .fetch_one(&pool)
+                .await
+                .map_err(backend)?;
+        if has_timestamp == 0 {
+            sqlx::query("ALTER TABLE shadows ADD COLUMN timestamp INTEGER")
+                .execute(&pool)
+                .await
+                .map_err(backend)?;
+        }
         let file = File {
             connection: options.connect().await.map_err(backend)?,
             turn: Arc::default(),
@@ -230,19 +287,28 @@ impl EmbeddedStore {
     }
 
     async fn read(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
-        let row = sqlx::query("SELECT document, version FROM shadows WHERE device_id = ? AND name = ?")
-            .bind(key.device.as_str())
-            .bind(key.name_str())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(backend)?;
+        let row =
+            sqlx::query("SELECT document, timestamp, version FROM shadows WHERE device_id = ? AND name = ?")
+                .bind(key.device.as_str())
+                .bind(key.name_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(backend)?;
         let Some(row) = row else {
             return Ok(Stored::default());
         };
         let document: Option<String> = row.try_get("document").map_err(backend)?;
+        let timestamp: Option<i64> = row.try_get("timestamp").map_err(backend)?;
         let version: i64 = row.try_get("version").map_err(backend)?;
+        let document = match (document, timestamp) {
+            (None, _) => None,
+            (Some(view), Some(timestamp)) => {
+                Some(Document::from_view(view.into_bytes().into(), timestamp).map_err(StoreError::Corrupt)?)
+            }
+            (Some(older), None) => Some(decode(&older)?),
+        };
         Ok(Stored {
-            document: document.as_deref().map(decode).transpose()?.map(Arc::new),
+            document: document.map(Arc::new),
             version: version as u64,
         })
     }
@@ -265,22 +331,37 @@ impl EmbeddedStore {
 impl ShadowStore for EmbeddedStore {
     async fn load(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
         let since = {
-            let memory = self.memory();
-            if let Some(known) = memory.shadows.get(key) {
-                return Ok(known.stored());
+            let mut memory = self.memory();
+            if let Some(known) = memory.shadows.get_mut(key) {
+                return known.stored();
             }
             memory.forgotten
         };
         let stored = self.read(key).await?;
         let mut memory = self.memory();
-        if let Some(known) = memory.shadows.get(key) {
+        if let Some(known) = memory.shadows.get_mut(key) {
             // Filled in meanwhile, by a read or a write: at least as new as ours.
-            return Ok(known.stored());
+            return known.stored();
         }
         if memory.forgotten == since {
             memory.remember(key, stored.clone());
         }
         Ok(stored)
+    }
+
+    /// Lends the document out of memory (see [`Held::Lent`]), so the update changes it without a copy.
+    async fn load_for_update(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
+        if let Some(known) = self.memory().shadows.get_mut(key) {
+            return known.lend();
+        }
+        let stored = self.load(key).await?;
+        match self.memory().shadows.get_mut(key) {
+            Some(known) if known.version == stored.version => {
+                drop(stored);
+                known.lend()
+            }
+            _ => Ok(stored),
+        }
     }
 
     async fn compare_and_set(
@@ -290,8 +371,8 @@ impl ShadowStore for EmbeddedStore {
         version: u64,
         document: Option<&Arc<Document>>,
     ) -> Result<bool, StoreError> {
-        // Serialized before taking the lock.
-        let mut text = Some(document.map(|d| d.to_stored_string()));
+        // Serialized (if it was not yet: an update's size check does it) before taking the lock.
+        let mut view = Some(document.map(|d| (d.view_bytes().clone(), d.timestamp)));
         for _ in 0..READ_ATTEMPTS {
             // Decided under the lock: lost, queued (its commit to wait for), or not known yet.
             let decided = {
@@ -300,14 +381,14 @@ impl ShadowStore for EmbeddedStore {
                     Some(known) if known.version != expected => return Ok(false),
                     Some(known) => {
                         known.version = version;
-                        known.document = document.cloned();
+                        known.document = document.cloned().into();
                         known.unwritten += 1;
                         // Queued under the lock, so the writer commits in the order versions were given out.
                         let (done, result) = oneshot::channel();
                         let job = Job::Put {
                             key: key.clone(),
                             version,
-                            text: text.take().flatten(),
+                            view: view.take().flatten(),
                             done,
                         };
                         if self.writer.send(job).is_err() {
@@ -501,26 +582,36 @@ async fn checkpoint(connection: &mut SqliteConnection, mode: &str) -> Result<i64
 
 /// Writes every shadow of the batch (the last write of each) in one statement.
 async fn commit(file: &mut File, batch: &[Job]) -> Result<(), String> {
-    let mut last: HashMap<&ShadowKey, (u64, Option<&str>)> = HashMap::with_capacity(batch.len());
+    type Row<'a> = (u64, Option<(&'a str, i64)>);
+    let mut last: HashMap<&ShadowKey, Row<'_>> = HashMap::with_capacity(batch.len());
     for job in batch {
         if let Job::Put {
-            key, version, text, ..
+            key, version, view, ..
         } = job
         {
-            last.insert(key, (*version, text.as_deref()));
+            let view = match view {
+                Some((bytes, timestamp)) => Some((
+                    std::str::from_utf8(bytes).map_err(|e| format!("a document view is not UTF-8: {e}"))?,
+                    *timestamp,
+                )),
+                None => None,
+            };
+            last.insert(key, (*version, view));
         }
     }
-    let mut sql = String::from("INSERT INTO shadows (device_id, name, document, version) VALUES ");
-    sql.push_str(&crate::db::values_list(crate::db::Engine::Sqlite, last.len(), 4));
+    let mut sql = String::from("INSERT INTO shadows (device_id, name, document, timestamp, version) VALUES ");
+    sql.push_str(&crate::db::values_list(crate::db::Engine::Sqlite, last.len(), 5));
     sql.push_str(
-        " ON CONFLICT (device_id, name) DO UPDATE SET document = excluded.document, version = excluded.version",
+        " ON CONFLICT (device_id, name) DO UPDATE SET document = excluded.document, \
+         timestamp = excluded.timestamp, version = excluded.version",
     );
     let mut query = sqlx::query(&sql);
-    for (key, (version, text)) in &last {
+    for (key, (version, view)) in &last {
         query = query
             .bind(key.device.as_str())
             .bind(key.name_str())
-            .bind(*text)
+            .bind(view.map(|(text, _)| text))
+            .bind(view.map(|(_, timestamp)| timestamp))
             .bind(*version as i64);
     }
     file.write(query).await

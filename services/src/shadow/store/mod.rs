@@ -147,7 +147,7 @@ impl ShadowStore for Store {
 
     async fn load_for_update(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
         match self {
-            Store::Embedded(s) => s.load(key).await,
+            Store::Embedded(s) => s.load_for_update(key).await,
             Store::Redis(s) => s.load_for_update(key).await,
         }
     }
