@@ -1367,7 +1367,9 @@ fn a_qos2_publish_released_on_the_next_connection_is_published() {
 }
 
 /// A device may have at most the broker's Receive Maximum (100, announced in an MQTT 5 CONNACK) QoS 2 publishes
-/// waiting for their PUBRELs; the next one ends its connection (rumqttd kept them without bound).
+/// waiting for their PUBRELs; the next one ends its connection (rumqttd kept them without bound): an MQTT 5
+/// client is told why (DISCONNECT, Receive Maximum exceeded), an MQTT 3.1.1 client, which has no server
+/// DISCONNECT, sees the connection close.
 #[test]
 fn qos2_publishes_waiting_for_pubrel_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
@@ -1376,27 +1378,40 @@ fn qos2_publishes_waiting_for_pubrel_are_bounded() {
     let (ca, cert, key) = d.pems();
     let tls = client::tls_config(&ca, &cert, &key).unwrap();
     let topic = "devices/q2-flood/inbox";
-    let (pubrecs, end) = antumbra_e2e::runtime().block_on(async {
-        let (mut reader, mut writer) = client::connect(server.mqtts_addr(), tls, "q2-flood", 60)
-            .await
-            .unwrap();
-        for id in 1..=101u16 {
-            packet::publish_payload(&mut writer.buf, topic, 2, id, b"held");
-        }
-        writer.send().await.unwrap();
-        let mut pubrecs = 0;
-        let end = loop {
-            match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
-                Ok(Ok(packet::Packet::Other(5))) => pubrecs += 1,
-                Ok(Ok(other)) => break format!("{other:?}"),
-                Ok(Err(e)) => break format!("{e}"),
-                Err(_) => break "still connected after 5 s".to_owned(),
+    let flood = |v5: bool| {
+        let tls = tls.clone();
+        antumbra_e2e::runtime().block_on(async {
+            let (mut reader, mut writer) = match v5 {
+                true => client::connect_with(server.mqtts_addr(), tls, &v5_connect("q2-flood", 10)).await,
+                false => client::connect(server.mqtts_addr(), tls, "q2-flood", 60).await,
             }
-        };
-        (pubrecs, end)
-    });
+            .unwrap();
+            for id in 1..=101u16 {
+                match v5 {
+                    true => writer.buf.extend(v5_publish(topic, 2, id, "held")),
+                    false => packet::publish_payload(&mut writer.buf, topic, 2, id, b"held"),
+                }
+            }
+            writer.send().await.unwrap();
+            let mut pubrecs = 0;
+            let end = loop {
+                match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
+                    Ok(Ok(packet::Packet::Other(5))) => pubrecs += 1,
+                    Ok(Ok(other)) => break format!("{other:?}"),
+                    Ok(Err(e)) => break format!("{e}"),
+                    Err(_) => break "still connected after 5 s".to_owned(),
+                }
+            };
+            (pubrecs, end)
+        })
+    };
+    let (pubrecs, end) = flood(false);
     assert_eq!(pubrecs, 100);
     assert!(end.contains("closed"), "{end}");
+    let (pubrecs, end) = flood(true);
+    assert_eq!(pubrecs, 100);
+    // 0x93: Receive Maximum exceeded.
+    assert_eq!(end, "Disconnect { reason: 147 }");
 }
 
 /// A publish as received: (payload, QoS, packet id, DUP, RETAIN).

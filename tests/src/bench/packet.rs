@@ -40,6 +40,8 @@ pub enum Packet {
     PubAck { packet_id: u16 },
     /// Answer to PINGREQ.
     PingResp,
+    /// DISCONNECT from the server (MQTT 5 only), with its reason code (0 when the packet has none).
+    Disconnect { reason: u8 },
     /// Any other packet type (by its type nibble); the scenarios treat it as unexpected.
     Other(u8),
 }
@@ -185,6 +187,9 @@ pub fn parse(buf: &mut BytesMut) -> Result<Option<Packet>> {
             packet_id: body.get_u16(),
         },
         PINGRESP => Packet::PingResp,
+        DISCONNECT => Packet::Disconnect {
+            reason: body.first().copied().unwrap_or(0),
+        },
         PUBLISH => {
             let qos = (first >> 1) & 0x03;
             if body.len() < 2 {
