@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, Packet, PubAck, PubAckReason, Publish, QoS, RetainForwardRule,
-    Subscribe,
+    Disconnect, DisconnectReasonCode, Filter, Packet, PubAck, PubAckReason, Publish, PublishProperties, QoS,
+    RetainForwardRule, Subscribe,
 };
 use rumqttd::{Notification, Router};
 
@@ -82,11 +82,18 @@ async fn forwarded(rx: &mut LinkRx) -> (u16, bool, String) {
 /// The next publish the router forwards to `rx` within `wait`, or `None`. Asks for more when the router says
 /// the link's share is used up, as a session does once it has written what it got.
 pub(super) async fn next_forward(rx: &mut LinkRx, wait: Duration) -> Option<Publish> {
+    next_forward_with(rx, wait).await.map(|(publish, _)| publish)
+}
+
+/// [`next_forward`] with the publish's properties.
+async fn next_forward_with(rx: &mut LinkRx, wait: Duration) -> Option<(Publish, Option<PublishProperties>)> {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match tokio::time::timeout_at(deadline, rx.next()).await {
             Ok(Ok(Some(Notification::Unschedule))) => rx.wake().await.unwrap(),
-            Ok(Ok(Some(Notification::Forward(forward)))) => return Some(forward.publish),
+            Ok(Ok(Some(Notification::Forward(forward)))) => {
+                return Some((forward.publish, forward.properties))
+            }
             // Ok(None): a wake-up whose notifications an earlier read already took.
             Ok(Ok(Some(_) | None)) => {}
             Ok(Err(e)) => panic!("link closed: {e:?}"),
@@ -369,4 +376,50 @@ async fn a_subscriber_that_falls_behind_gets_every_message_after_the_logs_were_t
             let_the_router_trim(&mut platform).await;
         }
     }
+}
+
+/// A retained message resent when a persistent session resumes carries what is left of its MQTT 5 Message Expiry
+/// Interval then, not what was left when it was first sent (MQTT 5 §3.3.2.3.3).
+#[tokio::test]
+async fn a_resent_retained_message_counts_its_expiry_down_from_its_first_sending() {
+    let router = Router::new(0, router_config(&MqttSettings::default())).spawn();
+    let (mut platform, _platform_rx, _) = LinkBuilder::new("platform", router.clone())
+        .build_async()
+        .await
+        .unwrap();
+    let properties = PublishProperties {
+        message_expiry_interval: Some(60),
+        ..Default::default()
+    };
+    let retained = Publish::new("devices/dev-x/config", "kept", true).from_platform(QoS::AtLeastOnce);
+    platform
+        .send(Packet::Publish(retained, Some(properties)))
+        .await
+        .unwrap();
+    let published = std::time::Instant::now();
+    let attach = || {
+        LinkBuilder::new("dev-x", router.clone())
+            .clean_session(false)
+            .build_async()
+    };
+    let (mut tx, mut rx, _) = attach().await.unwrap();
+    subscribe(&mut tx, &mut rx, "devices/dev-x/#", QoS::AtLeastOnce).await;
+    let expiry = |sent: Option<(Publish, Option<PublishProperties>)>| {
+        let (publish, properties) = sent.expect("the retained message");
+        assert_eq!(publish.payload.as_ref(), b"kept");
+        properties
+            .and_then(|p| p.message_expiry_interval)
+            .expect("an expiry interval")
+    };
+    let first = expiry(next_forward_with(&mut rx, Duration::from_secs(5)).await);
+    assert!(first >= 59, "{first} s left at first sending");
+    // Not acknowledged; the session resumes two seconds later.
+    detach(&mut tx, &mut rx).await;
+    tokio::time::sleep(Duration::from_millis(2_100).saturating_sub(published.elapsed())).await;
+    let (_tx, mut rx, _) = attach().await.unwrap();
+    let again = expiry(next_forward_with(&mut rx, Duration::from_secs(5)).await);
+    let waited = published.elapsed().as_secs_f64();
+    // Whole seconds are counted: 60 less the time waited, give or take a second.
+    let off = f64::from(again) - (60.0 - waited);
+    assert!(off.abs() <= 1.0, "{again} s left after {waited:.1} s");
 }

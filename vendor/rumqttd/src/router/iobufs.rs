@@ -1,6 +1,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
+    time::Instant,
 };
 
 use flume::{Receiver, Sender};
@@ -161,8 +162,8 @@ impl Outgoing {
 
             let held = match (p.cursor, copy) {
                 (Some(cursor), _) => Held::Log(cursor),
-                (None, Some(copy)) => Held::Copy(copy),
-                (None, None) => Held::Copy(Arc::new((p.publish.clone(), p.properties.clone()))),
+                (None, Some(copy)) => Held::Copy(copy, Instant::now()),
+                (None, None) => Held::Copy(Arc::new((p.publish.clone(), p.properties.clone())), Instant::now()),
             };
             self.inflight_buffer.push_back(Unacked {
                 pkid: p.publish.pkid,
@@ -287,8 +288,9 @@ pub enum Held {
     /// Its position in its filter's log.
     Log(Cursor),
     /// A copy: a retained message sent for a subscription is in no log (kept as sent, before any topic
-    /// alias).
-    Copy(Arc<PubWithProp>),
+    /// alias), and when it was sent, so that it goes again with its Message Expiry Interval counted down from
+    /// then (MQTT 5 §3.3.2.3.3).
+    Copy(Arc<PubWithProp>, Instant),
 }
 
 /// Antumbra: an unacknowledged QoS 1/2 publish in flight or of a persistent session: its packet id, its filter,
@@ -307,7 +309,7 @@ impl Unacked {
     pub fn cursor(&self) -> Option<(FilterIdx, Cursor)> {
         match self.held {
             Held::Log(cursor) => Some((self.filter_idx, cursor)),
-            Held::Copy(_) => None,
+            Held::Copy(..) => None,
         }
     }
 }
@@ -331,7 +333,7 @@ mod test {
         let retained = Unacked {
             pkid: 5,
             filter_idx: 1,
-            held: Held::Copy(copy),
+            held: Held::Copy(copy, Instant::now()),
             qos: QoS::AtLeastOnce,
             retain: true,
         };

@@ -1579,8 +1579,15 @@ fn resend_unacked(outgoing: &mut Outgoing, datalog: &DataLog) {
                 }
                 (Some(*cursor), publish)
             }
-            // A retained message sent for the subscription: sent again as it went.
-            Held::Copy(copy) => (None, (**copy).clone()),
+            // A retained message sent for the subscription: sent again as it went, less the time since.
+            Held::Copy(copy, sent) => {
+                let (publish, mut properties) = (**copy).clone();
+                let waited = sent.elapsed().as_secs() as u32;
+                if let Some(interval) = properties.as_mut().and_then(|p| p.message_expiry_interval.as_mut()) {
+                    *interval = interval.saturating_sub(waited);
+                }
+                (None, (publish, properties))
+            }
         };
         let forward = Forward {
             cursor,
