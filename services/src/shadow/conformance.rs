@@ -708,6 +708,24 @@ async fn the_embedded_store_reads_the_older_storage_form() {
         reopened.load(&k).await.unwrap().document.as_deref(),
         Some(&*updated.document)
     );
+    drop(reopened);
+    // An earlier release run again on this file writes the older form and leaves the timestamp as it was: the
+    // row still reads.
+    sqlx::query("UPDATE shadows SET document = ?, version = 3 WHERE device_id = 'old-device'")
+        .bind(older.to_stored_string())
+        .execute(&file)
+        .await
+        .unwrap();
+    let again = EmbeddedStore::open(&path).await.unwrap();
+    assert_eq!(again.load(&k).await.unwrap().document.as_deref(), Some(&older));
+    // A purge takes the timestamp with the document.
+    again.purge(&k.device).await.unwrap();
+    let (document, timestamp): (Option<String>, Option<i64>) =
+        sqlx::query_as("SELECT document, timestamp FROM shadows WHERE device_id = 'old-device'")
+            .fetch_one(&file)
+            .await
+            .unwrap();
+    assert_eq!((document, timestamp), (None, None));
 }
 
 /// Under writes that never pause, the embedded store's WAL still starts over: its checkpoints never run inside a

@@ -112,32 +112,46 @@ impl From<Option<Arc<Document>>> for Held {
     }
 }
 
+/// What the memory has for a shadow, taken under its lock: the document (or none), or a lent one's view, which
+/// the reader parses after letting go of the lock.
+enum Seen {
+    Ready(Stored),
+    Lent {
+        view: bytes::Bytes,
+        timestamp: i64,
+        version: u64,
+    },
+}
+
 impl Known {
-    fn stored(&mut self) -> Result<Stored, StoreError> {
-        if let Held::Lent { view, timestamp } = &self.document {
-            let document = Document::from_view(view.clone(), *timestamp).map_err(StoreError::Corrupt)?;
-            self.document = Held::Here(Arc::new(document));
-        }
-        Ok(Stored {
-            document: match &self.document {
-                Held::Here(document) => Some(document.clone()),
-                _ => None,
+    fn seen(&self) -> Seen {
+        match &self.document {
+            Held::Absent => Seen::Ready(Stored {
+                document: None,
+                version: self.version,
+            }),
+            Held::Here(document) => Seen::Ready(Stored {
+                document: Some(document.clone()),
+                version: self.version,
+            }),
+            Held::Lent { view, timestamp } => Seen::Lent {
+                view: view.clone(),
+                timestamp: *timestamp,
+                version: self.version,
             },
-            version: self.version,
-        })
+        }
     }
 
-    /// What [`Known::stored`] gives, the document handed over rather than shared.
-    fn lend(&mut self) -> Result<Stored, StoreError> {
-        let stored = self.stored()?;
-        if let Some(document) = &stored.document {
+    /// Lends `document` out (see [`Held::Lent`]) if it is what the memory holds. Its view must be serialized
+    /// already (the caller does it outside the lock).
+    fn lend(&mut self, document: &Arc<Document>) {
+        if matches!(&self.document, Held::Here(here) if Arc::ptr_eq(here, document)) {
             // The memory's reference goes: the update's is then the only one, unless a reader still holds one.
             self.document = Held::Lent {
                 view: document.view_bytes().clone(),
                 timestamp: document.timestamp,
             };
         }
-        Ok(stored)
     }
 }
 
@@ -286,6 +300,55 @@ impl EmbeddedStore {
         self.memory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A lent document, rebuilt from its view outside the lock, and put back for the readers that follow while
+    /// the memory still has that view (the update it was lent to may have written the next version meanwhile,
+    /// or failed: then what was read is still what the file held when the read began).
+    fn rebuild(
+        &self,
+        key: &ShadowKey,
+        view: bytes::Bytes,
+        timestamp: i64,
+        version: u64,
+    ) -> Result<Stored, StoreError> {
+        let document = Arc::new(Document::from_view(view.clone(), timestamp).map_err(StoreError::Corrupt)?);
+        if let Some(known) = self.memory().shadows.get_mut(key) {
+            if matches!(&known.document, Held::Lent { view: lent, .. } if lent.as_ptr() == view.as_ptr()) {
+                known.document = Held::Here(document.clone());
+            }
+        }
+        Ok(Stored {
+            document: Some(document),
+            version,
+        })
+    }
+
+    /// Reads `key` from the file and remembers it, unless the memory learnt of it meanwhile (a read or a write:
+    /// at least as new as the file) or forgot shadows since the read began.
+    async fn read_and_remember(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
+        let since = self.memory().forgotten;
+        let stored = self.read(key).await?;
+        let seen = {
+            let mut memory = self.memory();
+            match memory.shadows.get(key) {
+                Some(known) => known.seen(),
+                None => {
+                    if memory.forgotten == since {
+                        memory.remember(key, stored.clone());
+                    }
+                    return Ok(stored);
+                }
+            }
+        };
+        match seen {
+            Seen::Ready(stored) => Ok(stored),
+            Seen::Lent {
+                view,
+                timestamp,
+                version,
+            } => self.rebuild(key, view, timestamp, version),
+        }
+    }
+
     async fn read(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
         let row =
             sqlx::query("SELECT document, timestamp, version FROM shadows WHERE device_id = ? AND name = ?")
@@ -303,7 +366,18 @@ impl EmbeddedStore {
         let document = match (document, timestamp) {
             (None, _) => None,
             (Some(view), Some(timestamp)) => {
-                Some(Document::from_view(view.into_bytes().into(), timestamp).map_err(StoreError::Corrupt)?)
+                let view = bytes::Bytes::from(view.into_bytes());
+                match Document::from_view(view.clone(), timestamp) {
+                    Ok(document) => Some(document),
+                    // The older form with a timestamp beside it: written by an earlier release after this one
+                    // (which never touches the column).
+                    Err(e) => Some(
+                        std::str::from_utf8(&view)
+                            .ok()
+                            .and_then(|older| decode(older).ok())
+                            .ok_or(StoreError::Corrupt(e))?,
+                    ),
+                }
             }
             (Some(older), None) => Some(decode(&older)?),
         };
@@ -330,38 +404,29 @@ impl EmbeddedStore {
 
 impl ShadowStore for EmbeddedStore {
     async fn load(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
-        let since = {
-            let mut memory = self.memory();
-            if let Some(known) = memory.shadows.get_mut(key) {
-                return known.stored();
-            }
-            memory.forgotten
-        };
-        let stored = self.read(key).await?;
-        let mut memory = self.memory();
-        if let Some(known) = memory.shadows.get_mut(key) {
-            // Filled in meanwhile, by a read or a write: at least as new as ours.
-            return known.stored();
+        let seen = self.memory().shadows.get(key).map(Known::seen);
+        match seen {
+            Some(Seen::Ready(stored)) => Ok(stored),
+            Some(Seen::Lent {
+                view,
+                timestamp,
+                version,
+            }) => self.rebuild(key, view, timestamp, version),
+            None => self.read_and_remember(key).await,
         }
-        if memory.forgotten == since {
-            memory.remember(key, stored.clone());
-        }
-        Ok(stored)
     }
 
     /// Lends the document out of memory (see [`Held::Lent`]), so the update changes it without a copy.
     async fn load_for_update(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
-        if let Some(known) = self.memory().shadows.get_mut(key) {
-            return known.lend();
-        }
         let stored = self.load(key).await?;
-        match self.memory().shadows.get_mut(key) {
-            Some(known) if known.version == stored.version => {
-                drop(stored);
-                known.lend()
+        if let Some(document) = &stored.document {
+            // Serialized (for a document read in the older storage form) outside the lock.
+            document.view_bytes();
+            if let Some(known) = self.memory().shadows.get_mut(key) {
+                known.lend(document);
             }
-            _ => Ok(stored),
         }
+        Ok(stored)
     }
 
     async fn compare_and_set(
@@ -484,8 +549,10 @@ async fn write_loop(mut file: File, mut jobs: mpsc::UnboundedReceiver<Job>, memo
                 // them (a version never goes back).
                 let result = file
                     .write(
-                        sqlx::query("UPDATE shadows SET document = NULL WHERE device_id = ?")
-                            .bind(device.as_str()),
+                        sqlx::query(
+                            "UPDATE shadows SET document = NULL, timestamp = NULL WHERE device_id = ?",
+                        )
+                        .bind(device.as_str()),
                     )
                     .await;
                 let _ = done.send(result);
@@ -506,11 +573,16 @@ async fn write_loop(mut file: File, mut jobs: mpsc::UnboundedReceiver<Job>, memo
                 let mut memory = memory.lock().unwrap_or_else(|e| e.into_inner());
                 for job in &batch {
                     if let Job::Put { key, .. } = job {
-                        if result.is_err() {
-                            // Not in the file: read it again from there next time.
+                        let Some(known) = memory.shadows.get_mut(key) else {
+                            continue;
+                        };
+                        known.unwritten = known.unwritten.saturating_sub(1);
+                        // Not in the file: once no later write of it is queued (those go on from what the memory
+                        // has, and commit it), it is read again from the file. Forgotten then, not before: a read
+                        // from the file in between would put back a version older than the queued write's.
+                        if result.is_err() && known.unwritten == 0 {
                             memory.shadows.remove(key);
-                        } else if let Some(known) = memory.shadows.get_mut(key) {
-                            known.unwritten = known.unwritten.saturating_sub(1);
+                            memory.forgotten += 1;
                         }
                     }
                 }
