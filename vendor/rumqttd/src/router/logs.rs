@@ -58,27 +58,35 @@ impl PublishData {
         nolocal.is_some_and(|client| self.origin.as_deref() == Some(client))
     }
 
-    /// Whole seconds it has waited in the broker at `now`.
-    fn waited(&self, now: Instant) -> u32 {
-        (now - self.timestamp).as_secs() as u32
-    }
-
     /// Whether its MQTT 5 Message Expiry Interval has passed at `now`.
     fn expired(&self, now: Instant) -> bool {
-        let interval = self.properties.as_ref().and_then(|p| p.message_expiry_interval);
-        interval.is_some_and(|interval| self.waited(now) >= interval)
+        expired(&self.properties, self.timestamp, now)
     }
 
-    /// The publish as it leaves the broker at `now`: its Message Expiry Interval less the time it waited
-    /// (MQTT 5 §3.3.2.3.3, ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112).
+    /// The publish as it leaves the broker at `now` (see [`sent_at`]).
     fn sent_at(self, now: Instant) -> PubWithProp {
-        let waited = self.waited(now);
-        let mut properties = self.properties;
-        if let Some(interval) = properties.as_mut().and_then(|p| p.message_expiry_interval.as_mut()) {
-            *interval = interval.saturating_sub(waited);
-        }
-        (self.publish, properties)
+        sent_at((self.publish, self.properties), self.timestamp, now)
     }
+}
+
+/// Antumbra: whether the MQTT 5 Message Expiry Interval in `properties`, counted from `since`, has passed at `now`.
+pub(crate) fn expired(properties: &Option<PublishProperties>, since: Instant, now: Instant) -> bool {
+    let interval = properties.as_ref().and_then(|p| p.message_expiry_interval);
+    interval.is_some_and(|interval| waited(since, now) >= interval)
+}
+
+/// Antumbra: a publish as it leaves the broker at `now`, its Message Expiry Interval counted from `since` less
+/// the time waited (MQTT 5 §3.3.2.3.3, ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112).
+pub(crate) fn sent_at((publish, mut properties): PubWithProp, since: Instant, now: Instant) -> PubWithProp {
+    if let Some(interval) = properties.as_mut().and_then(|p| p.message_expiry_interval.as_mut()) {
+        *interval = interval.saturating_sub(waited(since, now));
+    }
+    (publish, properties)
+}
+
+/// Whole seconds from `since` to `now`.
+fn waited(since: Instant, now: Instant) -> u32 {
+    now.saturating_duration_since(since).as_secs() as u32
 }
 
 // TODO: remove this from here
@@ -404,7 +412,9 @@ impl DataLog {
     }
 
     /// Antumbra: `nolocal` as for [`DataLog::native_readv`].
-    pub fn read_retained_messages(&mut self, filter: &str, nolocal: Option<&str>) -> Vec<PubWithProp> {
+    /// Antumbra: each with when it arrived, for [`sent_at`] when its turn to be sent comes (a subscription's
+    /// retained messages may wait for places in its in-flight window).
+    pub fn read_retained_messages(&mut self, filter: &str, nolocal: Option<&str>) -> Vec<(PubWithProp, Instant)> {
         trace!(info = "reading retain msg", filter = &filter);
         let now = Instant::now();
 
@@ -417,7 +427,7 @@ impl DataLog {
         self.retained_publishes
             .iter()
             .filter(|(topic, p)| matches(topic, filter) && !p.skipped_by(nolocal))
-            .map(|(_, p)| p.clone().sent_at(now))
+            .map(|(_, p)| ((p.publish.clone(), p.properties.clone()), p.timestamp))
             .collect()
     }
 }

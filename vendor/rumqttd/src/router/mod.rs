@@ -202,9 +202,10 @@ pub struct DataRequest {
     /// Antumbra: MQTT 5 Retain As Published: messages keep the RETAIN flag they were published with.
     #[serde(default)]
     pub(crate) preserve_retain: bool,
-    /// Antumbra: retained messages of this subscription still to send (more than one in-flight window).
+    /// Antumbra: retained messages of this subscription still to send (more than one in-flight window), each
+    /// with when it arrived: its expiry is counted when it is sent.
     #[serde(skip)]
-    pub(crate) pending_retained: Vec<(crate::protocol::Publish, Option<crate::protocol::PublishProperties>)>,
+    pub(crate) pending_retained: Vec<(logs::PubWithProp, std::time::Instant)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,7 +22,7 @@ use tracing::{debug, error, info, trace, warn};
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
 use super::iobufs::{Held, Incoming, Outgoing};
-use super::logs::{AckLog, DataLog, PublishData};
+use super::logs::{self, AckLog, DataLog, PublishData};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -1579,14 +1579,14 @@ fn resend_unacked(outgoing: &mut Outgoing, datalog: &DataLog) {
                 }
                 (Some(*cursor), publish)
             }
-            // A retained message sent for the subscription: sent again as it went, less the time since.
+            // A retained message sent for the subscription: sent again as it went, less the time since; not once
+            // expired (as a logged one, which the log no longer returns then, and as Mosquitto does).
             Held::Copy(copy, sent) => {
-                let (publish, mut properties) = (**copy).clone();
-                let waited = sent.elapsed().as_secs() as u32;
-                if let Some(interval) = properties.as_mut().and_then(|p| p.message_expiry_interval.as_mut()) {
-                    *interval = interval.saturating_sub(waited);
+                let now = Instant::now();
+                if logs::expired(&copy.1, *sent, now) {
+                    continue;
                 }
-                (None, (publish, properties))
+                (None, logs::sent_at((**copy).clone(), *sent, now))
             }
         };
         let forward = Forward {
@@ -1712,17 +1712,24 @@ fn forward_device_data(
         request.forward_retained = false;
     }
     if !request.pending_retained.is_empty() {
+        // One that expired while it waited for its place is not sent (MQTT 5 §3.3.2.3.3); the rest go with what is
+        // left of their expiry now.
+        let now = Instant::now();
+        request
+            .pending_retained
+            .retain(|((_, properties), arrived)| !logs::expired(properties, *arrived, now));
         // A slot for each one delivered above QoS 0 (one published at QoS 0 takes none), and a bound per round.
         let most = datalog.config.max_outgoing_packet_count as usize;
         let (mut count, mut slots) = (0, 0);
-        for (publish, _) in &request.pending_retained {
+        for ((publish, _), _) in &request.pending_retained {
             if count == most || slots == inflight_slots as usize {
                 break;
             }
             count += 1;
             slots += usize::from(request.qos.min(publish.qos as u8) != 0);
         }
-        publishes.extend(request.pending_retained.drain(..count).map(|p| (p, None)));
+        let sent = request.pending_retained.drain(..count);
+        publishes.extend(sent.map(|(p, arrived)| (logs::sent_at(p, arrived, now), None)));
         inflight_slots -= slots as u64;
     }
     let retained_left = !request.pending_retained.is_empty();
