@@ -734,16 +734,15 @@ async fn handle_read(
     };
     door.metrics.received(packets.len() as u64, n as u64);
     let mut relay = shadow::Relay::new(&mut link.tx, &link.subscriptions, packets);
-    for work in shadow_work {
-        Box::pin(shadow::perform(
-            &door.shadows,
-            &door.ota,
-            device,
-            work,
-            &mut relay,
-        ))
-        .await;
-    }
+    // Boxed: the shadow work's future is large, and the session's state lives as long as the device.
+    Box::pin(shadow::perform_all(
+        &door.shadows,
+        &door.ota,
+        device,
+        shadow_work,
+        &mut relay,
+    ))
+    .await;
     if !relay.flush() {
         return Some(End::RouterClosed);
     }

@@ -214,8 +214,41 @@ fn covers_every_named_delta(device: &DeviceId, filter: &str) -> bool {
     )
 }
 
+/// Does the work of one read, in order: consecutive updates of one shadow go together (see
+/// [`Shadows::handle_device_updates`]).
+pub(super) async fn perform_all(
+    shadows: &Shadows,
+    ota: &crate::ota::Ota,
+    device: &DeviceId,
+    work: Vec<Work>,
+    relay: &mut Relay<'_>,
+) {
+    let mut work = work.into_iter().peekable();
+    while let Some(next) = work.next() {
+        let Work::Request {
+            name,
+            op: ShadowOp::Update,
+            payload,
+        } = next
+        else {
+            perform(shadows, ota, device, next, relay).await;
+            continue;
+        };
+        let mut payloads = vec![payload];
+        let same_shadow =
+            |w: &Work| matches!(w, Work::Request { name: n, op: ShadowOp::Update, .. } if *n == name);
+        while let Some(Work::Request { payload, .. }) = work.next_if(same_shadow) {
+            payloads.push(payload);
+        }
+        let payloads: Vec<&[u8]> = payloads.iter().map(|p| p.as_ref()).collect();
+        shadows
+            .handle_device_updates(device, name.as_deref(), &payloads, relay)
+            .await;
+    }
+}
+
 /// Does the work: shadow replies go through `relay`, OTA messages through the outbox.
-pub(super) async fn perform(
+async fn perform(
     shadows: &Shadows,
     ota: &crate::ota::Ota,
     device: &DeviceId,

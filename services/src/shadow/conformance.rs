@@ -54,10 +54,21 @@ async fn redis() -> Store {
 }
 
 async fn service(store: Store, dir: &tempfile::TempDir) -> Shadows {
+    Shadows::new(
+        store,
+        Limits::default(),
+        service_registry(dir).await,
+        EventBus::new(),
+    )
+    .0
+}
+
+/// A registry in `dir` for a service under test.
+async fn service_registry(dir: &tempfile::TempDir) -> Registry {
     let pool = crate::db::connect(&crate::db::sqlite_url(&dir.path().join("registry.db")))
         .await
         .unwrap();
-    Shadows::new(store, Limits::default(), Registry::new(pool), EventBus::new()).0
+    Registry::new(pool)
 }
 
 /// Two instances on one Redis prefix and one registry, each with its own connection to Redis and so its own
@@ -785,6 +796,131 @@ async fn the_embedded_stores_wal_stays_bounded_under_continuous_writes() {
     assert_eq!(last.version, ROUNDS);
 }
 
+/// Takes every message a change hands over, as (topic suffix after `shadow/`, payload), wanting all but
+/// `documents`; counts the deliveries.
+#[derive(Default)]
+struct Messages(Vec<(String, serde_json::Value)>, usize);
+
+impl super::Courier for Messages {
+    fn deliver(&mut self, messages: Vec<super::Outgoing>) {
+        self.1 += 1;
+        for message in messages {
+            let suffix = message
+                .topic
+                .split("/shadow/")
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            self.0
+                .push((suffix, serde_json::from_slice(&message.payload).unwrap()));
+        }
+    }
+
+    fn wants(&self, topic: &str) -> bool {
+        !topic.ends_with("/documents")
+    }
+}
+
+/// Updates a device sent together (read in one go) are written together, and each is answered as it would be on
+/// its own, in order: its version, its token, the delta it leaves. When one of them cannot apply, each goes on
+/// its own, so the others still apply around it.
+async fn updates_read_together_are_answered_one_by_one(store: Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = Limits {
+        max_state_bytes: 300,
+        ..Limits::default()
+    };
+    let shadows = Shadows::new(store, limits, service_registry(&dir).await, EventBus::new()).0;
+    let device = DeviceId::parse("grouped").unwrap();
+    let run = |payloads: Vec<serde_json::Value>| {
+        let (shadows, device) = (&shadows, &device);
+        async move {
+            let texts: Vec<String> = payloads.iter().map(|p| p.to_string()).collect();
+            let bytes: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+            let mut got = Messages::default();
+            shadows
+                .handle_device_updates(device, None, &bytes, &mut got)
+                .await;
+            let deliveries = got.1;
+            let replies = got
+                .0
+                .into_iter()
+                .map(|(suffix, reply)| {
+                    let said = reply["code"].as_u64().or(reply["version"].as_u64()).unwrap_or(0);
+                    (
+                        suffix,
+                        reply["clientToken"].as_str().unwrap_or("").to_owned(),
+                        said,
+                    )
+                })
+                .collect::<Vec<_>>();
+            (replies, deliveries)
+        }
+    };
+    let update = |token: &str, state: serde_json::Value| json!({"state": state, "clientToken": token});
+    let (first, _) = run(vec![update("d", json!({"desired": {"mode": "eco"}}))]).await;
+    let reply = |suffix: &str, token: &str, said: u64| (suffix.to_owned(), token.to_owned(), said);
+    assert_eq!(
+        first,
+        [reply("update/accepted", "d", 1), reply("update/delta", "", 1)]
+    );
+    let (together, deliveries) = run(vec![
+        update("t1", json!({"reported": {"a": 1}})),
+        update("t2", json!({"reported": {"mode": "eco"}})),
+        update("t3", json!({"reported": {"a": 3}})),
+    ])
+    .await;
+    assert_eq!(
+        together,
+        [
+            reply("update/accepted", "t1", 2),
+            reply("update/delta", "", 2),
+            reply("update/accepted", "t2", 3),
+            reply("update/accepted", "t3", 4),
+        ]
+    );
+    assert_eq!(deliveries, 1, "written and delivered together");
+    let k = ShadowKey::classic(device.clone());
+    let now = shadows.get(&k, true).await.unwrap();
+    assert_eq!(now.version, 4);
+    assert_eq!(now.reported, json!({"a": 3, "mode": "eco"}).as_object().cloned());
+    // Unparsable, too large, or naming a version: the others still apply, each in its turn.
+    let (mixed, deliveries) = run(vec![
+        update("u1", json!({"reported": {"a": 5}})),
+        json!({"state": {"reported": "not an object"}, "clientToken": "u2"}),
+        update("u3", json!({"reported": {"big": "x".repeat(250)}})),
+        json!({"state": {"reported": {"a": 6}}, "version": 1, "clientToken": "u4"}),
+        update("u5", json!({"reported": {"a": 7}})),
+    ])
+    .await;
+    assert_eq!(
+        mixed,
+        [
+            reply("update/accepted", "u1", 5),
+            reply("update/rejected", "u2", 400),
+            reply("update/rejected", "u3", 413),
+            reply("update/rejected", "u4", 409),
+            reply("update/accepted", "u5", 6),
+        ]
+    );
+    assert_eq!(deliveries, 5, "each on its own");
+    let now = shadows.get(&k, true).await.unwrap();
+    assert_eq!((now.version, now.reported.unwrap()["a"].clone()), (6, json!(7)));
+    // An update that would pass the limit only on the way (grown by one, shrunk by the next) is refused alone.
+    let (passing, _) = run(vec![
+        update("v1", json!({"reported": {"big": "x".repeat(250)}})),
+        update("v2", json!({"reported": {"big": null}})),
+    ])
+    .await;
+    assert_eq!(
+        passing,
+        [
+            reply("update/rejected", "v1", 413),
+            reply("update/accepted", "v2", 7)
+        ]
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod embedded_store {
@@ -806,4 +942,5 @@ conformance!(
     concurrent_updates_never_lose_one,
     a_flood_on_one_shadow_is_refused_past_the_in_flight_limit,
     the_service_applies_aws_rules_end_to_end,
+    updates_read_together_are_answered_one_by_one,
 );

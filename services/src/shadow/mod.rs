@@ -456,6 +456,133 @@ impl Shadows {
         }
     }
 
+    /// Handles updates a device published on one shadow's update topic and that were read together, in order.
+    /// When each of them applies (it parses, names no version, and keeps the document within the limits), they
+    /// are written with one compare-and-set: each still gets its own version, `accepted` reply, delta and event,
+    /// and their messages reach `courier` in one delivery. Otherwise each is handled on its own, as
+    /// [`Shadows::handle_device_request`] does.
+    pub async fn handle_device_updates(
+        &self,
+        device: &DeviceId,
+        name: Option<&str>,
+        payloads: &[&[u8]],
+        courier: &mut dyn Courier,
+    ) {
+        use antumbra_wire::topics::ShadowOp;
+        if payloads.len() > 1 && self.update_together(device, name, payloads, courier).await {
+            return;
+        }
+        for payload in payloads {
+            self.handle_device_request(device, name, ShadowOp::Update, payload, courier)
+                .await;
+        }
+    }
+
+    /// The one compare-and-set of [`Shadows::handle_device_updates`]; `false` when it was not made, and nothing
+    /// was written or handed to `courier`.
+    async fn update_together(
+        &self,
+        device: &DeviceId,
+        name: Option<&str>,
+        payloads: &[&[u8]],
+        courier: &mut dyn Courier,
+    ) -> bool {
+        let Ok(key) = Self::key(device, name) else {
+            return false;
+        };
+        let topic = |suffix| shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
+        // A `documents` message carries each version's view: such updates go one at a time.
+        if courier.wants(&topic("update/documents")) {
+            return false;
+        }
+        let mut requests = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            match request::parse_update(payload, &self.limits) {
+                Ok(request) if request.version.is_none() => requests.push(request),
+                _ => return false,
+            }
+        }
+        let Ok(_in_flight) = InFlight::enter(&self.in_flight, &key) else {
+            return false;
+        };
+        let _turn = self.stripe(&key).lock().await;
+        // A document taken from the store and then not written is read afresh by the next update (see
+        // `ShadowStore::load_for_update`).
+        let Ok(stored) = self.store.load_for_update(&key).await else {
+            return false;
+        };
+        let expected = stored.version;
+        let mut next = stored.document.unwrap_or_else(|| {
+            Arc::new(Document {
+                version: stored.version,
+                ..Document::default()
+            })
+        });
+        let now = now_secs();
+        let (accepted_topic, delta_topic) = (topic("update/accepted"), topic("update/delta"));
+        let (wants_accepted, wants_delta) = (courier.wants(&accepted_topic), courier.wants(&delta_topic));
+        let limit = self.limits.max_state_bytes;
+        let document = Arc::make_mut(&mut next);
+        let mut messages = Vec::with_capacity(requests.len());
+        let mut versions = Vec::with_capacity(requests.len());
+        for (i, request) in requests.iter().enumerate() {
+            document.apply(&request.desired, &request.reported, now);
+            // Every version within the limit, as one at a time; the last is measured on the view it is written as.
+            let over = match i + 1 == requests.len() {
+                true => document.state_over(limit),
+                false => Some(document.state_size()).filter(|size| *size > limit),
+            };
+            if over.is_some() {
+                return false;
+            }
+            if wants_accepted {
+                let payload = accepted_reply(request, document, now);
+                messages.push(Outgoing {
+                    topic: accepted_topic.clone(),
+                    payload,
+                });
+            }
+            if let Some(delta) = wants_delta.then(|| document.delta_message()).flatten() {
+                messages.push(Outgoing {
+                    topic: delta_topic.clone(),
+                    payload: serde_json::to_vec(&delta).unwrap_or_default(),
+                });
+            }
+            versions.push((document.version, reported_firmware(&request.reported, document)));
+        }
+        match self
+            .store
+            .compare_and_set(&key, expected, next.version, Some(&next))
+            .await
+        {
+            Ok(true) => {}
+            // Another instance wrote in between: each goes on its own, from a fresh read.
+            Ok(false) => return false,
+            // Whether it was written is not known: each is answered with the error, as it would be on its own,
+            // and none is tried again.
+            Err(e) => {
+                let e = ShadowError::from(e);
+                let rejections = requests.iter().map(|request| {
+                    let reply = rejection(&e, request.client_token.as_deref());
+                    json_message(&key, "update/rejected", &reply)
+                });
+                courier.deliver(rejections.collect());
+                return true;
+            }
+        }
+        courier.deliver(messages);
+        for (version, reported_firmware) in versions {
+            self.events.publish(PlatformEvent::ShadowUpdated {
+                device_id: key.device.to_string(),
+                name: key.name.as_ref().map(|n| n.as_str().to_owned()),
+                version,
+                at: registry::now(),
+                reported_firmware,
+            });
+        }
+        true
+    }
+
     /// Hands `courier` the messages of an update it wants (`accepted`, `documents`, `delta` when one remains)
     /// and tells the event bus; returns the `accepted` reply when it was made.
     fn announce_update(
