@@ -242,11 +242,13 @@ fn an_online_device_gets_the_delta_at_once_and_reporting_it_clears_it() {
 /// device streaming updates (or a machine too busy for its devices) got every reply at once, when it paused.
 #[test]
 fn a_device_streaming_updates_gets_replies_while_it_streams() {
-    /// How long the device streams, and how fast: far above what one session answers (each update waits for
-    /// its write to the store), so that its socket never runs dry.
+    /// How long the device streams, and how fast: far above what one session answers (the updates of each read
+    /// wait for their write to the store), so that its socket never runs dry.
     const STREAM_FOR: Duration = Duration::from_secs(6);
-    const BURST: usize = 100;
+    const BURST: usize = 400;
     const EVERY: Duration = Duration::from_millis(10);
+    /// How far behind the session must fall for the test to show anything.
+    const BEHIND: usize = 10_000;
     let dir = tempfile::tempdir().unwrap();
     let server = start(dir.path());
     let d = server.register(TOKEN, "streamer-1", dir.path());
@@ -308,9 +310,9 @@ fn a_device_streaming_updates_gets_replies_while_it_streams() {
     );
     let first = first.unwrap();
     assert_eq!(first["clientToken"], "1", "{first}");
-    // The session was behind (its socket did not run dry), or this shows nothing: a second of updates at least.
+    // The session was behind (its socket did not run dry), or this shows nothing.
     assert!(
-        answered + BURST * 100 < sent,
+        answered + BEHIND < sent,
         "{answered} of {sent} updates answered while streaming: the session kept up"
     );
 }

@@ -558,17 +558,26 @@ impl Shadows {
             Ok(true) => {}
             // Another instance wrote in between: each goes on its own, from a fresh read.
             Ok(false) => return false,
-            // Whether it was written is not known: each is answered with the error, as it would be on its own,
-            // and none is tried again.
-            Err(e) => {
-                let e = ShadowError::from(e);
-                let rejections = requests.iter().map(|request| {
-                    let reply = rejection(&e, request.client_token.as_deref());
-                    json_message(&key, "update/rejected", &reply)
-                });
-                courier.deliver(rejections.collect());
-                return true;
-            }
+            // Whether it was written is not known (an answer that did not come in time): a fresh read tells. Not
+            // written: each goes on its own. Unknown still: each is answered with the error, none tried again.
+            Err(e) => match self.store.load(&key).await {
+                Ok(now)
+                    if now.version == next.version
+                        && now
+                            .document
+                            .as_ref()
+                            .is_some_and(|d| d.view_bytes() == next.view_bytes()) => {}
+                Ok(now) if now.version == expected => return false,
+                _ => {
+                    let e = ShadowError::from(e);
+                    let rejections = requests.iter().map(|request| {
+                        let reply = rejection(&e, request.client_token.as_deref());
+                        json_message(&key, "update/rejected", &reply)
+                    });
+                    courier.deliver(rejections.collect());
+                    return true;
+                }
+            },
         }
         courier.deliver(messages);
         for (version, reported_firmware) in versions {
