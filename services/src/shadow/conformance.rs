@@ -797,9 +797,9 @@ async fn the_embedded_stores_wal_stays_bounded_under_continuous_writes() {
 }
 
 /// Takes every message a change hands over, as (topic suffix after `shadow/`, payload), wanting all but
-/// `documents`; counts the deliveries.
+/// `documents` unless told; counts the deliveries.
 #[derive(Default)]
-struct Messages(Vec<(String, serde_json::Value)>, usize);
+struct Messages(Vec<(String, serde_json::Value)>, usize, bool);
 
 impl super::Courier for Messages {
     fn deliver(&mut self, messages: Vec<super::Outgoing>) {
@@ -817,7 +817,7 @@ impl super::Courier for Messages {
     }
 
     fn wants(&self, topic: &str) -> bool {
-        !topic.ends_with("/documents")
+        self.2 || !topic.ends_with("/documents")
     }
 }
 
@@ -919,6 +919,29 @@ async fn updates_read_together_are_answered_one_by_one(store: Store) {
             reply("update/accepted", "v2", 7)
         ]
     );
+    // A device that takes `documents` gets one per version, each with the version before it.
+    let texts = [
+        r#"{"state":{"reported":{"a":8}}}"#,
+        r#"{"state":{"reported":{"a":9}}}"#,
+    ];
+    let bytes: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+    let mut got = Messages(Vec::new(), 0, true);
+    shadows
+        .handle_device_updates(&device, None, &bytes, &mut got)
+        .await;
+    assert_eq!(got.1, 1, "written and delivered together");
+    let documents: Vec<_> = got
+        .0
+        .iter()
+        .filter(|(suffix, _)| suffix == "update/documents")
+        .collect();
+    let versions =
+        |d: &serde_json::Value| (d["previous"]["version"].clone(), d["current"]["version"].clone());
+    assert_eq!(documents.len(), 2);
+    assert_eq!(versions(&documents[0].1), (json!(7), json!(8)));
+    assert_eq!(versions(&documents[1].1), (json!(8), json!(9)));
+    assert_eq!(documents[1].1["current"]["state"]["reported"]["a"], 9);
+    assert_eq!(documents[1].1["previous"]["state"]["reported"]["a"], 8);
 }
 
 macro_rules! conformance {

@@ -458,8 +458,8 @@ impl Shadows {
 
     /// Handles updates a device published on one shadow's update topic and that were read together, in order.
     /// When each of them applies (it parses, names no version, and keeps the document within the limits), they
-    /// are written with one compare-and-set: each still gets its own version, `accepted` reply, delta and event,
-    /// and their messages reach `courier` in one delivery. Otherwise each is handled on its own, as
+    /// are written with one compare-and-set: each still gets its own version, `accepted` reply, `documents`
+    /// message, delta and event, and their messages reach `courier` in one delivery. Otherwise each is handled on its own, as
     /// [`Shadows::handle_device_request`] does.
     pub async fn handle_device_updates(
         &self,
@@ -491,10 +491,6 @@ impl Shadows {
             return false;
         };
         let topic = |suffix| shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
-        // A `documents` message carries each version's view: such updates go one at a time.
-        if courier.wants(&topic("update/documents")) {
-            return false;
-        }
         let mut requests = Vec::with_capacity(payloads.len());
         for payload in payloads {
             match request::parse_update(payload, &self.limits) {
@@ -512,6 +508,7 @@ impl Shadows {
             return false;
         };
         let expected = stored.version;
+        let existed = stored.document.is_some();
         let mut next = stored.document.unwrap_or_else(|| {
             Arc::new(Document {
                 version: stored.version,
@@ -521,14 +518,19 @@ impl Shadows {
         let now = now_secs();
         let (accepted_topic, delta_topic) = (topic("update/accepted"), topic("update/delta"));
         let (wants_accepted, wants_delta) = (courier.wants(&accepted_topic), courier.wants(&delta_topic));
+        let documents_topic = topic("update/documents");
+        let wants_documents = courier.wants(&documents_topic);
         let limit = self.limits.max_state_bytes;
+        // Each `documents` message carries the version before and the one after: the views of every version.
+        let mut previous_view = (wants_documents && existed).then(|| next.view_bytes().clone());
         let document = Arc::make_mut(&mut next);
         let mut messages = Vec::with_capacity(requests.len());
         let mut versions = Vec::with_capacity(requests.len());
         for (i, request) in requests.iter().enumerate() {
             document.apply(&request.desired, &request.reported, now);
-            // Every version within the limit, as one at a time; the last is measured on the view it is written as.
-            let over = match i + 1 == requests.len() {
+            // Every version within the limit, as one at a time; measured on its view when that is serialized anyway
+            // (the last, which is written; each when `documents` messages are wanted).
+            let over = match i + 1 == requests.len() || wants_documents {
                 true => document.state_over(limit),
                 false => Some(document.state_size()).filter(|size| *size > limit),
             };
@@ -541,6 +543,15 @@ impl Shadows {
                     topic: accepted_topic.clone(),
                     payload,
                 });
+            }
+            if wants_documents {
+                let token = request.client_token.as_deref();
+                let payload = document::documents_message(previous_view.as_deref(), document, token);
+                messages.push(Outgoing {
+                    topic: documents_topic.clone(),
+                    payload,
+                });
+                previous_view = Some(document.view_bytes().clone());
             }
             if let Some(delta) = wants_delta.then(|| document.delta_message()).flatten() {
                 messages.push(Outgoing {
