@@ -7,6 +7,7 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    antumbra::memory::configure();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(antumbra::memory::on_worker_park)

@@ -11,9 +11,29 @@
 //! its heap the next time it parks ([`on_worker_park`], a runtime hook installed by `main.rs`), which is when it
 //! has nothing else to do. Transparent huge pages are off (the `no_thp` build feature): they made an idle
 //! device cost ~18 KB instead of ~15 (`mqtt-bench --scenario conn-10k`).
+//!
+//! Free memory is given back to the kernel once it has been free for [`PURGE_DELAY_MS`] (mimalloc's default is
+//! 10 ms): with the default, what a burst freed went back at once and the next burst faulted it in again, which
+//! showed as a stall of every reply at the start of `shadow-bench`'s paced phase (0.2 s after the saturated one).
+//! A release after departures ([`release`]) still gives everything back at once.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How long freed memory stays with the process before it goes back to the kernel, in milliseconds.
+pub const PURGE_DELAY_MS: i64 = 10_000;
+
+/// mimalloc's `mi_option_purge_delay` (the crate names no constant for it; `mimalloc.h`, v2).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Sets the allocator's options; called once, first thing in `main`.
+#[allow(unsafe_code)]
+pub fn configure() {
+    // SAFETY: mi_option_set stores an integer in mimalloc's option table (read when it schedules a purge); it
+    // takes no pointer and may be called at any time. Option 15 is `mi_option_purge_delay` in the v2 header the
+    // crate builds (`c_src/mimalloc/v2/include/mimalloc.h`).
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as std::ffi::c_long) }
+}
 
 /// Raised when freed memory should be returned; each worker collects once per raise.
 static RELEASE_EPOCH: AtomicU64 = AtomicU64::new(0);
@@ -53,6 +73,20 @@ fn collect() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_purge_delay_is_the_one_configured() {
+        // Right before its successor in the header, which the crate does name.
+        assert_eq!(
+            MI_OPTION_PURGE_DELAY,
+            libmimalloc_sys::mi_option_use_numa_nodes - 1
+        );
+        configure();
+        // SAFETY: reads an integer from mimalloc's option table.
+        let delay = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(delay as i64, PURGE_DELAY_MS);
+    }
 
     #[test]
     fn a_thread_collects_once_per_release() {
