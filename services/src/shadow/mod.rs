@@ -459,8 +459,8 @@ impl Shadows {
     /// Handles updates a device published on one shadow's update topic and that were read together, in order.
     /// When each of them applies (it parses, names no version, and keeps the document within the limits), they
     /// are written with one compare-and-set: each still gets its own version, `accepted` reply, `documents`
-    /// message, delta and event, and their messages reach `courier` in one delivery. Otherwise each is handled on its own, as
-    /// [`Shadows::handle_device_request`] does.
+    /// message, delta and event, and their messages reach `courier` in one delivery. Otherwise each is handled
+    /// on its own, as [`Shadows::handle_device_request`] does.
     pub async fn handle_device_updates(
         &self,
         device: &DeviceId,
@@ -490,7 +490,6 @@ impl Shadows {
         let Ok(key) = Self::key(device, name) else {
             return false;
         };
-        let topic = |suffix| shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
         let mut requests = Vec::with_capacity(payloads.len());
         for payload in payloads {
             match request::parse_update(payload, &self.limits) {
@@ -516,10 +515,8 @@ impl Shadows {
             })
         });
         let now = now_secs();
-        let (accepted_topic, delta_topic) = (topic("update/accepted"), topic("update/delta"));
-        let (wants_accepted, wants_delta) = (courier.wants(&accepted_topic), courier.wants(&delta_topic));
-        let documents_topic = topic("update/documents");
-        let wants_documents = courier.wants(&documents_topic);
+        let topics = UpdateTopics::wanted(&key, courier);
+        let wants_documents = topics.documents.is_some();
         let limit = self.limits.max_state_bytes;
         // Each `documents` message carries the version before and the one after: the views of every version.
         let mut previous_view = (wants_documents && existed).then(|| next.view_bytes().clone());
@@ -537,27 +534,9 @@ impl Shadows {
             if over.is_some() {
                 return false;
             }
-            if wants_accepted {
-                let payload = accepted_reply(request, document, now);
-                messages.push(Outgoing {
-                    topic: accepted_topic.clone(),
-                    payload,
-                });
-            }
+            topics.messages(previous_view.as_deref(), document, now, request, &mut messages);
             if wants_documents {
-                let token = request.client_token.as_deref();
-                let payload = document::documents_message(previous_view.as_deref(), document, token);
-                messages.push(Outgoing {
-                    topic: documents_topic.clone(),
-                    payload,
-                });
                 previous_view = Some(document.view_bytes().clone());
-            }
-            if let Some(delta) = wants_delta.then(|| document.delta_message()).flatten() {
-                messages.push(Outgoing {
-                    topic: delta_topic.clone(),
-                    payload: serde_json::to_vec(&delta).unwrap_or_default(),
-                });
             }
             versions.push((document.version, reported_firmware(&request.reported, document)));
         }
@@ -592,13 +571,7 @@ impl Shadows {
         }
         courier.deliver(messages);
         for (version, reported_firmware) in versions {
-            self.events.publish(PlatformEvent::ShadowUpdated {
-                device_id: key.device.to_string(),
-                name: key.name.as_ref().map(|n| n.as_str().to_owned()),
-                version,
-                at: registry::now(),
-                reported_firmware,
-            });
+            self.publish_updated(&key, version, reported_firmware);
         }
         true
     }
@@ -614,44 +587,80 @@ impl Shadows {
         request: &UpdateRequest,
         courier: &mut dyn Courier,
     ) -> Option<Vec<u8>> {
-        let token = request.client_token.as_deref();
-        let topic = |suffix| shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
+        let topics = UpdateTopics::wanted(key, courier);
         let mut messages = Vec::with_capacity(3);
-        let mut accepted = None;
-        let accepted_topic = topic("update/accepted");
-        if courier.wants(&accepted_topic) {
-            let reply = accepted_reply(request, next, now);
-            messages.push(Outgoing {
-                topic: accepted_topic,
-                payload: reply.clone(),
-            });
-            accepted = Some(reply);
+        topics.messages(previous_view, next, now, request, &mut messages);
+        // The `accepted` reply comes first when it was made.
+        let accepted = messages.first().filter(|_| topics.accepted.is_some());
+        let accepted = accepted.map(|m| m.payload.clone());
+        courier.deliver(messages);
+        self.publish_updated(key, next.version, reported_firmware(&request.reported, next));
+        accepted
+    }
+
+    /// Tells the event bus that `key` is at `version` now.
+    fn publish_updated(&self, key: &ShadowKey, version: u64, reported_firmware: Option<String>) {
+        self.events.publish(PlatformEvent::ShadowUpdated {
+            device_id: key.device.to_string(),
+            name: key.name.as_ref().map(|n| n.as_str().to_owned()),
+            version,
+            at: registry::now(),
+            reported_firmware,
+        });
+    }
+}
+
+/// The topics of an update's messages that a courier wants (`None`: not wanted, not made).
+struct UpdateTopics {
+    accepted: Option<String>,
+    documents: Option<String>,
+    delta: Option<String>,
+}
+
+impl UpdateTopics {
+    fn wanted(key: &ShadowKey, courier: &dyn Courier) -> Self {
+        let topic = |suffix| {
+            let topic = shadow_topic(&key.device, key.name.as_ref().map(ShadowName::as_str), suffix);
+            courier.wants(&topic).then_some(topic)
+        };
+        Self {
+            accepted: topic("update/accepted"),
+            documents: topic("update/documents"),
+            delta: topic("update/delta"),
         }
-        let documents_topic = topic("update/documents");
-        if courier.wants(&documents_topic) {
-            messages.push(Outgoing {
-                topic: documents_topic,
+    }
+
+    /// Adds to `out` the messages of the update `request` that made `next` (from the version whose view is
+    /// `previous_view`): `accepted`, `documents`, and `delta` when one remains, those wanted, in that order.
+    fn messages(
+        &self,
+        previous_view: Option<&[u8]>,
+        next: &Document,
+        now: i64,
+        request: &UpdateRequest,
+        out: &mut Vec<Outgoing>,
+    ) {
+        if let Some(topic) = &self.accepted {
+            out.push(Outgoing {
+                topic: topic.clone(),
+                payload: accepted_reply(request, next, now),
+            });
+        }
+        if let Some(topic) = &self.documents {
+            let token = request.client_token.as_deref();
+            out.push(Outgoing {
+                topic: topic.clone(),
                 payload: document::documents_message(previous_view, next, token),
             });
         }
-        let delta_topic = topic("update/delta");
-        if courier.wants(&delta_topic) {
+        if let Some(topic) = &self.delta {
             if let Some(delta) = next.delta_message() {
-                messages.push(Outgoing {
-                    topic: delta_topic,
+                out.push(Outgoing {
+                    topic: topic.clone(),
                     payload: serde_json::to_vec(&delta).unwrap_or_default(),
                 });
             }
         }
-        courier.deliver(messages);
-        self.events.publish(PlatformEvent::ShadowUpdated {
-            device_id: key.device.to_string(),
-            name: key.name.as_ref().map(|n| n.as_str().to_owned()),
-            version: next.version,
-            at: registry::now(),
-            reported_firmware: reported_firmware(&request.reported, next),
-        });
-        accepted
     }
 }
 

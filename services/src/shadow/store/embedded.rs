@@ -37,7 +37,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Row, SqlitePool};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{backend, decode, ShadowKey, ShadowName, ShadowStore, StoreError, Stored};
+use super::{backend, document_from, ShadowKey, ShadowName, ShadowStore, StoreError, Stored};
 use crate::shadow::document::Document;
 
 /// Most shadows kept in memory; past it, some that have nothing left to write are forgotten (and read from the
@@ -300,16 +300,19 @@ impl EmbeddedStore {
         self.memory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A lent document, rebuilt from its view outside the lock, and put back for the readers that follow while
-    /// the memory still has that view (the update it was lent to may have written the next version meanwhile,
-    /// or failed: then what was read is still what the file held when the read began).
-    fn rebuild(
-        &self,
-        key: &ShadowKey,
-        view: bytes::Bytes,
-        timestamp: i64,
-        version: u64,
-    ) -> Result<Stored, StoreError> {
+    /// What the memory had for `key`: a lent document is rebuilt from its view outside the lock, and put back
+    /// for the readers that follow while the memory still has that view (the update it was lent to may have
+    /// written the next version meanwhile, or failed: then what was read is still what the file held when the
+    /// read began).
+    fn resolve(&self, key: &ShadowKey, seen: Seen) -> Result<Stored, StoreError> {
+        let (view, timestamp, version) = match seen {
+            Seen::Ready(stored) => return Ok(stored),
+            Seen::Lent {
+                view,
+                timestamp,
+                version,
+            } => (view, timestamp, version),
+        };
         let document = Arc::new(Document::from_view(view.clone(), timestamp).map_err(StoreError::Corrupt)?);
         if let Some(known) = self.memory().shadows.get_mut(key) {
             if matches!(&known.document, Held::Lent { view: lent, .. } if lent.as_ptr() == view.as_ptr()) {
@@ -339,14 +342,7 @@ impl EmbeddedStore {
                 }
             }
         };
-        match seen {
-            Seen::Ready(stored) => Ok(stored),
-            Seen::Lent {
-                view,
-                timestamp,
-                version,
-            } => self.rebuild(key, view, timestamp, version),
-        }
+        self.resolve(key, seen)
     }
 
     async fn read(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
@@ -363,23 +359,14 @@ impl EmbeddedStore {
         let document: Option<String> = row.try_get("document").map_err(backend)?;
         let timestamp: Option<i64> = row.try_get("timestamp").map_err(backend)?;
         let version: i64 = row.try_get("version").map_err(backend)?;
-        let document = match (document, timestamp) {
-            (None, _) => None,
-            (Some(view), Some(timestamp)) => {
-                let view = bytes::Bytes::from(view.into_bytes());
-                match Document::from_view(view.clone(), timestamp) {
-                    Ok(document) => Some(document),
-                    // The older form with a timestamp beside it: written by an earlier release after this one
-                    // (which never touches the column).
-                    Err(e) => Some(
-                        std::str::from_utf8(&view)
-                            .ok()
-                            .and_then(|older| decode(older).ok())
-                            .ok_or(StoreError::Corrupt(e))?,
-                    ),
-                }
-            }
-            (Some(older), None) => Some(decode(&older)?),
+        let document = match document.map(|text| bytes::Bytes::from(text.into_bytes())) {
+            None => None,
+            Some(text) => Some(match document_from(text.clone(), timestamp) {
+                // The older form with a timestamp beside it: written by an earlier release after this one (which
+                // never touches the column).
+                Err(e) if timestamp.is_some() => document_from(text, None).map_err(|_| e)?,
+                read => read?,
+            }),
         };
         Ok(Stored {
             document: document.map(Arc::new),
@@ -406,12 +393,7 @@ impl ShadowStore for EmbeddedStore {
     async fn load(&self, key: &ShadowKey) -> Result<Stored, StoreError> {
         let seen = self.memory().shadows.get(key).map(Known::seen);
         match seen {
-            Some(Seen::Ready(stored)) => Ok(stored),
-            Some(Seen::Lent {
-                view,
-                timestamp,
-                version,
-            }) => self.rebuild(key, view, timestamp, version),
+            Some(seen) => self.resolve(key, seen),
             None => self.read_and_remember(key).await,
         }
     }

@@ -124,6 +124,15 @@ fn decode(text: &str) -> Result<Document, StoreError> {
     Document::from_stored_str(text).map_err(StoreError::Corrupt)
 }
 
+/// A document as the stores keep it: its `documents` view with its timestamp beside it, or, without a
+/// timestamp, the older storage form ([`Document::to_stored_string`]).
+fn document_from(text: bytes::Bytes, timestamp: Option<i64>) -> Result<Document, StoreError> {
+    match timestamp {
+        Some(timestamp) => Document::from_view(text, timestamp).map_err(StoreError::Corrupt),
+        None => decode(std::str::from_utf8(&text).map_err(|e| StoreError::Corrupt(e.to_string()))?),
+    }
+}
+
 fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }

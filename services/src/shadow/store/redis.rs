@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use antumbra_wire::DeviceId;
 
-use super::{backend, decode, ShadowKey, ShadowName, ShadowStore, StoreError, Stored};
+use super::{backend, document_from, ShadowKey, ShadowName, ShadowStore, StoreError, Stored};
 use crate::cluster::{manager_config, REDIS_DEADLINE};
 use crate::shadow::document::Document;
 
@@ -259,15 +259,9 @@ impl RedisStore {
             .query_async(&mut conn)
             .await
             .map_err(backend)?;
-        let document = match (document, timestamp) {
-            (None, _) => None,
-            (Some(view), Some(timestamp)) => {
-                Some(Document::from_view(view.into(), timestamp).map_err(StoreError::Corrupt)?)
-            }
-            (Some(older), None) => Some(decode(
-                std::str::from_utf8(&older).map_err(|e| StoreError::Corrupt(e.to_string()))?,
-            )?),
-        };
+        let document = document
+            .map(|text| document_from(text.into(), timestamp))
+            .transpose()?;
         Ok(Stored {
             document: document.map(Arc::new),
             version: version.unwrap_or(0),
