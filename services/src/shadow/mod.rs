@@ -525,8 +525,8 @@ impl Shadows {
         let mut versions = Vec::with_capacity(requests.len());
         for (i, request) in requests.iter().enumerate() {
             document.apply(&request.desired, &request.reported, now);
-            // Every version within the limit, as one at a time; measured on its view when that is serialized anyway
-            // (the last, which is written; each when `documents` messages are wanted).
+            // Every version within the limit, as one at a time; measured on its view when that is serialized
+            // anyway (the last, which is written; each when `documents` messages are wanted).
             let over = match i + 1 == requests.len() || wants_documents {
                 true => document.state_over(limit),
                 false => Some(document.state_size()).filter(|size| *size > limit),

@@ -485,7 +485,8 @@ mod fuzz {
         #[test]
         fn numbers_read_back_exactly_from_the_view(x in any::<f64>().prop_filter("finite", |f| f.is_finite())) {
             let reported = json!({"x": x}).as_object().unwrap().clone();
-            let doc = Document::default().updated(&crate::shadow::document::Patch::Absent, &crate::shadow::document::Patch::Merge(reported), 1);
+            use crate::shadow::document::Patch;
+            let doc = Document::default().updated(&Patch::Absent, &Patch::Merge(reported), 1);
             prop_assert_eq!(Document::from_view(doc.view_bytes().clone(), doc.timestamp).ok(), Some(doc));
         }
     }

@@ -69,14 +69,16 @@ impl PublishData {
     }
 }
 
-/// Antumbra: whether the MQTT 5 Message Expiry Interval in `properties`, counted from `since`, has passed at `now`.
+/// Antumbra: whether the MQTT 5 Message Expiry Interval in `properties`, counted from `since`, has passed at
+/// `now`.
 pub(crate) fn expired(properties: &Option<PublishProperties>, since: Instant, now: Instant) -> bool {
     let interval = properties.as_ref().and_then(|p| p.message_expiry_interval);
     interval.is_some_and(|interval| waited(since, now) >= interval)
 }
 
 /// Antumbra: a publish as it leaves the broker at `now`, its Message Expiry Interval counted from `since` less
-/// the time waited (MQTT 5 §3.3.2.3.3, ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112).
+/// the time waited (MQTT 5 §3.3.2.3.3,
+/// ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112).
 pub(crate) fn sent_at((publish, mut properties): PubWithProp, since: Instant, now: Instant) -> PubWithProp {
     if let Some(interval) = properties.as_mut().and_then(|p| p.message_expiry_interval.as_mut()) {
         *interval = interval.saturating_sub(waited(since, now));

@@ -1712,8 +1712,8 @@ fn forward_device_data(
         request.forward_retained = false;
     }
     if !request.pending_retained.is_empty() {
-        // One that expired while it waited for its place is not sent (MQTT 5 §3.3.2.3.3); the rest go with what is
-        // left of their expiry now.
+        // One that expired while it waited for its place is not sent (MQTT 5 §3.3.2.3.3); the rest go with what
+        // is left of their expiry now.
         let now = Instant::now();
         request
             .pending_retained
