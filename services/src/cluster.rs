@@ -99,7 +99,6 @@ pub async fn bridge(
     let (to_broker, from_cluster) = mpsc::unbounded_channel();
 
     let lost = std::sync::Arc::new(tokio::sync::Notify::new());
-    let watched_until = std::sync::Arc::new(std::sync::Mutex::new(None));
     let publisher = Publisher {
         client: client.clone(),
         conn: Some(publisher),
@@ -108,38 +107,25 @@ pub async fn bridge(
         lost: lost.clone(),
         backlog: std::collections::VecDeque::new(),
     };
-    tokio::spawn(publish_loop(
-        publisher,
-        instance.clone(),
-        outbox,
-        events.clone(),
-        watched_until.clone(),
-    ));
+    tokio::spawn(publish_loop(publisher, instance.clone(), outbox, events.clone()));
     let here = Here {
         instance,
         events,
         presence,
         registry,
-        watched_until,
     };
     tokio::spawn(subscribe_loop(lost, client, channel, to_broker, here));
     Ok(from_cluster)
 }
 
-/// Until when another instance watches the events (`None`: none has said so lately).
-type WatchedUntil = std::sync::Arc<std::sync::Mutex<Option<tokio::time::Instant>>>;
-
 /// Whether the other instances get `event`: always what they act on, shadow changes while one watches.
-fn shared(event: &PlatformEvent, watched_until: &WatchedUntil) -> bool {
+fn shared(event: &PlatformEvent, bus: &EventBus) -> bool {
     match event {
         PlatformEvent::Connected { .. }
         | PlatformEvent::Disconnected { .. }
         | PlatformEvent::CertificateRevoked { .. }
         | PlatformEvent::DeviceDeleted { .. } => true,
-        PlatformEvent::ShadowUpdated { .. } | PlatformEvent::ShadowDeleted { .. } => watched_until
-            .lock()
-            .expect("watch deadline")
-            .is_some_and(|until| tokio::time::Instant::now() < until),
+        PlatformEvent::ShadowUpdated { .. } | PlatformEvent::ShadowDeleted { .. } => bus.watched_elsewhere(),
         PlatformEvent::SessionMoved { .. } => false,
     }
 }
@@ -247,7 +233,6 @@ async fn publish_loop(
     instance: String,
     mut outbox: mpsc::UnboundedReceiver<Outgoing>,
     bus: EventBus,
-    watched_until: WatchedUntil,
 ) {
     let mut events = bus.subscribe();
     let Some(mut republished) = bus.take_republished() else {
@@ -290,7 +275,7 @@ async fn publish_loop(
                 }
             },
             event = events.recv() => match event {
-                Ok(event) if shared(&event, &watched_until) => {
+                Ok(event) if shared(&event, &bus) => {
                     // A republished event waiting now was sent before this one (a session is republished under
                     // the presence lock, and only while it is still open): it goes first.
                     while let Ok(earlier) = republished.try_recv() {
@@ -325,7 +310,6 @@ struct Here {
     events: EventBus,
     presence: std::sync::Arc<Presence>,
     registry: crate::registry::Registry,
-    watched_until: WatchedUntil,
 }
 
 impl Here {
@@ -408,8 +392,8 @@ async fn subscribe_loop(
                 _ if envelope.from == here.instance => {}
                 Message::Event { event } => apply_remote(event, &envelope.from, &here.events, &here.presence),
                 Message::Watching => {
-                    *here.watched_until.lock().expect("watch deadline") =
-                        Some(tokio::time::Instant::now() + WATCH_LAPSE);
+                    here.events
+                        .watched_elsewhere_until(tokio::time::Instant::now() + WATCH_LAPSE);
                 }
             }
         }

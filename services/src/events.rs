@@ -189,6 +189,8 @@ pub struct EventBus {
     watchers: Arc<AtomicUsize>,
     /// Told when the first application starts watching.
     first_watcher: Arc<Notify>,
+    /// In a cluster: until when an application watches on another instance (`None`: none has said so lately).
+    watched_elsewhere_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 impl Default for EventBus {
@@ -209,6 +211,7 @@ impl EventBus {
             republished_rx: Arc::new(std::sync::Mutex::new(Some(republished_rx))),
             watchers: Arc::new(AtomicUsize::new(0)),
             first_watcher: Arc::new(Notify::new()),
+            watched_elsewhere_until: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -261,6 +264,26 @@ impl EventBus {
     /// Whether an application watches the events here.
     pub fn watched(&self) -> bool {
         self.watchers.load(Ordering::SeqCst) > 0
+    }
+
+    /// In a cluster: another instance said an application watches there; it is taken to watch until `until`.
+    pub fn watched_elsewhere_until(&self, until: tokio::time::Instant) {
+        *self.watched_elsewhere_until.lock().expect("watch deadline") = Some(until);
+    }
+
+    /// Whether an application on another instance of the cluster watches (see
+    /// [`EventBus::watched_elsewhere_until`]).
+    pub fn watched_elsewhere(&self) -> bool {
+        self.watched_elsewhere_until
+            .lock()
+            .expect("watch deadline")
+            .is_some_and(|until| tokio::time::Instant::now() < until)
+    }
+
+    /// Whether shadow changes (`shadow.updated`, `shadow.deleted`) have a reader beyond this instance's own
+    /// services: an application watching here or, in a cluster, elsewhere.
+    pub fn shadow_changes_watched(&self) -> bool {
+        self.watched() || self.watched_elsewhere()
     }
 
     /// Resolves when the first application starts watching (at once if one started since the last call).

@@ -944,6 +944,92 @@ async fn updates_read_together_are_answered_one_by_one(store: Store) {
     assert_eq!(documents[1].1["previous"]["state"]["reported"]["a"], 8);
 }
 
+/// The bus hears of an update only when something reads it: an application watching here or, in a cluster,
+/// elsewhere, or the OTA rollback check (an update of a classic shadow that reports its firmware). Both ways an
+/// update is applied: alone (REST, MQTT) and grouped (updates a device sent together).
+#[tokio::test]
+async fn an_update_is_announced_only_when_something_reads_it() {
+    use crate::events::PlatformEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let events = EventBus::new();
+    let registry = service_registry(&dir).await;
+    let shadows = Shadows::new(embedded(&dir).await, Limits::default(), registry, events.clone()).0;
+    let mut bus = events.subscribe();
+    let mut heard = move || {
+        let mut versions = Vec::new();
+        while let Ok(event) = bus.try_recv() {
+            if let PlatformEvent::ShadowUpdated {
+                version,
+                reported_firmware,
+                name,
+                ..
+            } = event
+            {
+                versions.push((version, reported_firmware, name));
+            }
+        }
+        versions
+    };
+    let device = DeviceId::parse("quiet").unwrap();
+    let k = key("quiet", None);
+    let report = |v: serde_json::Value| json!({"state": {"reported": v}}).to_string();
+    let update = |text: &str| parse_update(text.as_bytes(), &Limits::default()).unwrap();
+    let apply = |text: String| {
+        let (shadows, k, request) = (&shadows, &k, update(&text));
+        async move { shadows.update(k, &request, true).await.unwrap() }
+    };
+    let grouped = |texts: [String; 2]| {
+        let (shadows, device) = (&shadows, &device);
+        async move {
+            let payloads: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
+            let mut courier = Messages::default();
+            shadows
+                .handle_device_updates(device, None, &payloads, &mut courier)
+                .await;
+            assert_eq!(courier.1, 1, "applied together");
+        }
+    };
+
+    apply(report(json!({"t": 1}))).await;
+    grouped([report(json!({"t": 2})), report(json!({"t": 3}))]).await;
+    let named = update(&report(json!({"firmware": {"version": "2.0"}})));
+    shadows
+        .update(&key("quiet", Some("aux")), &named, true)
+        .await
+        .unwrap();
+    assert_eq!(heard(), [], "nobody reads them: no event");
+
+    apply(report(json!({"firmware": {"version": "2.0"}}))).await;
+    assert_eq!(
+        heard(),
+        [(4, Some("2.0".to_owned()), None)],
+        "the OTA rollback check reads it"
+    );
+
+    let watching = events.watch();
+    apply(report(json!({"t": 5}))).await;
+    grouped([report(json!({"t": 6})), report(json!({"t": 7}))]).await;
+    assert_eq!(
+        heard(),
+        [(5, None, None), (6, None, None), (7, None, None)],
+        "watched here"
+    );
+    drop(watching);
+    apply(report(json!({"t": 8}))).await;
+    assert_eq!(heard(), [], "no longer watched");
+
+    events.watched_elsewhere_until(tokio::time::Instant::now() + std::time::Duration::from_secs(60));
+    grouped([report(json!({"t": 9})), report(json!({"t": 10}))]).await;
+    assert_eq!(
+        heard(),
+        [(9, None, None), (10, None, None)],
+        "watched on another instance"
+    );
+    events.watched_elsewhere_until(tokio::time::Instant::now());
+    apply(report(json!({"t": 11}))).await;
+    assert_eq!(heard(), [], "the other instance's watch lapsed");
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod embedded_store {
