@@ -6,7 +6,7 @@
 //! bridge forwards only the first, so nothing heard is sent back; the MQTT front door (revocations, deletions)
 //! and `/v1/events` read both ([`EventBus::subscribe_fleet`]).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -189,8 +189,11 @@ pub struct EventBus {
     watchers: Arc<AtomicUsize>,
     /// Told when the first application starts watching.
     first_watcher: Arc<Notify>,
-    /// In a cluster: until when an application watches on another instance (`None`: none has said so lately).
-    watched_elsewhere_until: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// In a cluster: until when an application watches on another instance, in nanoseconds after `since`
+    /// (0: none has said so). An atomic, as every shadow update reads it.
+    watched_elsewhere_until: Arc<AtomicU64>,
+    /// When the bus was made: the origin of `watched_elsewhere_until`.
+    since: tokio::time::Instant,
 }
 
 impl Default for EventBus {
@@ -211,7 +214,8 @@ impl EventBus {
             republished_rx: Arc::new(std::sync::Mutex::new(Some(republished_rx))),
             watchers: Arc::new(AtomicUsize::new(0)),
             first_watcher: Arc::new(Notify::new()),
-            watched_elsewhere_until: Arc::new(std::sync::Mutex::new(None)),
+            watched_elsewhere_until: Arc::new(AtomicU64::new(0)),
+            since: tokio::time::Instant::now(),
         }
     }
 
@@ -268,20 +272,21 @@ impl EventBus {
 
     /// In a cluster: another instance said an application watches there; it is taken to watch until `until`.
     pub fn watched_elsewhere_until(&self, until: tokio::time::Instant) {
-        *self.watched_elsewhere_until.lock().expect("watch deadline") = Some(until);
+        let nanos = until.saturating_duration_since(self.since).as_nanos();
+        self.watched_elsewhere_until
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX).max(1), Ordering::Relaxed);
     }
 
     /// Whether an application on another instance of the cluster watches (see
     /// [`EventBus::watched_elsewhere_until`]).
     pub fn watched_elsewhere(&self) -> bool {
-        self.watched_elsewhere_until
-            .lock()
-            .expect("watch deadline")
-            .is_some_and(|until| tokio::time::Instant::now() < until)
+        let until = self.watched_elsewhere_until.load(Ordering::Relaxed);
+        until != 0 && self.since.elapsed().as_nanos() < u128::from(until)
     }
 
-    /// Whether shadow changes (`shadow.updated`, `shadow.deleted`) have a reader beyond this instance's own
-    /// services: an application watching here or, in a cluster, elsewhere.
+    /// Whether shadow changes have a reader beyond this instance's own services: an application watching here
+    /// or, in a cluster, elsewhere. The shadow service makes its `shadow.updated` events only then (and for the
+    /// OTA rollback check); `shadow.deleted`, rare, is always made.
     pub fn shadow_changes_watched(&self) -> bool {
         self.watched() || self.watched_elsewhere()
     }

@@ -945,15 +945,14 @@ async fn updates_read_together_are_answered_one_by_one(store: Store) {
 }
 
 /// The bus hears of an update only when something reads it: an application watching here or, in a cluster,
-/// elsewhere, or the OTA rollback check (an update of a classic shadow that reports its firmware). Both ways an
-/// update is applied: alone (REST, MQTT) and grouped (updates a device sent together).
-#[tokio::test]
-async fn an_update_is_announced_only_when_something_reads_it() {
+/// elsewhere, or the OTA rollback check (an update of a classic shadow that reports its firmware). Every way an
+/// update is applied: alone from REST, alone from MQTT, and grouped (updates a device sent together).
+async fn an_update_is_announced_only_when_something_reads_it(store: Store) {
     use crate::events::PlatformEvent;
     let dir = tempfile::tempdir().unwrap();
     let events = EventBus::new();
     let registry = service_registry(&dir).await;
-    let shadows = Shadows::new(embedded(&dir).await, Limits::default(), registry, events.clone()).0;
+    let shadows = Shadows::new(store, Limits::default(), registry, events.clone()).0;
     let mut bus = events.subscribe();
     let mut heard = move || {
         let mut versions = Vec::new();
@@ -973,12 +972,14 @@ async fn an_update_is_announced_only_when_something_reads_it() {
     let device = DeviceId::parse("quiet").unwrap();
     let k = key("quiet", None);
     let report = |v: serde_json::Value| json!({"state": {"reported": v}}).to_string();
+    let firmware = |v: &str| report(json!({"firmware": {"version": v}}));
     let update = |text: &str| parse_update(text.as_bytes(), &Limits::default()).unwrap();
-    let apply = |text: String| {
+    let rest = |text: String| {
         let (shadows, k, request) = (&shadows, &k, update(&text));
         async move { shadows.update(k, &request, true).await.unwrap() }
     };
-    let grouped = |texts: [String; 2]| {
+    // What a session does with the updates of one read: one alone, several together.
+    let mqtt = |texts: Vec<String>| {
         let (shadows, device) = (&shadows, &device);
         async move {
             let payloads: Vec<&[u8]> = texts.iter().map(|t| t.as_bytes()).collect();
@@ -986,47 +987,62 @@ async fn an_update_is_announced_only_when_something_reads_it() {
             shadows
                 .handle_device_updates(device, None, &payloads, &mut courier)
                 .await;
-            assert_eq!(courier.1, 1, "applied together");
+            assert_eq!(courier.1, 1, "one delivery: alone, or applied together");
         }
     };
+    let both = |a: serde_json::Value, b: serde_json::Value| vec![report(a), report(b)];
 
-    apply(report(json!({"t": 1}))).await;
-    grouped([report(json!({"t": 2})), report(json!({"t": 3}))]).await;
-    let named = update(&report(json!({"firmware": {"version": "2.0"}})));
+    rest(report(json!({"t": 1}))).await;
+    mqtt(vec![report(json!({"t": 2}))]).await;
+    mqtt(both(json!({"t": 3}), json!({"t": 4}))).await;
+    let named = update(&firmware("2.0"));
     shadows
         .update(&key("quiet", Some("aux")), &named, true)
         .await
         .unwrap();
     assert_eq!(heard(), [], "nobody reads them: no event");
 
-    apply(report(json!({"firmware": {"version": "2.0"}}))).await;
+    rest(firmware("2.0")).await;
+    mqtt(vec![firmware("2.1")]).await;
+    mqtt(vec![report(json!({"t": 7})), firmware("2.2")]).await;
     assert_eq!(
         heard(),
-        [(4, Some("2.0".to_owned()), None)],
-        "the OTA rollback check reads it"
+        [
+            (5, Some("2.0".to_owned()), None),
+            (6, Some("2.1".to_owned()), None),
+            (8, Some("2.2".to_owned()), None)
+        ],
+        "the OTA rollback check reads the firmware reports of the classic shadow"
     );
 
     let watching = events.watch();
-    apply(report(json!({"t": 5}))).await;
-    grouped([report(json!({"t": 6})), report(json!({"t": 7}))]).await;
+    rest(report(json!({"t": 9}))).await;
+    mqtt(vec![report(json!({"t": 10}))]).await;
+    mqtt(both(json!({"t": 11}), json!({"t": 12}))).await;
     assert_eq!(
         heard(),
-        [(5, None, None), (6, None, None), (7, None, None)],
+        [
+            (9, None, None),
+            (10, None, None),
+            (11, None, None),
+            (12, None, None)
+        ],
         "watched here"
     );
     drop(watching);
-    apply(report(json!({"t": 8}))).await;
+    rest(report(json!({"t": 13}))).await;
     assert_eq!(heard(), [], "no longer watched");
 
     events.watched_elsewhere_until(tokio::time::Instant::now() + std::time::Duration::from_secs(60));
-    grouped([report(json!({"t": 9})), report(json!({"t": 10}))]).await;
+    mqtt(both(json!({"t": 14}), json!({"t": 15}))).await;
+    rest(report(json!({"t": 16}))).await;
     assert_eq!(
         heard(),
-        [(9, None, None), (10, None, None)],
+        [(14, None, None), (15, None, None), (16, None, None)],
         "watched on another instance"
     );
     events.watched_elsewhere_until(tokio::time::Instant::now());
-    apply(report(json!({"t": 11}))).await;
+    rest(report(json!({"t": 17}))).await;
     assert_eq!(heard(), [], "the other instance's watch lapsed");
 }
 
@@ -1052,4 +1068,5 @@ conformance!(
     a_flood_on_one_shadow_is_refused_past_the_in_flight_limit,
     the_service_applies_aws_rules_end_to_end,
     updates_read_together_are_answered_one_by_one,
+    an_update_is_announced_only_when_something_reads_it,
 );
