@@ -508,6 +508,15 @@ impl Presence {
         }
     }
 
+    /// Whether `device` has a session open on this instance. Such a device exists: deleting it ends the session.
+    pub fn connected_here(&self, device: &DeviceId) -> bool {
+        self.entries
+            .lock()
+            .expect("presence lock")
+            .get(device)
+            .is_some_and(|entry| entry.status.online && entry.seen.is_some())
+    }
+
     /// Forgets a deleted device.
     pub fn forget(&self, device: &DeviceId) {
         self.entries.lock().expect("presence lock").remove(device);

@@ -137,7 +137,6 @@ impl Application {
                     .context("opening the shadow store")?,
             ),
         };
-        let (shadows, outbox) = Shadows::new(store, settings.shadow_limits, registry.clone(), events.clone());
         let cluster = match redis {
             Some((url, conn, liveness)) => {
                 presence = presence
@@ -161,6 +160,8 @@ impl Application {
             None => None,
         };
         let (cluster, liveness) = cluster.unzip();
+        let (shadows, outbox) = Shadows::new(store, settings.shadow_limits, registry.clone(), events.clone());
+        let shadows = shadows.with_presence(presence.clone());
         let ota = crate::ota::Ota::new(registry.clone(), shadows.clone(), events.clone());
         ota.clone().spawn(std::time::Duration::from_millis(250));
         let mqtt_metrics = Arc::new(Metrics::default());

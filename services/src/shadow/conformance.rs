@@ -1046,6 +1046,49 @@ async fn an_update_is_announced_only_when_something_reads_it(store: Store) {
     assert_eq!(heard(), [], "the other instance's watch lapsed");
 }
 
+/// A device with a session on this instance exists without a registry query (REST requests for connected devices
+/// cost no database round trip); once it left, or was deleted, the registry decides again. `ghost` is in no
+/// registry.
+#[tokio::test]
+async fn a_device_connected_here_is_known_without_the_registry() {
+    use crate::events::DisconnectReason;
+    use crate::presence::Presence;
+    let dir = tempfile::tempdir().unwrap();
+    let events = EventBus::new();
+    let registry = service_registry(&dir).await;
+    let presence = Presence::load(&registry, events.clone(), None).await.unwrap();
+    let shadows = Shadows::new(embedded(&dir).await, Limits::default(), registry, events)
+        .0
+        .with_presence(presence.clone());
+    let device = DeviceId::parse("ghost").unwrap();
+    let k = key("ghost", None);
+    let request = parse_update(br#"{"state":{"desired":{"t":1}}}"#, &Limits::default()).unwrap();
+    let unknown = |r: Result<super::Updated, ShadowError>| matches!(r, Err(ShadowError::UnknownDevice(_)));
+
+    assert!(
+        unknown(shadows.update(&k, &request, false).await),
+        "not connected: the registry says no"
+    );
+    let (session, _) = presence.connected(&device, "127.0.0.1:9".into()).await;
+    let updated = shadows.update(&k, &request, false).await.unwrap();
+    assert_eq!(updated.document.version, 1);
+    assert_eq!(shadows.get(&k, false).await.unwrap().version, 1);
+    presence.disconnected(&device, session, DisconnectReason::ClientDisconnect);
+    assert!(
+        unknown(shadows.update(&k, &request, false).await),
+        "gone: the registry says no again"
+    );
+
+    // Deleted while its session is still open (it ends on the deletion's event, a moment later).
+    presence.connected(&device, "127.0.0.1:9".into()).await;
+    shadows.update(&k, &request, false).await.unwrap();
+    shadows.forget(&device);
+    assert!(
+        unknown(shadows.update(&k, &request, false).await),
+        "deleted: no longer vouched for"
+    );
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod embedded_store {

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::events::{EventBus, PlatformEvent};
+use crate::presence::Presence;
 use crate::registry::{self, Registry};
 use document::{Document, Patch};
 use request::{Limits, PlainRequest, ShadowError, UpdateRequest};
@@ -93,6 +94,8 @@ pub struct Shadows {
     /// Devices recently found in the registry, and when (a plain mutex: held for a map lookup, never across an
     /// await).
     known: std::sync::Arc<std::sync::Mutex<HashMap<DeviceId, std::time::Instant>>>,
+    /// Who is connected to this instance (see [`Shadows::with_presence`]).
+    presence: Option<Arc<Presence>>,
 }
 
 impl From<StoreError> for ShadowError {
@@ -128,9 +131,19 @@ impl Shadows {
                 stripes,
                 in_flight: Default::default(),
                 known: Default::default(),
+                presence: None,
             },
             rx,
         )
+    }
+
+    /// Takes a device connected to this instance for one that exists, without asking the registry: a REST
+    /// request for such a device costs no database query. Its deletion ends its session, and [`Shadows::forget`]
+    /// (called before the deletion is answered, and on its event on every instance) makes presence forget it at
+    /// once.
+    pub fn with_presence(mut self, presence: Arc<Presence>) -> Self {
+        self.presence = Some(presence);
+        self
     }
 
     /// A sender into the outbox, for other services that message devices (OTA).
@@ -174,6 +187,9 @@ impl Shadows {
                 .is_some_and(|at| at.elapsed() < KNOWN_DEVICE_FOR)
         };
         if known(&self.known.lock().expect("known devices")) {
+            return Ok(());
+        }
+        if self.presence.as_ref().is_some_and(|p| p.connected_here(device)) {
             return Ok(());
         }
         match self.registry.device_exists(device).await {
@@ -369,6 +385,11 @@ impl Shadows {
     /// purge here instead could arrive after the device was registered again and wipe its new documents.
     pub fn forget(&self, device: &DeviceId) {
         self.known.lock().expect("known devices").remove(device);
+        // Its session here may outlive the deletion by a moment (it is ended on the deletion's event): from now
+        // on the session no longer vouches for the device.
+        if let Some(presence) = &self.presence {
+            presence.forget(device);
+        }
         self.store.forget(device);
     }
 
